@@ -1,0 +1,174 @@
+"""Memory layouts, pure: how tensors are placed in regions, and how two layouts compare.
+
+Three layouts, named as on the command line:
+
+``arena``
+    one contiguous buffer, one region, tensors packed in manifest order;
+``tensor``
+    each tensor its own allocation; the regions are whatever runs of adjacent
+    tensors the allocator happened to produce (so two processes rarely agree:
+    the situation ModelExpress PR #246 was about);
+``chunked:SIZE``
+    tensors packed in order into regions of at most SIZE bytes (a tensor larger
+    than SIZE gets a region of its own).
+
+Offsets are aligned to :data:`ALIGNMENT` so every tensor can be viewed with its
+own dtype.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .errors import ConfigError
+from .models import DTYPE_SIZES, Manifest, ModelIdentity, Region, TensorSpec
+
+__all__ = [
+    "ALIGNMENT",
+    "LayoutSpec",
+    "describe_layout_difference",
+    "parse_layout",
+    "parse_size",
+    "plan_layout",
+    "regions_from_addresses",
+]
+
+ALIGNMENT = 64
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}
+
+
+def parse_size(text: str) -> int:
+    """``8MiB`` -> 8388608, ``500M`` -> 500000000, ``4096`` -> 4096."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"cannot read a size from {text!r} (try 8MiB, 512KiB, 1GB)")
+    number, unit = int(match.group(1)), (match.group(2) or "").upper()
+    if "I" in unit:
+        factor = int(1024 ** "KMGT".index(unit[0])) * 1024
+    else:
+        factor = _UNITS[unit.rstrip("B") if unit != "B" else "B"]
+    return number * factor
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutSpec:
+    kind: str
+    chunk_bytes: int = 0
+
+    def __str__(self) -> str:
+        return f"chunked:{self.chunk_bytes}" if self.kind == "chunked" else self.kind
+
+
+def parse_layout(text: str) -> LayoutSpec:
+    kind, _, arg = text.partition(":")
+    if kind in ("arena", "tensor") and not arg:
+        return LayoutSpec(kind)
+    if kind == "chunked" and arg:
+        size = parse_size(arg)
+        if size < ALIGNMENT:
+            raise ConfigError(f"chunk size must be at least {ALIGNMENT} bytes, got {arg!r}")
+        return LayoutSpec("chunked", size)
+    raise ConfigError(f"unknown layout {text!r}: expected arena, tensor or chunked:SIZE")
+
+
+def _align(value: int) -> int:
+    return (value + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+TensorShape = tuple[str, str, tuple[int, ...]]
+
+
+def plan_layout(
+    identity: ModelIdentity,
+    tensors: Iterable[TensorShape | TensorSpec],
+    layout: LayoutSpec,
+) -> Manifest:
+    """Place ``(name, dtype, shape)`` tensors for ``arena`` or ``chunked`` layouts.
+
+    ``tensor`` layouts depend on where an allocator puts each tensor; build
+    those with :func:`regions_from_addresses` once the memory exists.
+    """
+    items: list[tuple[str, str, tuple[int, ...], str | None]] = []
+    for t in tensors:
+        if isinstance(t, TensorSpec):
+            items.append((t.name, t.dtype, t.shape, t.checksum))
+        else:
+            items.append((t[0], t[1], tuple(t[2]), None))
+    if layout.kind == "tensor":
+        raise ConfigError("a 'tensor' layout is decided by the allocator: use regions_from_addresses")
+    limit = layout.chunk_bytes if layout.kind == "chunked" else None
+    specs: list[TensorSpec] = []
+    regions: list[int] = []
+    cursor = 0
+    for name, dtype, shape, checksum in items:
+        size = _nbytes(dtype, shape)
+        start = _align(cursor)
+        if not regions or (limit is not None and cursor > 0 and start + size > limit):
+            regions.append(0)
+            start = 0
+        specs.append(TensorSpec(name, dtype, shape, len(regions) - 1, start, checksum))
+        cursor = start + size
+        regions[-1] = cursor
+    if not regions:
+        regions.append(0)
+    return Manifest(identity, tuple(specs), tuple(Region(n) for n in regions))
+
+
+def _nbytes(dtype: str, shape: Sequence[int]) -> int:
+    size = DTYPE_SIZES[dtype]
+    for d in shape:
+        size *= d
+    return size
+
+
+def regions_from_addresses(
+    identity: ModelIdentity,
+    tensors: Sequence[tuple[str, str, tuple[int, ...], int, str | None]],
+) -> tuple[Manifest, list[int]]:
+    """Build a manifest from ``(name, dtype, shape, address, checksum)`` of separate allocations.
+
+    Tensors whose bytes are exactly adjacent in memory share a region. Returns
+    the manifest and each region's base address (the caller registers those).
+    """
+    ordered = sorted(tensors, key=lambda t: t[3])
+    specs: list[TensorSpec] = []
+    bases: list[int] = []
+    sizes: list[int] = []
+    for name, dtype, shape, address, checksum in ordered:
+        size = _nbytes(dtype, shape)
+        if bases and address == bases[-1] + sizes[-1]:
+            offset = sizes[-1]
+            sizes[-1] += size
+        else:
+            bases.append(address)
+            sizes.append(size)
+            offset = 0
+        specs.append(TensorSpec(name, dtype, shape, len(bases) - 1, offset, checksum))
+    by_name = {s.name: s for s in specs}
+    in_order = tuple(by_name[t[0]] for t in tensors)
+    return Manifest(identity, in_order, tuple(Region(n) for n in sizes)), bases
+
+
+def describe_layout_difference(source: Manifest, target: Manifest, *, limit: int = 3) -> str:
+    """A readable account of why two layouts differ, e.g. for a LayoutMismatch's detail."""
+    src, dst = [r.nbytes for r in source.regions], [r.nbytes for r in target.regions]
+    parts = [f"source has {len(src)} regions, target has {len(dst)}"]
+    diffs = [
+        f"region {i}: source {a} bytes, target {b} bytes"
+        for i, (a, b) in enumerate(zip(src, dst, strict=False))
+        if a != b
+    ]
+    if diffs:
+        parts.append(
+            "; ".join(diffs[:limit]) + (f" (+{len(diffs) - limit} more)" if len(diffs) > limit else "")
+        )
+    elif len(src) == len(dst):
+        placed = {t.name: (t.region, t.offset) for t in target.tensors}
+        moved = [s.name for s in source.tensors if placed.get(s.name) != (s.region, s.offset)]
+        if moved:
+            parts.append(f"same region sizes but tensors placed differently, e.g. {moved[:limit]}")
+    return "; ".join(parts)

@@ -1,0 +1,467 @@
+"""Core value types: model identity, tensor specs, regions, manifests, source records, candidates.
+
+Everything here is immutable and validated on construction. Manifests and
+records usually arrive from other processes, so every constructor treats its
+input as untrusted: sizes, counts, dtypes and names are checked and a
+:class:`~mx_orchestrator.errors.ManifestError` says precisely what is wrong.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import itertools
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ManifestError
+
+__all__ = [
+    "DTYPE_SIZES",
+    "MAX_MANIFEST_BYTES",
+    "MAX_REGIONS",
+    "MAX_TENSORS",
+    "Candidate",
+    "Manifest",
+    "ModelIdentity",
+    "Region",
+    "SourceRecord",
+    "SourceState",
+    "TensorSpec",
+]
+
+#: Element sizes of the dtypes a manifest may name (safetensors' spelling).
+DTYPE_SIZES: Mapping[str, int] = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+
+# Bounds on untrusted manifests. Generous for real checkpoints (a 405B model has
+# a few thousand tensors per shard) and small enough that a hostile peer cannot
+# make a target allocate or hash without limit.
+MAX_TENSORS = 262_144
+MAX_REGIONS = 65_536
+MAX_DIMS = 16
+MAX_NAME_LENGTH = 1024
+MAX_TOTAL_BYTES = 1 << 50  # 1 PiB
+MAX_MANIFEST_BYTES = 64 << 20  # serialised JSON
+
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}$")
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,99}$")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ManifestError(message)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIdentity:
+    """What a target wants: one shard of one revision of one model.
+
+    Two processes with equal identities hold interchangeable weights *by name*;
+    whether their memory layouts match is a separate question (the layout
+    fingerprint of their manifests).
+    """
+
+    model_id: str
+    revision: str = "main"
+    shard_rank: int = 0
+    shard_count: int = 1
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.model_id, str) and bool(_MODEL_ID.match(self.model_id)),
+            f"invalid model id {self.model_id!r}: expected ORG/NAME of letters, digits, '._-/'",
+        )
+        _require(
+            isinstance(self.revision, str) and bool(_REVISION.match(self.revision)),
+            f"invalid revision {self.revision!r}",
+        )
+        _require(
+            _is_int(self.shard_count) and 1 <= self.shard_count <= 65_536,
+            f"shard_count must be in 1..65536, got {self.shard_count!r}",
+        )
+        _require(
+            _is_int(self.shard_rank) and 0 <= self.shard_rank < self.shard_count,
+            f"shard_rank must be in 0..{self.shard_count - 1}, got {self.shard_rank!r}",
+        )
+
+    @property
+    def key(self) -> str:
+        """Stable registry key: equal identities, equal keys, in every process."""
+        return f"{self.model_id}@{self.revision}#{self.shard_rank}of{self.shard_count}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "revision": self.revision,
+            "shard_rank": self.shard_rank,
+            "shard_count": self.shard_count,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelIdentity:
+        _require(isinstance(data, Mapping), "identity must be an object")
+        try:
+            return cls(
+                model_id=data["model_id"],
+                revision=data.get("revision", "main"),
+                shard_rank=data.get("shard_rank", 0),
+                shard_count=data.get("shard_count", 1),
+            )
+        except KeyError as exc:
+            raise ManifestError(f"identity lacks {exc.args[0]!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One tensor: its name, dtype and shape, and where it lives (region, byte offset)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    region: int = 0
+    offset: int = 0
+    checksum: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.name, str) and 0 < len(self.name) <= MAX_NAME_LENGTH,
+            f"tensor name must be 1..{MAX_NAME_LENGTH} characters, got {self.name!r:.80}",
+        )
+        _require(
+            self.dtype in DTYPE_SIZES,
+            f"tensor {self.name!r}: unknown dtype {self.dtype!r}",
+        )
+        _require(
+            isinstance(self.shape, tuple)
+            and len(self.shape) <= MAX_DIMS
+            and all(_is_int(d) and d >= 0 for d in self.shape),
+            f"tensor {self.name!r}: shape must be at most {MAX_DIMS} non-negative integers, "
+            f"got {self.shape!r:.80}",
+        )
+        _require(
+            self.nbytes <= MAX_TOTAL_BYTES,
+            f"tensor {self.name!r}: {self.nbytes} bytes exceeds the limit",
+        )
+        _require(
+            _is_int(self.region) and self.region >= 0,
+            f"tensor {self.name!r}: region must be a non-negative integer",
+        )
+        _require(
+            _is_int(self.offset) and self.offset >= 0,
+            f"tensor {self.name!r}: offset must be a non-negative integer",
+        )
+        _require(
+            self.checksum is None or (isinstance(self.checksum, str) and len(self.checksum) <= 128),
+            f"tensor {self.name!r}: checksum must be a short string",
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "region": self.region,
+            "offset": self.offset,
+        }
+        if self.checksum is not None:
+            data["checksum"] = self.checksum
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TensorSpec:
+        _require(isinstance(data, Mapping), "tensor entry must be an object")
+        shape = data.get("shape")
+        _require(isinstance(shape, list), f"tensor {data.get('name')!r:.80}: shape must be a list")
+        return cls(
+            name=data.get("name"),  # validated in __post_init__
+            dtype=data.get("dtype"),
+            shape=tuple(shape),
+            region=data.get("region", 0),
+            offset=data.get("offset", 0),
+            checksum=data.get("checksum"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """One contiguous, separately registered block of memory."""
+
+    nbytes: int
+
+    def __post_init__(self) -> None:
+        _require(
+            _is_int(self.nbytes) and 0 <= self.nbytes <= MAX_TOTAL_BYTES,
+            f"region size must be in 0..{MAX_TOTAL_BYTES}, got {self.nbytes!r:.40}",
+        )
+
+
+def _digest(parts: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a source holds and how it is laid out in memory.
+
+    Validation guarantees, for any manifest that constructs: names are unique,
+    every tensor lies entirely inside its region, tensors in one region do not
+    overlap, and counts and sizes are within the module's limits. Code that
+    plans transfers from a manifest may rely on these facts.
+    """
+
+    identity: ModelIdentity
+    tensors: tuple[TensorSpec, ...]
+    regions: tuple[Region, ...]
+    checksum_algorithm: str = "xxh3_64"
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.identity, ModelIdentity), "manifest identity missing")
+        _require(
+            len(self.tensors) <= MAX_TENSORS,
+            f"manifest lists {len(self.tensors)} tensors; the limit is {MAX_TENSORS}",
+        )
+        _require(
+            len(self.regions) <= MAX_REGIONS,
+            f"manifest lists {len(self.regions)} regions; the limit is {MAX_REGIONS}",
+        )
+        _require(
+            sum(r.nbytes for r in self.regions) <= MAX_TOTAL_BYTES,
+            "manifest regions exceed the total size limit",
+        )
+        seen: set[str] = set()
+        by_region: dict[int, list[TensorSpec]] = {}
+        for spec in self.tensors:
+            _require(spec.name not in seen, f"duplicate tensor name {spec.name!r}")
+            seen.add(spec.name)
+            _require(
+                spec.region < len(self.regions),
+                f"tensor {spec.name!r} names region {spec.region}, "
+                f"but the manifest has {len(self.regions)} regions",
+            )
+            region_size = self.regions[spec.region].nbytes
+            _require(
+                spec.end <= region_size,
+                f"tensor {spec.name!r} spans bytes {spec.offset}..{spec.end} "
+                f"outside region {spec.region} of {region_size} bytes",
+            )
+            by_region.setdefault(spec.region, []).append(spec)
+        for region, specs in by_region.items():
+            specs.sort(key=lambda s: (s.offset, s.end))
+            for before, after in itertools.pairwise(specs):
+                _require(
+                    after.offset >= before.end or before.nbytes == 0 or after.nbytes == 0,
+                    f"tensors {before.name!r} and {after.name!r} overlap in region {region}",
+                )
+
+    # -- derived facts --------------------------------------------------------
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(spec.nbytes for spec in self.tensors)
+
+    @property
+    def region_bytes(self) -> int:
+        return sum(region.nbytes for region in self.regions)
+
+    @property
+    def manifest_fingerprint(self) -> str:
+        """Hash of what the weights *are*: names, dtypes, shapes (order-insensitive)."""
+        return _digest(
+            f"{s.name}|{s.dtype}|{','.join(map(str, s.shape))}"
+            for s in sorted(self.tensors, key=lambda s: s.name)
+        )
+
+    @property
+    def layout_fingerprint(self) -> str:
+        """Hash of *where* they are: region count, sizes and which tensor sits where."""
+        parts = [f"regions={len(self.regions)}"]
+        parts.extend(f"r{i}={r.nbytes}" for i, r in enumerate(self.regions))
+        parts.extend(
+            f"{s.name}@{s.region}+{s.offset}"
+            for s in sorted(self.tensors, key=lambda s: (s.region, s.offset, s.name))
+        )
+        return _digest(parts)
+
+    def tensor(self, name: str) -> TensorSpec:
+        for spec in self.tensors:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def by_name(self) -> dict[str, TensorSpec]:
+        return {spec.name: spec for spec in self.tensors}
+
+    # -- (de)serialisation ----------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "identity": self.identity.to_dict(),
+            "checksum_algorithm": self.checksum_algorithm,
+            "regions": [r.nbytes for r in self.regions],
+            "tensors": [s.to_dict() for s in self.tensors],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Manifest:
+        _require(isinstance(data, Mapping), "manifest must be a JSON object")
+        regions = data.get("regions")
+        tensors = data.get("tensors")
+        _require(isinstance(regions, list), "manifest 'regions' must be a list of sizes")
+        _require(isinstance(tensors, list), "manifest 'tensors' must be a list")
+        _require(len(tensors) <= MAX_TENSORS, f"manifest lists more than {MAX_TENSORS} tensors")
+        _require(len(regions) <= MAX_REGIONS, f"manifest lists more than {MAX_REGIONS} regions")
+        algorithm = data.get("checksum_algorithm", "xxh3_64")
+        _require(isinstance(algorithm, str) and len(algorithm) < 32, "bad checksum_algorithm")
+        return cls(
+            identity=ModelIdentity.from_dict(data.get("identity")),
+            tensors=tuple(TensorSpec.from_dict(t) for t in tensors),
+            regions=tuple(Region(n) for n in regions),
+            checksum_algorithm=algorithm,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        _require(len(text) <= MAX_MANIFEST_BYTES, "manifest exceeds the size limit")
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ManifestError(f"manifest is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+
+class SourceState(enum.Enum):
+    READY = "READY"
+    STALE = "STALE"
+    DRAINING = "DRAINING"
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """A serving process as the registry knows it.
+
+    ``generation`` is new for every process start: a restarted source with the
+    same ``source_id`` is a different generation and starts with a clean record.
+    ``transport`` carries strategy-specific connection data (for NIXL: the
+    agent name and its serialised metadata), opaque to the core.
+    """
+
+    source_id: str
+    identity_key: str
+    generation: str
+    endpoint: str = ""
+    state: SourceState = SourceState.READY
+    load: int = 0
+    heartbeat_at: float = 0.0
+    ttl: float = 15.0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    transport: Mapping[str, str] = field(default_factory=dict)
+    times_ejected: int = 0
+    ejected_until: float = 0.0
+    stale_reason: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("source_id", "identity_key", "generation"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, str) and 0 < len(value) <= 512,
+                f"source record {name} must be a non-empty string",
+            )
+        _require(isinstance(self.state, SourceState), "source record state is not a SourceState")
+        _require(_is_int(self.load) and self.load >= 0, "source record load must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source_id": self.source_id,
+            "identity_key": self.identity_key,
+            "generation": self.generation,
+            "endpoint": self.endpoint,
+            "state": self.state.value,
+            "load": self.load,
+            "heartbeat_at": self.heartbeat_at,
+            "ttl": self.ttl,
+            "labels": dict(self.labels),
+            "transport": dict(self.transport),
+            "times_ejected": self.times_ejected,
+            "ejected_until": self.ejected_until,
+            "stale_reason": self.stale_reason,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SourceRecord:
+        _require(isinstance(data, Mapping), "source record must be an object")
+        try:
+            labels = data.get("labels") or {}
+            transport = data.get("transport") or {}
+            _require(isinstance(labels, Mapping), "labels must be an object")
+            _require(isinstance(transport, Mapping), "transport must be an object")
+            return cls(
+                source_id=data["source_id"],
+                identity_key=data["identity_key"],
+                generation=data["generation"],
+                endpoint=str(data.get("endpoint", "")),
+                state=SourceState(data.get("state", "READY")),
+                load=int(data.get("load", 0)),
+                heartbeat_at=float(data.get("heartbeat_at", 0.0)),
+                ttl=float(data.get("ttl", 15.0)),
+                labels={str(k): str(v) for k, v in labels.items()},
+                transport={str(k): str(v) for k, v in transport.items()},
+                times_ejected=int(data.get("times_ejected", 0)),
+                ejected_until=float(data.get("ejected_until", 0.0)),
+                stale_reason=str(data.get("stale_reason", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ManifestError):
+                raise
+            raise ManifestError(f"malformed source record: {exc!r}") from None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A source record plus what evaluation learned about it."""
+
+    record: SourceRecord
+    manifest: Manifest | None = None
+    probe_seconds: float = 0.0
+
+    @property
+    def source_id(self) -> str:
+        return self.record.source_id

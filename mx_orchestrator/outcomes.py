@@ -1,0 +1,132 @@
+"""The typed outcomes of one strategy attempt.
+
+Every attempt ends in exactly one of these frozen dataclasses; the policy engine
+(:mod:`mx_orchestrator.policy`) decides what each means. Class names are part of
+the public JSON report (``attempts[].outcome``), so they never change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, TypeAlias
+
+__all__ = [
+    "ALL_OUTCOME_TYPES",
+    "Cancelled",
+    "Corrupt",
+    "LayoutMismatch",
+    "Loaded",
+    "LocalFailure",
+    "ManifestMismatch",
+    "NotApplicable",
+    "Outcome",
+    "SourceFailed",
+    "SourceUnreachable",
+    "TimedOut",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _OutcomeBase:
+    """Fields every outcome carries."""
+
+    strategy: str
+    source_id: str | None = None
+    bytes_moved: int = 0
+    seconds: float = 0.0
+    detail: str = ""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["outcome"] = self.name
+        return data
+
+
+@dataclass(frozen=True, kw_only=True)
+class Loaded(_OutcomeBase):
+    """The bytes landed in the target; ``verified`` says whether checksums were checked."""
+
+    verified: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayoutMismatch(_OutcomeBase):
+    """Region count or sizes differ between source and target: a property of the pair."""
+
+    source_regions: int = 0
+    target_regions: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManifestMismatch(_OutcomeBase):
+    """Names, dtypes or shapes differ: another model, or a rolling update in progress."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NotApplicable(_OutcomeBase):
+    """The strategy cannot run here (backend missing, nothing configured)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceUnreachable(_OutcomeBase):
+    """Connecting to the source or fetching its metadata failed before any byte moved."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceFailed(_OutcomeBase):
+    """The transfer failed because of the remote side (disconnect, remote error)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimedOut(_OutcomeBase):
+    """The attempt did not finish before its deadline; any bytes that landed are untrusted."""
+
+    deadline: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Corrupt(_OutcomeBase):
+    """Bytes arrived but failed verification."""
+
+    bad_tensors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalFailure(_OutcomeBase):
+    """The target side failed (allocation, registration, buffer too small)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cancelled(_OutcomeBase):
+    """The attempt was cancelled by the caller or by the load's overall deadline."""
+
+
+Outcome: TypeAlias = (
+    Loaded
+    | LayoutMismatch
+    | ManifestMismatch
+    | NotApplicable
+    | SourceUnreachable
+    | SourceFailed
+    | TimedOut
+    | Corrupt
+    | LocalFailure
+    | Cancelled
+)
+
+ALL_OUTCOME_TYPES: tuple[type[Outcome], ...] = (
+    Loaded,
+    LayoutMismatch,
+    ManifestMismatch,
+    NotApplicable,
+    SourceUnreachable,
+    SourceFailed,
+    TimedOut,
+    Corrupt,
+    LocalFailure,
+    Cancelled,
+)

@@ -1,0 +1,153 @@
+"""The attempt planner: a pure state machine deciding which (strategy, candidate) to try next.
+
+The pipeline feeds it candidates as evaluation finds them and the policy's
+action after each attempt; it answers with the next :class:`Attempt`, a
+:class:`Wait` (more candidates may still come), or :class:`Done`. Strategies are
+tried in order; within a strategy, candidates in rank order; a strategy that
+does not use peers (the Hub) gets one pseudo-candidate, ``None``.
+
+Termination: every recorded action either finishes, marks a new
+(strategy, source) pair as tried, advances the strategy, or is a retry; retries
+and everything else are capped by ``max_attempts``. The property tests drive
+this class with arbitrary outcomes to pin that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .models import Candidate
+from .policy import Action, ActionKind
+from .selection import RankKey
+
+__all__ = ["Attempt", "Done", "Planner", "StrategySlot", "Wait"]
+
+
+@dataclass(frozen=True, slots=True)
+class StrategySlot:
+    name: str
+    uses_peers: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    strategy: str
+    strategy_index: int
+    candidate: Candidate | None
+    attempt_number: int = 1
+    delay: float = 0.0
+
+    @property
+    def source_id(self) -> str | None:
+        return self.candidate.source_id if self.candidate is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """No candidate is ready for the current strategy, but evaluation is still running."""
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    loaded: bool
+    reason: str
+
+
+Step = Attempt | Wait | Done
+
+
+class Planner:
+    def __init__(
+        self,
+        strategies: Sequence[StrategySlot],
+        rank: RankKey,
+        *,
+        max_attempts: int = 64,
+    ) -> None:
+        if not strategies:
+            raise ValueError("at least one strategy is required")
+        self._strategies = tuple(strategies)
+        self._rank = rank
+        self._max_attempts = max_attempts
+        self._index = 0
+        self._known: dict[str, Candidate] = {}
+        self._forgotten: set[str] = set()
+        self._tried: set[tuple[int, str | None]] = set()
+        self._evaluating = True
+        self._pending: Attempt | None = None
+        self._retry: Attempt | None = None
+        self._done: Done | None = None
+        self.attempts_total = 0
+
+    # -- inputs ---------------------------------------------------------------
+
+    def add_candidate(self, candidate: Candidate) -> None:
+        self._known.setdefault(candidate.source_id, candidate)
+
+    def evaluation_finished(self) -> None:
+        self._evaluating = False
+
+    @property
+    def evaluating(self) -> bool:
+        return self._evaluating
+
+    def record(self, action: Action) -> None:
+        """Apply the policy's action for the attempt last returned by :meth:`next_step`."""
+        attempt = self._pending
+        if attempt is None:
+            raise RuntimeError("record() called without an attempt in progress")
+        self._pending = None
+        self.attempts_total += 1
+        self._tried.add((attempt.strategy_index, attempt.source_id))
+        if action.forget_source and attempt.source_id is not None:
+            self._forgotten.add(attempt.source_id)
+        kind = action.kind
+        if kind is ActionKind.FINISH:
+            self._done = Done(True, "loaded")
+        elif kind is ActionKind.ABORT:
+            self._done = Done(False, action.reason or "aborted")
+        elif kind is ActionKind.RETRY:
+            self._retry = Attempt(
+                attempt.strategy,
+                attempt.strategy_index,
+                attempt.candidate,
+                attempt.attempt_number + 1,
+                action.delay,
+            )
+        elif kind is ActionKind.NEXT_STRATEGY:
+            self._index = max(self._index, attempt.strategy_index + 1)
+        if self._done is None and self.attempts_total >= self._max_attempts:
+            self._done = Done(False, f"attempt limit {self._max_attempts} reached")
+
+    # -- output ---------------------------------------------------------------
+
+    def next_step(self) -> Step:
+        if self._done is not None:
+            return self._done
+        if self._pending is not None:
+            raise RuntimeError("next_step() called before the previous attempt was recorded")
+        if self._retry is not None:
+            self._pending, self._retry = self._retry, None
+            return self._pending
+        while self._index < len(self._strategies):
+            slot = self._strategies[self._index]
+            if not slot.uses_peers:
+                if (self._index, None) not in self._tried:
+                    self._pending = Attempt(slot.name, self._index, None)
+                    return self._pending
+            else:
+                available = [
+                    c
+                    for sid, c in self._known.items()
+                    if sid not in self._forgotten and (self._index, sid) not in self._tried
+                ]
+                if available:
+                    best = min(available, key=self._rank)
+                    self._pending = Attempt(slot.name, self._index, best)
+                    return self._pending
+                if self._evaluating:
+                    return Wait()
+            self._index += 1
+        self._done = Done(False, "every strategy and candidate was tried")
+        return self._done

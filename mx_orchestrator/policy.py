@@ -1,0 +1,235 @@
+"""The policy engine: a pure function from (outcome, state) to the action to take.
+
+Rules are small callables composed like tenacity's ``retry``/``wait``/``stop``
+objects; a :class:`Policy` maps each outcome type to one rule and can be
+overridden per type. Two guarantees hold whatever rules a user installs:
+
+* outcomes in :data:`NEVER_STALE` never mark their source STALE (the rule from
+  ModelExpress PR #246: a layout or manifest mismatch is a property of the
+  *pair*, not a fault of the source; target-side failures are ours);
+* the number of attempts in one load is bounded by ``Policy.max_attempts``.
+
+Nothing here performs I/O, sleeps or reads a clock.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+import tenacity
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base
+
+from .outcomes import (
+    Cancelled,
+    Corrupt,
+    LayoutMismatch,
+    Loaded,
+    LocalFailure,
+    ManifestMismatch,
+    NotApplicable,
+    Outcome,
+    SourceFailed,
+    SourceUnreachable,
+    TimedOut,
+)
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "DEFAULT_RULES",
+    "NEVER_STALE",
+    "Action",
+    "ActionKind",
+    "DecisionState",
+    "Policy",
+    "Rule",
+    "abort",
+    "finish",
+    "next_candidate",
+    "next_strategy",
+    "retry",
+]
+
+
+class ActionKind(enum.Enum):
+    FINISH = "finish"
+    NEXT_CANDIDATE = "next_candidate"
+    RETRY = "retry"
+    NEXT_STRATEGY = "next_strategy"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """What the pipeline must do next.
+
+    ``forget_source`` removes the source from the rest of *this* load (later
+    strategies will not try it); ``mark_stale`` also tells the registry, so
+    other targets stop trying it.
+    """
+
+    kind: ActionKind
+    mark_stale: bool = False
+    forget_source: bool = False
+    delay: float = 0.0
+    reason: str = ""
+
+    @property
+    def label(self) -> str:
+        """Short form used in reports, e.g. ``next_candidate`` or ``retry(0.10s)``."""
+        if self.kind is ActionKind.RETRY:
+            return f"retry({self.delay:.2f}s)"
+        return str(self.kind.value)
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionState:
+    """What a rule may know besides the outcome.
+
+    ``attempt_number`` counts attempts of the current strategy on the current
+    source, this one included (1 for a first try); ``attempts_total`` counts
+    every attempt of the load so far; ``elapsed`` is seconds since the first
+    attempt on this (strategy, source) pair began.
+    """
+
+    attempt_number: int = 1
+    attempts_total: int = 1
+    elapsed: float = 0.0
+
+
+Rule = Callable[[Outcome, DecisionState], Action]
+
+#: Outcome types that never mark their source STALE, whatever the rule says.
+NEVER_STALE: frozenset[type[Outcome]] = frozenset(
+    {Loaded, LayoutMismatch, ManifestMismatch, LocalFailure, NotApplicable, Cancelled}
+)
+
+
+def finish() -> Rule:
+    def rule(outcome: Outcome, state: DecisionState) -> Action:
+        return Action(ActionKind.FINISH, reason="loaded")
+
+    return rule
+
+
+def next_candidate(*, mark_stale: bool = False, forget: bool = False) -> Rule:
+    """Move on to the next candidate of the same strategy."""
+
+    def rule(outcome: Outcome, state: DecisionState) -> Action:
+        return Action(
+            ActionKind.NEXT_CANDIDATE,
+            mark_stale=mark_stale,
+            forget_source=forget or mark_stale,
+            reason=outcome.name,
+        )
+
+    return rule
+
+
+def next_strategy() -> Rule:
+    def rule(outcome: Outcome, state: DecisionState) -> Action:
+        return Action(ActionKind.NEXT_STRATEGY, reason=outcome.name)
+
+    return rule
+
+
+def abort() -> Rule:
+    def rule(outcome: Outcome, state: DecisionState) -> Action:
+        return Action(ActionKind.ABORT, reason=outcome.name)
+
+    return rule
+
+
+def _retry_call_state(state: DecisionState) -> tenacity.RetryCallState:
+    # tenacity's wait/stop objects read attempt_number and seconds_since_start;
+    # build the state they expect from ours, with no clock involved.
+    call_state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    call_state.attempt_number = state.attempt_number
+    call_state.start_time = 0.0
+    call_state.outcome_timestamp = state.elapsed
+    return call_state
+
+
+def retry(
+    *,
+    wait: wait_base | None = None,
+    stop: stop_base | None = None,
+    otherwise: Rule | None = None,
+) -> Rule:
+    """Retry the same source with tenacity's ``wait`` between tries until ``stop`` says no.
+
+    Defaults: exponential backoff from 50 ms capped at 2 s, two attempts in all,
+    then ``otherwise`` (by default: next candidate, marking the source STALE).
+    """
+    wait_obj: wait_base = wait if wait is not None else tenacity.wait_exponential(multiplier=0.05, max=2.0)
+    stop_obj: stop_base = stop if stop is not None else tenacity.stop_after_attempt(2)
+    fallback = otherwise if otherwise is not None else next_candidate(mark_stale=True)
+
+    def rule(outcome: Outcome, state: DecisionState) -> Action:
+        call_state = _retry_call_state(state)
+        if stop_obj(call_state):
+            return fallback(outcome, state)
+        return Action(ActionKind.RETRY, delay=float(wait_obj(call_state)), reason=outcome.name)
+
+    return rule
+
+
+DEFAULT_RULES: Mapping[type[Outcome], Rule] = MappingProxyType(
+    {
+        Loaded: finish(),
+        LayoutMismatch: next_candidate(),
+        ManifestMismatch: next_candidate(forget=True),
+        NotApplicable: next_strategy(),
+        SourceUnreachable: next_candidate(forget=True),
+        SourceFailed: next_candidate(mark_stale=True),
+        TimedOut: next_candidate(mark_stale=True),
+        Corrupt: next_candidate(mark_stale=True),
+        LocalFailure: next_strategy(),
+        Cancelled: abort(),
+    }
+)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A rule per outcome type plus the global attempt bound.
+
+    >>> strict = DEFAULT_POLICY.with_rules({TimedOut: retry(stop=tenacity.stop_after_attempt(3))})
+    """
+
+    rules: Mapping[type[Outcome], Rule] = field(default_factory=lambda: DEFAULT_RULES)
+    max_attempts: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+
+    def with_rules(self, overrides: Mapping[type[Outcome], Rule]) -> Policy:
+        merged = dict(self.rules)
+        merged.update(overrides)
+        return replace(self, rules=MappingProxyType(merged))
+
+    def decide(self, outcome: Outcome, state: DecisionState) -> Action:
+        rule = self.rules.get(type(outcome)) or DEFAULT_RULES[type(outcome)]
+        action = rule(outcome, state)
+        if action.mark_stale and type(outcome) in NEVER_STALE:
+            action = replace(
+                action,
+                mark_stale=False,
+                reason=f"{action.reason}; STALE suppressed: {outcome.name} is never the source's fault",
+            )
+        if not action.delay >= 0:  # also catches NaN from a user's wait object
+            action = replace(action, delay=0.0)
+        if action.kind is not ActionKind.FINISH and state.attempts_total >= self.max_attempts:
+            action = replace(
+                action,
+                kind=ActionKind.ABORT,
+                reason=f"{action.reason}; attempt limit {self.max_attempts} reached",
+            )
+        return action
+
+
+DEFAULT_POLICY = Policy()

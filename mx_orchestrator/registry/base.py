@@ -1,0 +1,124 @@
+"""The registry contract and the pure record transitions every backend shares.
+
+A backend (memory, SQLite, Redis) stores records and manifests; *what* a
+heartbeat, an ejection or a listing means is decided here, once, by pure
+functions over a record and a timestamp, so every backend behaves the same.
+
+Ejection follows Envoy's outlier detection: the n-th ejection keeps a source
+out for ``base x n`` seconds (capped); its own heartbeat cannot bring it back
+earlier; a new process generation starts with a clean record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
+
+from ..models import Manifest, SourceRecord, SourceState
+
+__all__ = [
+    "EjectionPolicy",
+    "SourceRegistry",
+    "apply_heartbeat",
+    "apply_publish",
+    "apply_mark_stale",
+    "is_expired",
+    "is_listed",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class EjectionPolicy:
+    base_seconds: float = 30.0
+    max_seconds: float = 300.0
+
+    def cooldown(self, times_ejected: int) -> float:
+        return min(self.base_seconds * max(times_ejected, 1), self.max_seconds)
+
+
+def is_expired(record: SourceRecord, now: float) -> bool:
+    """A record whose heartbeat is older than its TTL is presumed dead."""
+    return now - record.heartbeat_at > record.ttl
+
+
+def is_listed(record: SourceRecord, now: float, state: SourceState | None) -> bool:
+    if state is None:
+        return True
+    if state is SourceState.READY:
+        return (
+            record.state is SourceState.READY and not is_expired(record, now) and now >= record.ejected_until
+        )
+    return record.state is state
+
+
+def apply_heartbeat(record: SourceRecord, now: float, load: int | None = None) -> SourceRecord:
+    """Refresh liveness; a STALE source whose cool-down has passed becomes READY again."""
+    state = record.state
+    reason = record.stale_reason
+    if state is SourceState.STALE and now >= record.ejected_until:
+        state, reason = SourceState.READY, ""
+    return replace(
+        record,
+        heartbeat_at=now,
+        state=state,
+        stale_reason=reason,
+        load=record.load if load is None else max(0, load),
+    )
+
+
+def apply_publish(previous: SourceRecord | None, record: SourceRecord, now: float) -> SourceRecord:
+    """A new generation starts clean; re-publishing the same generation keeps its ejection."""
+    if previous is not None and previous.generation == record.generation:
+        record = replace(
+            record,
+            state=previous.state,
+            times_ejected=previous.times_ejected,
+            ejected_until=previous.ejected_until,
+            stale_reason=previous.stale_reason,
+        )
+    else:
+        record = replace(record, state=SourceState.READY, times_ejected=0, ejected_until=0.0, stale_reason="")
+    return apply_heartbeat(record, now)
+
+
+def apply_mark_stale(record: SourceRecord, now: float, reason: str, policy: EjectionPolicy) -> SourceRecord:
+    times = record.times_ejected + 1
+    return replace(
+        record,
+        state=SourceState.STALE,
+        times_ejected=times,
+        ejected_until=now + policy.cooldown(times),
+        stale_reason=reason[:500],
+    )
+
+
+@runtime_checkable
+class SourceRegistry(Protocol):
+    """Where sources announce themselves and targets find them.
+
+    Operations naming a ``generation`` apply only to that process generation:
+    a late ``mark_stale`` aimed at a source's previous life must not eject its
+    restarted successor.
+    """
+
+    async def publish(self, record: SourceRecord, manifest: Manifest | None = None) -> None: ...
+
+    async def heartbeat(
+        self, source_id: str, generation: str, *, load: int | None = None
+    ) -> SourceRecord | None: ...
+
+    async def list(
+        self, identity_key: str | None = None, state: SourceState | None = SourceState.READY
+    ) -> list[SourceRecord]: ...
+
+    async def get(self, source_id: str) -> SourceRecord | None: ...
+
+    async def get_manifest(self, source_id: str, generation: str) -> Manifest | None: ...
+
+    async def mark_stale(
+        self, source_id: str, generation: str, *, reason: str, reporter: str = ""
+    ) -> bool: ...
+
+    async def remove(self, source_id: str, generation: str | None = None) -> bool: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,76 @@
+"""In-process registry: a dict guarded by the event loop. For tests and single-process embedding."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ..models import Manifest, SourceRecord, SourceState
+from .base import EjectionPolicy, apply_heartbeat, apply_mark_stale, apply_publish, is_listed
+
+__all__ = ["MemoryRegistry"]
+
+
+class MemoryRegistry:
+    def __init__(
+        self,
+        *,
+        ejection: EjectionPolicy | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._records: dict[str, SourceRecord] = {}
+        self._manifests: dict[tuple[str, str], Manifest] = {}
+        self._ejection = ejection or EjectionPolicy()
+        self._clock = clock
+
+    async def publish(self, record: SourceRecord, manifest: Manifest | None = None) -> None:
+        previous = self._records.get(record.source_id)
+        if previous is not None and previous.generation != record.generation:
+            self._manifests.pop((previous.source_id, previous.generation), None)
+        self._records[record.source_id] = apply_publish(previous, record, self._clock())
+        if manifest is not None:
+            self._manifests[(record.source_id, record.generation)] = manifest
+
+    async def heartbeat(
+        self, source_id: str, generation: str, *, load: int | None = None
+    ) -> SourceRecord | None:
+        record = self._records.get(source_id)
+        if record is None or record.generation != generation:
+            return None
+        record = apply_heartbeat(record, self._clock(), load)
+        self._records[source_id] = record
+        return record
+
+    async def list(
+        self, identity_key: str | None = None, state: SourceState | None = SourceState.READY
+    ) -> list[SourceRecord]:
+        now = self._clock()
+        return [
+            r
+            for r in self._records.values()
+            if (identity_key is None or r.identity_key == identity_key) and is_listed(r, now, state)
+        ]
+
+    async def get(self, source_id: str) -> SourceRecord | None:
+        return self._records.get(source_id)
+
+    async def get_manifest(self, source_id: str, generation: str) -> Manifest | None:
+        return self._manifests.get((source_id, generation))
+
+    async def mark_stale(self, source_id: str, generation: str, *, reason: str, reporter: str = "") -> bool:
+        record = self._records.get(source_id)
+        if record is None or record.generation != generation:
+            return False
+        self._records[source_id] = apply_mark_stale(record, self._clock(), reason, self._ejection)
+        return True
+
+    async def remove(self, source_id: str, generation: str | None = None) -> bool:
+        record = self._records.get(source_id)
+        if record is None or (generation is not None and record.generation != generation):
+            return False
+        del self._records[source_id]
+        self._manifests.pop((source_id, record.generation), None)
+        return True
+
+    async def aclose(self) -> None:
+        return None

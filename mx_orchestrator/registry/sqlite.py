@@ -1,0 +1,228 @@
+"""SQLite registry: the embedded default, shared by every process on one machine, no server.
+
+WAL mode lets readers proceed while a writer commits; read-modify-write
+operations run in ``BEGIN IMMEDIATE`` transactions so two processes ejecting
+or heartbeating the same source cannot lose an update. Blocking calls run in a
+worker thread, one at a time per registry object.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+
+from ..errors import ConfigError, ManifestError, RegistryUnavailable
+from ..models import Manifest, SourceRecord, SourceState
+from .base import EjectionPolicy, apply_heartbeat, apply_mark_stale, apply_publish, is_listed
+
+__all__ = ["SqliteRegistry", "default_registry_path"]
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sources (
+    source_id    TEXT PRIMARY KEY,
+    identity_key TEXT NOT NULL,
+    generation   TEXT NOT NULL,
+    record       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sources_by_identity ON sources(identity_key);
+CREATE TABLE IF NOT EXISTS manifests (
+    source_id  TEXT NOT NULL,
+    generation TEXT NOT NULL,
+    manifest   TEXT NOT NULL,
+    PRIMARY KEY (source_id, generation)
+);
+"""
+
+
+def default_registry_path() -> Path:
+    from platformdirs import user_cache_path
+
+    return user_cache_path("mx_orchestrator") / "registry.db"
+
+
+class SqliteRegistry:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        ejection: EjectionPolicy | None = None,
+        clock: Callable[[], float] = time.time,
+        busy_timeout: float = 5.0,
+    ) -> None:
+        self.path = Path(path)
+        self._ejection = ejection or EjectionPolicy()
+        self._clock = clock
+        self._busy_timeout = busy_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._limiter = anyio.CapacityLimiter(1)
+
+    @classmethod
+    def from_url(cls, url: str) -> SqliteRegistry:
+        path = url.removeprefix("sqlite://")
+        if not path or path == "/":
+            return cls(default_registry_path())
+        if not path.startswith("/"):
+            raise ConfigError(f"sqlite registry URL needs an absolute path (sqlite:///path), got {url!r}")
+        return cls(path)
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            with self._lock:
+                try:
+                    return fn(self._connect())
+                except sqlite3.OperationalError as exc:
+                    raise RegistryUnavailable(f"sqlite registry {self.path}: {exc}") from exc
+
+        return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+
+    @staticmethod
+    def _decode(text: str) -> SourceRecord | None:
+        try:
+            return SourceRecord.from_dict(json.loads(text))
+        except (ValueError, ManifestError):
+            return None  # a garbage row is skipped, never fatal to a listing
+
+    @staticmethod
+    def _update(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    def _load(self, conn: sqlite3.Connection, source_id: str) -> SourceRecord | None:
+        row = conn.execute("SELECT record FROM sources WHERE source_id=?", (source_id,)).fetchone()
+        return self._decode(row[0]) if row else None
+
+    @staticmethod
+    def _store(conn: sqlite3.Connection, record: SourceRecord) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO sources(source_id, identity_key, generation, record) VALUES (?,?,?,?)",
+            (record.source_id, record.identity_key, record.generation, json.dumps(record.to_dict())),
+        )
+
+    # -- contract -------------------------------------------------------------
+
+    async def publish(self, record: SourceRecord, manifest: Manifest | None = None) -> None:
+        now = self._clock()
+
+        def tx(conn: sqlite3.Connection) -> None:
+            previous = self._load(conn, record.source_id)
+            if previous is not None and previous.generation != record.generation:
+                conn.execute("DELETE FROM manifests WHERE source_id=?", (record.source_id,))
+            self._store(conn, apply_publish(previous, record, now))
+            if manifest is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO manifests(source_id, generation, manifest) VALUES (?,?,?)",
+                    (record.source_id, record.generation, manifest.to_json()),
+                )
+
+        await self._run(lambda conn: self._update(conn, tx))
+
+    async def heartbeat(
+        self, source_id: str, generation: str, *, load: int | None = None
+    ) -> SourceRecord | None:
+        now = self._clock()
+
+        def tx(conn: sqlite3.Connection) -> SourceRecord | None:
+            record = self._load(conn, source_id)
+            if record is None or record.generation != generation:
+                return None
+            record = apply_heartbeat(record, now, load)
+            self._store(conn, record)
+            return record
+
+        return await self._run(lambda conn: self._update(conn, tx))
+
+    async def list(
+        self, identity_key: str | None = None, state: SourceState | None = SourceState.READY
+    ) -> list[SourceRecord]:
+        now = self._clock()
+
+        def query(conn: sqlite3.Connection) -> list[SourceRecord]:
+            if identity_key is None:
+                rows = conn.execute("SELECT record FROM sources").fetchall()
+            else:
+                rows = conn.execute(
+                    "SELECT record FROM sources WHERE identity_key=?", (identity_key,)
+                ).fetchall()
+            records = (self._decode(row[0]) for row in rows)
+            return [r for r in records if r is not None and is_listed(r, now, state)]
+
+        return await self._run(query)
+
+    async def get(self, source_id: str) -> SourceRecord | None:
+        return await self._run(lambda conn: self._load(conn, source_id))
+
+    async def get_manifest(self, source_id: str, generation: str) -> Manifest | None:
+        def query(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT manifest FROM manifests WHERE source_id=? AND generation=?",
+                (source_id, generation),
+            ).fetchone()
+            return str(row[0]) if row else None
+
+        text = await self._run(query)
+        return Manifest.from_json(text) if text is not None else None
+
+    async def mark_stale(self, source_id: str, generation: str, *, reason: str, reporter: str = "") -> bool:
+        now = self._clock()
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            record = self._load(conn, source_id)
+            if record is None or record.generation != generation:
+                return False
+            self._store(conn, apply_mark_stale(record, now, reason, self._ejection))
+            return True
+
+        return await self._run(lambda conn: self._update(conn, tx))
+
+    async def remove(self, source_id: str, generation: str | None = None) -> bool:
+        def tx(conn: sqlite3.Connection) -> bool:
+            record = self._load(conn, source_id)
+            if record is None or (generation is not None and record.generation != generation):
+                return False
+            conn.execute("DELETE FROM sources WHERE source_id=?", (source_id,))
+            conn.execute("DELETE FROM manifests WHERE source_id=?", (source_id,))
+            return True
+
+        return await self._run(lambda conn: self._update(conn, tx))
+
+    async def aclose(self) -> None:
+        def close() -> None:
+            with self._lock:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+
+        await anyio.to_thread.run_sync(close)
+
+    def __repr__(self) -> str:
+        return f"SqliteRegistry({str(self.path)!r})"

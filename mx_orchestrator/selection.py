@@ -1,0 +1,67 @@
+"""Candidate ranking: pure functions that order sources for one target.
+
+A selection policy takes the target's id and returns a sort key over
+candidates (lower sorts first). Rendezvous (highest-random-weight) hashing is
+the default: every target gets a stable, different order, so a fleet of
+targets spreads over the sources without talking to each other, and removing
+one source only moves the targets that had ranked it first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+
+from .models import Candidate
+
+__all__ = [
+    "RankKey",
+    "SelectionPolicy",
+    "least_loaded",
+    "prefer_labels",
+    "rendezvous",
+    "rendezvous_score",
+]
+
+RankKey = Callable[[Candidate], tuple[float, ...]]
+SelectionPolicy = Callable[[str], RankKey]
+
+
+def rendezvous_score(target_id: str, source_id: str) -> int:
+    digest = hashlib.blake2b(f"{target_id}\x00{source_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def rendezvous(target_id: str) -> RankKey:
+    """Highest rendezvous score first."""
+
+    def key(candidate: Candidate) -> tuple[float, ...]:
+        return (-float(rendezvous_score(target_id, candidate.source_id)),)
+
+    return key
+
+
+def least_loaded(target_id: str) -> RankKey:
+    """Fewest active readers first; rendezvous order among equals."""
+    tie_break = rendezvous(target_id)
+
+    def key(candidate: Candidate) -> tuple[float, ...]:
+        return (float(candidate.record.load), *tie_break(candidate))
+
+    return key
+
+
+def prefer_labels(labels: Mapping[str, str], then: SelectionPolicy = rendezvous) -> SelectionPolicy:
+    """Sources sharing more of ``labels`` (host, rack, zone...) first, then ``then``."""
+    wanted = dict(labels)
+
+    def policy(target_id: str) -> RankKey:
+        inner = then(target_id)
+
+        def key(candidate: Candidate) -> tuple[float, ...]:
+            shared = sum(1 for k, v in wanted.items() if candidate.record.labels.get(k) == v)
+            return (-float(shared), *inner(candidate))
+
+        return key
+
+    return policy

@@ -1,0 +1,182 @@
+"""The policy engine: the default table, overrides, tenacity-based retries, and its invariants."""
+
+from __future__ import annotations
+
+import pytest
+import tenacity
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mx_orchestrator import (
+    ALL_OUTCOME_TYPES,
+    DEFAULT_POLICY,
+    ActionKind,
+    Candidate,
+    DecisionState,
+    ModelIdentity,
+    Outcome,
+    Policy,
+    TimedOut,
+)
+from mx_orchestrator.outcomes import (
+    Cancelled,
+    Corrupt,
+    LayoutMismatch,
+    Loaded,
+    LocalFailure,
+    ManifestMismatch,
+    NotApplicable,
+    SourceFailed,
+    SourceUnreachable,
+)
+from mx_orchestrator.plan import Attempt, Done, Planner, StrategySlot, Wait
+from mx_orchestrator.policy import NEVER_STALE, Action, next_candidate, retry
+from mx_orchestrator.selection import rendezvous
+from mx_orchestrator.testing import make_record
+
+EXPECTED = {
+    Loaded: (ActionKind.FINISH, False),
+    LayoutMismatch: (ActionKind.NEXT_CANDIDATE, False),
+    ManifestMismatch: (ActionKind.NEXT_CANDIDATE, False),
+    NotApplicable: (ActionKind.NEXT_STRATEGY, False),
+    SourceUnreachable: (ActionKind.NEXT_CANDIDATE, False),
+    SourceFailed: (ActionKind.NEXT_CANDIDATE, True),
+    TimedOut: (ActionKind.NEXT_CANDIDATE, True),
+    Corrupt: (ActionKind.NEXT_CANDIDATE, True),
+    LocalFailure: (ActionKind.NEXT_STRATEGY, False),
+    Cancelled: (ActionKind.ABORT, False),
+}
+
+
+def make(outcome_type: type[Outcome], source: str | None = "src") -> Outcome:
+    return outcome_type(strategy="s", source_id=source, detail="x")
+
+
+def test_the_table_covers_every_outcome_type() -> None:
+    assert set(EXPECTED) == set(ALL_OUTCOME_TYPES)
+
+
+@pytest.mark.parametrize("outcome_type", ALL_OUTCOME_TYPES, ids=lambda t: t.__name__)
+def test_default_action_for_each_outcome(outcome_type: type[Outcome]) -> None:
+    action = DEFAULT_POLICY.decide(make(outcome_type), DecisionState())
+    assert (action.kind, action.mark_stale) == EXPECTED[outcome_type]
+
+
+def test_layout_mismatch_keeps_the_source_for_later_strategies_but_failures_drop_it() -> None:
+    assert not DEFAULT_POLICY.decide(make(LayoutMismatch), DecisionState()).forget_source
+    assert DEFAULT_POLICY.decide(make(ManifestMismatch), DecisionState()).forget_source
+    assert DEFAULT_POLICY.decide(make(SourceFailed), DecisionState()).forget_source
+
+
+def test_user_override_retries_timeouts_with_tenacity_backoff_then_gives_up() -> None:
+    policy = DEFAULT_POLICY.with_rules(
+        {TimedOut: retry(wait=tenacity.wait_fixed(0.25), stop=tenacity.stop_after_attempt(3))}
+    )
+    first = policy.decide(make(TimedOut), DecisionState(attempt_number=1))
+    second = policy.decide(make(TimedOut), DecisionState(attempt_number=2))
+    third = policy.decide(make(TimedOut), DecisionState(attempt_number=3))
+    assert (first.kind, first.delay) == (ActionKind.RETRY, 0.25)
+    assert second.kind is ActionKind.RETRY
+    assert (third.kind, third.mark_stale) == (ActionKind.NEXT_CANDIDATE, True)
+    # the default table is untouched by the override
+    assert DEFAULT_POLICY.decide(make(TimedOut), DecisionState()).kind is ActionKind.NEXT_CANDIDATE
+
+
+def test_exponential_backoff_grows_and_stop_after_delay_uses_elapsed() -> None:
+    rule = retry(wait=tenacity.wait_exponential(multiplier=0.1, max=1.0), stop=tenacity.stop_after_delay(5))
+    delays = [rule(make(SourceFailed), DecisionState(attempt_number=n)).delay for n in (1, 2, 3, 4, 5)]
+    assert delays == sorted(delays) and delays[-1] == 1.0
+    late = rule(make(SourceFailed), DecisionState(attempt_number=2, elapsed=6.0))
+    assert late.kind is ActionKind.NEXT_CANDIDATE
+
+
+def test_a_rule_that_marks_a_layout_mismatch_stale_is_overruled() -> None:
+    policy = DEFAULT_POLICY.with_rules({LayoutMismatch: next_candidate(mark_stale=True)})
+    action = policy.decide(make(LayoutMismatch), DecisionState())
+    assert not action.mark_stale
+    assert "STALE suppressed" in action.reason
+
+
+def test_attempt_limit_turns_any_continuation_into_abort() -> None:
+    policy = Policy(max_attempts=3)
+    assert policy.decide(make(SourceFailed), DecisionState(attempts_total=3)).kind is ActionKind.ABORT
+    assert policy.decide(make(Loaded), DecisionState(attempts_total=3)).kind is ActionKind.FINISH
+
+
+# -- property tests -----------------------------------------------------------
+
+outcome_types = st.sampled_from(ALL_OUTCOME_TYPES)
+kinds = st.sampled_from(list(ActionKind))
+
+
+@st.composite
+def arbitrary_rules(draw: st.DrawFn) -> dict[type[Outcome], object]:
+    """User rules that return anything at all, STALE marks included."""
+    rules: dict[type[Outcome], object] = {}
+    for outcome_type in draw(st.lists(outcome_types, unique=True)):
+        kind = draw(kinds)
+        stale = draw(st.booleans())
+        delay = draw(st.floats(min_value=-1, max_value=5, allow_nan=False))
+
+        def rule(
+            o: Outcome, s: DecisionState, kind: ActionKind = kind, stale: bool = stale, d: float = delay
+        ) -> Action:
+            return Action(kind, mark_stale=stale, delay=d)
+
+        rules[outcome_type] = rule
+    return rules
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    outcome_type=outcome_types,
+    rules=arbitrary_rules(),
+    attempt_number=st.integers(1, 100),
+    total=st.integers(1, 200),
+)
+def test_never_stale_outcomes_never_mark_stale_whatever_the_rules(
+    outcome_type: type[Outcome], rules: dict[type[Outcome], object], attempt_number: int, total: int
+) -> None:
+    policy = DEFAULT_POLICY.with_rules(rules)  # type: ignore[arg-type]
+    action = policy.decide(make(outcome_type), DecisionState(attempt_number, total))
+    if outcome_type in NEVER_STALE:
+        assert not action.mark_stale
+    assert action.delay >= 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n_strategies=st.integers(1, 4),
+    n_candidates=st.integers(0, 12),
+    outcomes=st.lists(outcome_types, min_size=1, max_size=50),
+    rules=arbitrary_rules(),
+    max_attempts=st.integers(1, 40),
+)
+def test_every_run_terminates_within_the_attempt_bound(
+    n_strategies: int,
+    n_candidates: int,
+    outcomes: list[type[Outcome]],
+    rules: dict[type[Outcome], object],
+    max_attempts: int,
+) -> None:
+    """Drive the planner with the policy and an arbitrary (cycled) outcome sequence."""
+    identity = ModelIdentity("org/m")
+    policy = Policy(max_attempts=max_attempts).with_rules(rules)  # type: ignore[arg-type]
+    slots = [StrategySlot(f"s{i}", uses_peers=i % 2 == 0) for i in range(n_strategies)]
+    planner = Planner(slots, rendezvous("t"), max_attempts=max_attempts)
+    for i in range(n_candidates):
+        planner.add_candidate(Candidate(make_record(identity, f"c{i}")))
+    planner.evaluation_finished()
+    steps = 0
+    while True:
+        step = planner.next_step()
+        assert not isinstance(step, Wait), "no waiting once evaluation has finished"
+        if isinstance(step, Done):
+            break
+        assert isinstance(step, Attempt)
+        outcome = outcomes[steps % len(outcomes)](strategy=step.strategy, source_id=step.source_id)
+        action = policy.decide(outcome, DecisionState(step.attempt_number, planner.attempts_total + 1))
+        planner.record(action)
+        steps += 1
+        assert steps <= max_attempts
+    assert planner.attempts_total == steps <= max_attempts
