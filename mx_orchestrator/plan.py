@@ -14,6 +14,7 @@ this class with arbitrary outcomes to pin that.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,6 +73,11 @@ class Planner:
         self._max_attempts = max_attempts
         self._index = 0
         self._known: dict[str, Candidate] = {}
+        self._keys: dict[str, tuple[float, ...]] = {}
+        # Candidates not yet tried by the current strategy, best first; entries
+        # for forgotten or tried sources are dropped lazily when popped.
+        self._heap: list[tuple[tuple[float, ...], str]] = []
+        self._heap_index = -1
         self._forgotten: set[str] = set()
         self._tried: set[tuple[int, str | None]] = set()
         self._evaluating = True
@@ -83,7 +89,13 @@ class Planner:
     # -- inputs ---------------------------------------------------------------
 
     def add_candidate(self, candidate: Candidate) -> None:
-        self._known.setdefault(candidate.source_id, candidate)
+        sid = candidate.source_id
+        if sid in self._known:
+            return
+        self._known[sid] = candidate
+        self._keys[sid] = self._rank(candidate)
+        if self._heap_index == self._index:
+            heapq.heappush(self._heap, (self._keys[sid], sid))
 
     def evaluation_finished(self) -> None:
         self._evaluating = False
@@ -137,13 +149,8 @@ class Planner:
                     self._pending = Attempt(slot.name, self._index, None)
                     return self._pending
             else:
-                available = [
-                    c
-                    for sid, c in self._known.items()
-                    if sid not in self._forgotten and (self._index, sid) not in self._tried
-                ]
-                if available:
-                    best = min(available, key=self._rank)
+                best = self._pop_best()
+                if best is not None:
                     self._pending = Attempt(slot.name, self._index, best)
                     return self._pending
                 if self._evaluating:
@@ -151,3 +158,14 @@ class Planner:
             self._index += 1
         self._done = Done(False, "every strategy and candidate was tried")
         return self._done
+
+    def _pop_best(self) -> Candidate | None:
+        if self._heap_index != self._index:
+            self._heap = [(self._keys[sid], sid) for sid in self._known]
+            heapq.heapify(self._heap)
+            self._heap_index = self._index
+        while self._heap:
+            _, sid = heapq.heappop(self._heap)
+            if sid not in self._forgotten and (self._index, sid) not in self._tried:
+                return self._known[sid]
+        return None

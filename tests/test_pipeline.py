@@ -296,3 +296,21 @@ def test_the_pipeline_runs_under_trio(identity: ModelIdentity) -> None:
 
     report = anyio.run(main, backend="trio")
     assert report.loaded and len(report.attempts) == 3
+
+
+async def test_structured_events_per_phase_and_attempt_carry_run_model_strategy_source(
+    identity: ModelIdentity,
+) -> None:
+    from structlog.testing import capture_logs
+
+    registry, prober = await scenario(identity, ["a"])
+    strategy = FakeStrategy("rdma_region", {"a": [succeed()]})
+    with capture_logs() as events:
+        report = await Orchestrator(registry, [strategy], prober=prober).load(identity)
+    names = [e["event"] for e in events]
+    assert names[0] == "load.start" and names[-1] == "load.done"
+    assert "evaluate.done" in names or len(report.probes) == 1
+    attempt = next(e for e in events if e["event"] == "attempt.done")
+    assert attempt["run_id"] == report.run_id and attempt["model"] == identity.key
+    assert (attempt["strategy"], attempt["source"], attempt["outcome"]) == ("rdma_region", "a", "Loaded")
+    assert all(e["run_id"] == report.run_id for e in events)

@@ -1,0 +1,131 @@
+"""One contract, every registry backend: publish, list, heartbeat TTL, ejection cool-down, generations."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from mx_orchestrator import ModelIdentity, SourceRegistry, SourceState
+from mx_orchestrator.registry import EjectionPolicy, MemoryRegistry
+from mx_orchestrator.registry.sqlite import SqliteRegistry
+from mx_orchestrator.testing import make_manifest, make_record
+
+pytestmark = pytest.mark.asyncio
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+BACKENDS: dict[str, Callable[[Path, Clock], SourceRegistry]] = {
+    "memory": lambda _p, clock: MemoryRegistry(ejection=EjectionPolicy(10, 25), clock=clock),
+    "sqlite": lambda p, clock: SqliteRegistry(p / "reg.db", ejection=EjectionPolicy(10, 25), clock=clock),
+}
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest_asyncio.fixture(params=sorted(BACKENDS))
+async def registry(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> AsyncIterator[SourceRegistry]:
+    reg = BACKENDS[request.param](tmp_path, clock)
+    yield reg
+    await reg.aclose()
+
+
+def rec(identity: ModelIdentity, sid: str, clock: Clock, ttl: float = 15.0):  # type: ignore[no-untyped-def]
+    return replace(make_record(identity, sid, ttl=ttl), heartbeat_at=clock.now)
+
+
+async def test_publish_list_and_manifest_round_trip(registry: SourceRegistry, identity: ModelIdentity, clock: Clock) -> None:
+    manifest = make_manifest(identity, 3)
+    a = rec(identity, "a", clock)
+    await registry.publish(a, manifest)
+    await registry.publish(rec(ModelIdentity("other/model"), "x", clock))
+    listed = await registry.list(identity.key)
+    assert [r.source_id for r in listed] == ["a"]
+    assert await registry.get_manifest("a", a.generation) == manifest
+    assert await registry.get_manifest("a", "another-generation") is None
+
+
+async def test_expired_heartbeat_drops_out_of_ready_listings(registry: SourceRegistry, identity: ModelIdentity, clock: Clock) -> None:
+    a = rec(identity, "a", clock, ttl=5)
+    await registry.publish(a)
+    clock.now += 4
+    assert len(await registry.list(identity.key)) == 1
+    clock.now += 2
+    assert await registry.list(identity.key) == []
+    assert await registry.heartbeat("a", a.generation) is not None
+    assert len(await registry.list(identity.key)) == 1
+
+
+async def test_ejection_cooldown_grows_and_heartbeat_cannot_undo_it_early(
+    registry: SourceRegistry, identity: ModelIdentity, clock: Clock
+) -> None:
+    a = rec(identity, "a", clock, ttl=1000)
+    await registry.publish(a)
+    assert await registry.mark_stale("a", a.generation, reason="SourceFailed", reporter="t1")
+    await registry.heartbeat("a", a.generation)
+    assert await registry.list(identity.key) == []
+    clock.now += 10  # base cool-down 10 s x 1
+    await registry.heartbeat("a", a.generation)
+    assert len(await registry.list(identity.key)) == 1
+    await registry.mark_stale("a", a.generation, reason="TimedOut", reporter="t1")
+    clock.now += 10
+    await registry.heartbeat("a", a.generation)
+    assert await registry.list(identity.key) == [], "second ejection lasts 20 s"
+    clock.now += 10
+    await registry.heartbeat("a", a.generation)
+    listed = await registry.list(identity.key)
+    assert len(listed) == 1 and listed[0].times_ejected == 2
+    for _ in range(3):
+        await registry.mark_stale("a", a.generation, reason="x")
+    record = await registry.get("a")
+    assert record is not None and record.ejected_until - clock.now == 25, "capped at max_seconds"
+
+
+async def test_restarted_source_with_new_generation_is_ready_at_once(
+    registry: SourceRegistry, identity: ModelIdentity, clock: Clock
+) -> None:
+    old = rec(identity, "a", clock)
+    await registry.publish(old, make_manifest(identity))
+    await registry.mark_stale("a", old.generation, reason="SourceFailed")
+    new = rec(identity, "a", clock)
+    await registry.publish(new)
+    listed = await registry.list(identity.key)
+    assert [r.generation for r in listed] == [new.generation]
+    assert await registry.get_manifest("a", old.generation) is None
+    # a late report against the old generation does not eject the new one
+    assert not await registry.mark_stale("a", old.generation, reason="late")
+    assert len(await registry.list(identity.key)) == 1
+
+
+async def test_list_by_state_and_remove(registry: SourceRegistry, identity: ModelIdentity, clock: Clock) -> None:
+    a, b = rec(identity, "a", clock), rec(identity, "b", clock)
+    await registry.publish(a)
+    await registry.publish(b)
+    await registry.mark_stale("b", b.generation, reason="x")
+    assert [r.source_id for r in await registry.list(identity.key, SourceState.STALE)] == ["b"]
+    assert {r.source_id for r in await registry.list(identity.key, None)} == {"a", "b"}
+    assert not await registry.remove("a", "wrong-generation")
+    assert await registry.remove("a", a.generation)
+    assert [r.source_id for r in await registry.list(None, None)] == ["b"]
+
+
+async def test_heartbeat_updates_load(registry: SourceRegistry, identity: ModelIdentity, clock: Clock) -> None:
+    a = rec(identity, "a", clock)
+    await registry.publish(a)
+    await registry.heartbeat("a", a.generation, load=3)
+    listed = await registry.list(identity.key)
+    assert listed[0].load == 3
+    assert await registry.heartbeat("a", "wrong-generation") is None
