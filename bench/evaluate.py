@@ -67,9 +67,7 @@ def main() -> None:
     rows = []
     for n in (10, 100, 1000):
         for latency in (0.010, 0.100):
-            walls = [
-                anyio.run(evaluation_seconds, n, latency, args.concurrency) for _ in range(args.repeat)
-            ]
+            walls = [anyio.run(evaluation_seconds, n, latency, args.concurrency) for _ in range(args.repeat)]
             wall = statistics.median(walls)
             rows.append(
                 {

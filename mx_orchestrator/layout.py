@@ -18,6 +18,7 @@ own dtype.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,10 @@ from .models import DTYPE_SIZES, Manifest, ModelIdentity, Region, TensorSpec
 __all__ = [
     "ALIGNMENT",
     "LayoutSpec",
+    "Descriptors",
     "describe_layout_difference",
+    "plan_region_reads",
+    "plan_tensor_reads",
     "parse_layout",
     "parse_size",
     "plan_layout",
@@ -172,3 +176,86 @@ def describe_layout_difference(source: Manifest, target: Manifest, *, limit: int
         if moved:
             parts.append(f"same region sizes but tensors placed differently, e.g. {moved[:limit]}")
     return "; ".join(parts)
+
+
+Descriptors = list[tuple[int, int]]  # (address, nbytes)
+
+
+def _check_local(local: Descriptors, spans: Sequence[tuple[int, int]]) -> None:
+    # Defence in depth: plans are built from the target's own manifest, so this
+    # never fires unless the planner itself is wrong.
+    ordered = sorted(spans)
+    bases = [base for base, _ in ordered]
+    for address, nbytes in local:
+        i = bisect.bisect_right(bases, address) - 1
+        if i < 0 or address + nbytes > ordered[i][0] + ordered[i][1]:
+            raise AssertionError(f"descriptor {address:#x}+{nbytes} outside the target's buffers")
+
+
+def plan_region_reads(
+    source: Manifest,
+    remote_spans: Sequence[tuple[int, int]],
+    target: Manifest,
+    local_spans: Sequence[tuple[int, int]],
+) -> tuple[Descriptors, Descriptors] | str:
+    """One descriptor per region when both layouts are identical; else a reason they are not.
+
+    The comparison uses the layout fingerprints, then each region's size, so
+    a mismatch is known before anything is posted.
+    """
+    if source.layout_fingerprint != target.layout_fingerprint:
+        return describe_layout_difference(source, target)
+    local: Descriptors = []
+    remote: Descriptors = []
+    for i, region in enumerate(target.regions):
+        if remote_spans[i][1] != region.nbytes or local_spans[i][1] != region.nbytes:
+            return f"region {i}: advertised size differs from the manifest"
+        if region.nbytes:
+            local.append((local_spans[i][0], region.nbytes))
+            remote.append((remote_spans[i][0], region.nbytes))
+    _check_local(local, local_spans)
+    return local, remote
+
+
+def plan_tensor_reads(
+    source: Manifest,
+    remote_spans: Sequence[tuple[int, int]],
+    target: Manifest,
+    local_spans: Sequence[tuple[int, int]],
+) -> tuple[Descriptors, Descriptors] | str:
+    """One descriptor per tensor, paired by name, whatever the two layouts are.
+
+    Every target tensor must exist in the source with the same dtype, shape and
+    size; a difference returns the reason. Runs of tensors adjacent on *both*
+    sides are merged into one descriptor.
+    """
+    remote_by_name = source.by_name()
+    if len(remote_by_name) != len(target.tensors):
+        extra = sorted(set(remote_by_name) - {t.name for t in target.tensors})
+        if extra:
+            return f"source has {len(extra)} tensors the target does not, e.g. {extra[:3]}"
+    pairs: list[tuple[int, int, int]] = []
+    for t in sorted(target.tensors, key=lambda t: (t.region, t.offset)):
+        s = remote_by_name.get(t.name)
+        if s is None:
+            return f"source lacks tensor {t.name!r}"
+        if (s.dtype, s.shape) != (t.dtype, t.shape) or s.nbytes != t.nbytes:
+            return f"tensor {t.name!r}: source {s.dtype}{list(s.shape)}, target {t.dtype}{list(t.shape)}"
+        if t.nbytes == 0:
+            continue
+        pairs.append((local_spans[t.region][0] + t.offset, remote_spans[s.region][0] + s.offset, t.nbytes))
+    local: Descriptors = []
+    remote: Descriptors = []
+    for local_addr, remote_addr, nbytes in pairs:
+        if (
+            local
+            and local[-1][0] + local[-1][1] == local_addr
+            and remote[-1][0] + remote[-1][1] == remote_addr
+        ):
+            local[-1] = (local[-1][0], local[-1][1] + nbytes)
+            remote[-1] = (remote[-1][0], remote[-1][1] + nbytes)
+        else:
+            local.append((local_addr, nbytes))
+            remote.append((remote_addr, nbytes))
+    _check_local(local, local_spans)
+    return local, remote

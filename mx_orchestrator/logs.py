@@ -39,9 +39,7 @@ def redact_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mut
     return event_dict
 
 
-def configure_logging(
-    level: str | None = None, fmt: str = "console", stream: TextIO | None = None
-) -> None:
+def configure_logging(level: str | None = None, fmt: str = "console", stream: TextIO | None = None) -> None:
     """Configure structlog: ``fmt`` is ``console`` (human) or ``json`` (JSON lines).
 
     ``level`` defaults to ``$MXO_LOG_LEVEL`` or ``warning``.

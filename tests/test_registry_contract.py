@@ -37,7 +37,9 @@ def clock() -> Clock:
 
 
 @pytest_asyncio.fixture(params=sorted(BACKENDS))
-async def registry(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> AsyncIterator[SourceRegistry]:
+async def registry(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
+) -> AsyncIterator[SourceRegistry]:
     reg = BACKENDS[request.param](tmp_path, clock)
     yield reg
     await reg.aclose()
@@ -47,7 +49,9 @@ def rec(identity: ModelIdentity, sid: str, clock: Clock, ttl: float = 15.0):  # 
     return replace(make_record(identity, sid, ttl=ttl), heartbeat_at=clock.now)
 
 
-async def test_publish_list_and_manifest_round_trip(registry: SourceRegistry, identity: ModelIdentity, clock: Clock) -> None:
+async def test_publish_list_and_manifest_round_trip(
+    registry: SourceRegistry, identity: ModelIdentity, clock: Clock
+) -> None:
     manifest = make_manifest(identity, 3)
     a = rec(identity, "a", clock)
     await registry.publish(a, manifest)
@@ -58,7 +62,9 @@ async def test_publish_list_and_manifest_round_trip(registry: SourceRegistry, id
     assert await registry.get_manifest("a", "another-generation") is None
 
 
-async def test_expired_heartbeat_drops_out_of_ready_listings(registry: SourceRegistry, identity: ModelIdentity, clock: Clock) -> None:
+async def test_expired_heartbeat_drops_out_of_ready_listings(
+    registry: SourceRegistry, identity: ModelIdentity, clock: Clock
+) -> None:
     a = rec(identity, "a", clock, ttl=5)
     await registry.publish(a)
     clock.now += 4
@@ -110,7 +116,9 @@ async def test_restarted_source_with_new_generation_is_ready_at_once(
     assert len(await registry.list(identity.key)) == 1
 
 
-async def test_list_by_state_and_remove(registry: SourceRegistry, identity: ModelIdentity, clock: Clock) -> None:
+async def test_list_by_state_and_remove(
+    registry: SourceRegistry, identity: ModelIdentity, clock: Clock
+) -> None:
     a, b = rec(identity, "a", clock), rec(identity, "b", clock)
     await registry.publish(a)
     await registry.publish(b)
@@ -122,7 +130,9 @@ async def test_list_by_state_and_remove(registry: SourceRegistry, identity: Mode
     assert [r.source_id for r in await registry.list(None, None)] == ["b"]
 
 
-async def test_heartbeat_updates_load(registry: SourceRegistry, identity: ModelIdentity, clock: Clock) -> None:
+async def test_heartbeat_updates_load(
+    registry: SourceRegistry, identity: ModelIdentity, clock: Clock
+) -> None:
     a = rec(identity, "a", clock)
     await registry.publish(a)
     await registry.heartbeat("a", a.generation, load=3)

@@ -1,0 +1,229 @@
+"""The serving side: hold weights in memory in a chosen layout and offer them to peers.
+
+:func:`load_weights` reads a directory of safetensors (or takes an engine's
+tensors) into memory as ``arena``, ``tensor`` or ``chunked:SIZE`` and builds the
+manifest, with a per-tensor xxh3 checksum computed once. :class:`WeightSource`
+registers that memory with NIXL, publishes the record and manifest to the
+registry, keeps UCX progressing for readers, heartbeats, and unpublishes on
+shutdown (cancellation, SIGTERM/SIGINT through :func:`serve_until_signal`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from .errors import ConfigError
+from .layout import LayoutSpec, parse_layout, plan_layout, regions_from_addresses
+from .models import Manifest, ModelIdentity, SourceRecord
+from .registry.base import SourceRegistry
+from .target import checksum_tensor, dtype_name, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ServedWeights", "WeightSource", "load_weights", "safetensors_files", "serve_until_signal"]
+
+_log = structlog.get_logger("mx_orchestrator.source")
+
+
+@dataclass
+class ServedWeights:
+    """Weights in memory: the manifest, each region's (address, size), and the owning tensors."""
+
+    manifest: Manifest
+    spans: list[tuple[int, int]]
+    device: str
+    owners: list[torch.Tensor] = field(repr=False)
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+
+    @property
+    def mem_type(self) -> str:
+        return "DRAM" if self.device == "cpu" else "VRAM"
+
+    @property
+    def device_id(self) -> int:
+        return 0 if self.device == "cpu" else int(self.device.partition(":")[2] or 0)
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The checkpoint's files in order: from ``model.safetensors.index.json`` when present."""
+    if not directory.is_dir():
+        raise ConfigError(f"weights directory {str(directory)!r} does not exist")
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        names = list(dict.fromkeys(weight_map.values()))
+        files = []
+        for name in names:
+            path = (directory / name).resolve()
+            if directory.resolve() not in path.parents:
+                raise ConfigError(f"index names a file outside the checkpoint: {name!r}")
+            files.append(path)
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"no *.safetensors files in {str(directory)!r}")
+    return files
+
+
+def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in safetensors_files(directory):
+        for name, tensor in load_file(str(path)).items():
+            if name in tensors:
+                raise ConfigError(f"tensor {name!r} appears in more than one file")
+            tensors[name] = tensor
+    return tensors
+
+
+def load_weights(
+    identity: ModelIdentity,
+    weights: str | Path | Mapping[str, torch.Tensor],
+    layout: str | LayoutSpec = "arena",
+    device: str = "cpu",
+) -> ServedWeights:
+    """Copy weights into memory laid out as ``layout`` on ``device``; checksums are computed here, once."""
+    import torch
+
+    spec = parse_layout(layout) if isinstance(layout, str) else layout
+    tensors = _read_safetensors(Path(weights)) if isinstance(weights, (str, Path)) else dict(weights)
+    if not tensors:
+        raise ConfigError("no tensors to serve")
+    sums = {name: checksum_tensor(t) for name, t in tensors.items()}
+    rows = [(name, dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors.items()]
+    dev = torch.device(device)
+    if spec.kind == "tensor":
+        placed = {name: t.detach().to(dev, copy=True).contiguous() for name, t in tensors.items()}
+        manifest, bases = regions_from_addresses(
+            identity, [(n, d, s, placed[n].data_ptr(), sums[n]) for n, d, s in rows]
+        )
+        spans = [(b, r.nbytes) for b, r in zip(bases, manifest.regions, strict=True)]
+        return ServedWeights(manifest, spans, device, list(placed.values()), placed)
+    planned = plan_layout(identity, rows, spec)
+    owners = [torch.empty(r.nbytes, dtype=torch.uint8, device=dev) for r in planned.regions]
+    views: dict[str, torch.Tensor] = {}
+    for s in planned.tensors:
+        view = owners[s.region][s.offset : s.end].view(torch_dtype(s.dtype)).view(s.shape)
+        view.copy_(tensors[s.name])
+        views[s.name] = view
+    manifest = Manifest(
+        identity,
+        tuple(type(s)(s.name, s.dtype, s.shape, s.region, s.offset, sums[s.name]) for s in planned.tensors),
+        planned.regions,
+    )
+    spans = [(int(o.data_ptr()), r.nbytes) for o, r in zip(owners, manifest.regions, strict=True)]
+    return ServedWeights(manifest, spans, device, owners, views)
+
+
+class WeightSource:
+    """Offers :class:`ServedWeights` to peers until cancelled.
+
+    >>> async with anyio.create_task_group() as tg:
+    ...     source = WeightSource(registry, weights)
+    ...     await tg.start(source.run)
+    """
+
+    def __init__(
+        self,
+        registry: SourceRegistry,
+        weights: ServedWeights,
+        *,
+        source_id: str | None = None,
+        ttl: float = 15.0,
+        labels: Mapping[str, str] | None = None,
+        agent: Any = None,
+        poll_interval: float = 0.001,
+    ) -> None:
+        self.registry = registry
+        self.weights = weights
+        self.source_id = source_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.generation = uuid.uuid4().hex
+        self.ttl = ttl
+        self.labels = dict(labels or {"host": socket.gethostname()})
+        self._agent = agent
+        self._poll_interval = poll_interval
+        self.record: SourceRecord | None = None
+
+    def _build_record(self, agent: Any) -> SourceRecord:
+        w = self.weights
+        return SourceRecord(
+            source_id=self.source_id,
+            identity_key=w.manifest.identity.key,
+            generation=self.generation,
+            endpoint=f"nixl://{agent.name}",
+            heartbeat_at=time.time(),
+            ttl=self.ttl,
+            labels=self.labels,
+            transport={
+                "nixl_agent": agent.name,
+                "nixl_metadata": base64.b64encode(agent.metadata()).decode(),
+                "nixl_mem": w.mem_type,
+                "nixl_regions": json.dumps([[a, n, w.device_id] for a, n in w.spans]),
+            },
+        )
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[SourceRecord] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        from strategies._nixl import get_agent
+
+        agent = self._agent or get_agent()
+        w = self.weights
+        deregister = agent.register([(a, n, w.device_id) for a, n in w.spans], w.mem_type)
+        log = _log.bind(source=self.source_id, model=w.manifest.identity.key)
+        try:
+            self.record = self._build_record(agent)
+            await self.registry.publish(self.record, w.manifest)
+            log.info("source.published", regions=len(w.spans), bytes=w.manifest.total_bytes)
+            task_status.started(self.record)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat, log)
+                await self._progress(agent)
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    with anyio.fail_after(2):
+                        await self.registry.remove(self.source_id, self.generation)
+                    log.info("source.unpublished")
+                except Exception as exc:  # the TTL will retire the record anyway
+                    log.warning("source.unpublish_failed", error=str(exc))
+                deregister()
+
+    async def _heartbeat(self, log: Any) -> None:
+        while True:
+            await anyio.sleep(self.ttl / 3)
+            try:
+                await self.registry.heartbeat(self.source_id, self.generation)
+            except Exception as exc:  # an outage must not kill the source; keep trying
+                log.warning("source.heartbeat_failed", error=str(exc))
+
+    async def _progress(self, agent: Any) -> None:
+        # readers hang unless the source side drives UCX (no NIXL progress thread)
+        while True:
+            agent.poll_notifications()
+            await anyio.sleep(self._poll_interval)
+
+
+async def serve_until_signal(source: WeightSource) -> None:
+    """Run ``source`` until SIGINT or SIGTERM, then unpublish and return."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(source.run)
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                break
+        tg.cancel_scope.cancel()
