@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -219,10 +219,14 @@ class WeightSource:
             await anyio.sleep(self._poll_interval)
 
 
-async def serve_until_signal(source: WeightSource) -> None:
+async def serve_until_signal(
+    source: WeightSource, on_ready: Callable[[SourceRecord], None] | None = None
+) -> None:
     """Run ``source`` until SIGINT or SIGTERM, then unpublish and return."""
     async with anyio.create_task_group() as tg:
-        await tg.start(source.run)
+        record = await tg.start(source.run)
+        if on_ready is not None:
+            on_ready(record)
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 break

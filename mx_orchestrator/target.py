@@ -158,6 +158,20 @@ class Target:
 
     # -- preparation ----------------------------------------------------------
 
+    def preview(self, source: Manifest) -> Manifest | None:
+        """The manifest this target will have for ``source``, without allocating anything.
+
+        ``None`` when only allocation can tell (the ``tensor`` layout). Raises
+        :class:`TargetMismatch` when the tensor sets differ.
+        """
+        if self.manifest is not None:
+            if self.manifest.manifest_fingerprint != source.manifest_fingerprint:
+                raise TargetMismatch(_describe_manifest_difference(source, self.manifest))
+            return self.manifest
+        if self.layout.kind == "tensor":
+            return None
+        return plan_layout(source.identity, source.tensors, self.layout)
+
     def prepare(self, source: Manifest) -> Manifest:
         """Make the target ready for ``source``'s tensors; allocate on first use.
 

@@ -17,6 +17,7 @@ detected within milliseconds).
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -89,6 +90,9 @@ class NixlAgent:
         progress_thread: bool = False,
         error_handling: str = "peer",
     ) -> None:
+        # NIXL logs every agent and backend creation at INFO on stderr; keep it
+        # quiet unless the user asked otherwise
+        os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
         try:
             import torch  # noqa: F401  # nixl recognises tensors only when torch is imported
             from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
@@ -252,7 +256,6 @@ def get_agent(name: str | None = None, **options: Any) -> NixlAgent:
     global _agent
     with _agent_lock:
         if _agent is None:
-            import os
             import uuid
 
             _agent = NixlAgent(name or f"mxo-{os.getpid()}-{uuid.uuid4().hex[:8]}", **options)

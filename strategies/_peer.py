@@ -131,6 +131,30 @@ async def run_pull(
     advert = parse_advert(candidate.record.transport, source)
     if isinstance(advert, str):
         return SourceUnreachable(strategy=strategy, source_id=sid, detail=advert)
+
+    def mismatch(detail: str, local_manifest: Manifest) -> Outcome:
+        if layout_mismatch:
+            return LayoutMismatch(
+                strategy=strategy,
+                source_id=sid,
+                seconds=elapsed(),
+                detail=detail,
+                source_regions=len(source.regions),
+                target_regions=len(local_manifest.regions),
+            )
+        return ManifestMismatch(strategy=strategy, source_id=sid, seconds=elapsed(), detail=detail)
+
+    # Dry run on the target's planned manifest first: a mismatch is known before
+    # an agent exists, memory is allocated or anything is posted. Addresses are
+    # irrelevant to that check, so each region is described from address 0.
+    try:
+        preview = target.preview(source)
+    except TargetMismatch as exc:
+        return ManifestMismatch(strategy=strategy, source_id=sid, seconds=elapsed(), detail=str(exc))
+    if preview is not None:
+        dry = plan(source, advert.spans, preview, [(0, r.nbytes) for r in preview.regions])
+        if isinstance(dry, str):
+            return mismatch(dry, preview)
     try:
         nixl = agent or get_agent()
     except NixlError as exc:
@@ -146,16 +170,7 @@ async def run_pull(
     local_spans = target.region_spans()
     planned = plan(source, advert.spans, local_manifest, local_spans)
     if isinstance(planned, str):
-        if layout_mismatch:
-            return LayoutMismatch(
-                strategy=strategy,
-                source_id=sid,
-                seconds=elapsed(),
-                detail=planned,
-                source_regions=len(source.regions),
-                target_regions=len(local_manifest.regions),
-            )
-        return ManifestMismatch(strategy=strategy, source_id=sid, seconds=elapsed(), detail=planned)
+        return mismatch(planned, local_manifest)
     local, remote = planned
     total = sum(n for _, n in local)
 
@@ -203,8 +218,8 @@ async def run_pull(
             return SourceFailed(strategy=strategy, source_id=sid, seconds=elapsed(), detail=result.detail)
         if ctx.progress is not None:
             ctx.progress(total, total)
-        transfer_seconds = result.seconds
         verified = False
+        verify_began = anyio.current_time()
         if verify and target.verify:
             bad = await anyio.to_thread.run_sync(target.verify_against, source)
             if bad:
@@ -217,15 +232,16 @@ async def run_pull(
                     detail=f"{len(bad)} tensors failed their checksum, e.g. {bad[:3]}",
                 )
             verified = True
+        detail = f"{len(local)} descriptors"
+        if verified:
+            detail += f"; checksums verified in {anyio.current_time() - verify_began:.3f}s"
         return Loaded(
             strategy=strategy,
             source_id=sid,
             bytes_moved=total,
-            seconds=transfer_seconds,
+            seconds=result.seconds,
             verified=verified,
-            detail=f"{len(local)} descriptors; verify {elapsed() - transfer_seconds:.3f}s"
-            if verified
-            else f"{len(local)} descriptors",
+            detail=detail,
         )
     finally:
         if remote_name is not None:

@@ -1,0 +1,391 @@
+"""``mxo``: the command line (serve, pull, sources, demo, bench).
+
+Human-readable output by default; ``--json`` prints exactly one JSON document
+on stdout and nothing else (logs and progress go to stderr). Misuse and
+environment problems end with one ``mxo: error: ...`` line and a non-zero
+exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import anyio
+
+from . import __version__
+from .errors import ConfigError, MxoError
+from .logs import configure_logging
+from .models import ModelIdentity, SourceRecord
+from .registry import open_registry
+from .registry.base import is_expired
+from .report import LoadReport
+
+__all__ = ["build_parser", "main"]
+
+STRATEGY_NAMES = ("rdma_region", "rdma_tensor", "hf_download")
+DEFAULT_STRATEGIES = "rdma_region,rdma_tensor"
+
+
+def default_registry_url() -> str:
+    return os.environ.get("MXO_REGISTRY", "sqlite://")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mxo: error: {message} (see '{self.prog} --help')\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--registry",
+        default=None,
+        help="registry URL: sqlite:///PATH (default), redis://HOST:PORT/DB, memory://",
+    )
+    p.add_argument("--log-level", default=None, help="debug, info, warning (default; or $MXO_LOG_LEVEL)")
+    p.add_argument("--log-format", choices=("console", "json"), default="console")
+
+
+def _identity(args: argparse.Namespace) -> ModelIdentity:
+    return ModelIdentity(args.model_id, args.revision or "main", args.shard_rank, args.shard_count)
+
+
+def _identity_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument(
+        "--model-id", required=required, help="model id, e.g. sentence-transformers/all-MiniLM-L6-v2"
+    )
+    p.add_argument("--revision", default=None, help="revision the weights belong to (default: main)")
+    p.add_argument("--shard-rank", type=int, default=0, help="tensor-parallel rank of this shard")
+    p.add_argument("--shard-count", type=int, default=1, help="tensor-parallel size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mxo", description="Get model weights from the best source: NIXL peers or the Hub.")
+    parser.add_argument("--version", action="version", version=f"mxo {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = sub.add_parser(
+        "serve", help="hold weights in memory and offer them to peers until SIGINT/SIGTERM"
+    )
+    _identity_args(serve)
+    serve.add_argument("--weights", required=True, type=Path, help="directory of *.safetensors")
+    serve.add_argument("--layout", default="arena", help="arena | tensor | chunked:SIZE (default arena)")
+    serve.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    serve.add_argument("--source-id", default=None, help="stable id for this source (default host-pid)")
+    serve.add_argument(
+        "--ttl", type=float, default=15.0, help="seconds without heartbeat before the record expires"
+    )
+    serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    _common(serve)
+    serve.set_defaults(run=_serve)
+
+    pull = sub.add_parser("pull", help="load a model from the best source and report how")
+    _identity_args(pull)
+    pull.add_argument("--layout", default="arena", help="target layout: arena | tensor | chunked:SIZE")
+    pull.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    pull.add_argument(
+        "--strategies",
+        default=None,
+        help=f"comma-separated, in order (default {DEFAULT_STRATEGIES},hf_download when --repo is given)",
+    )
+    pull.add_argument(
+        "--repo", default=None, help="Hub repo ORG/NAME for hf_download (default: the model id)"
+    )
+    pull.add_argument("--hub-endpoint", default=None, help="Hub URL (default $HF_ENDPOINT or huggingface.co)")
+    pull.add_argument("--timeout", type=float, default=120.0, help="overall deadline in seconds")
+    pull.add_argument(
+        "--attempt-timeout", type=float, default=60.0, help="deadline of one attempt in seconds"
+    )
+    pull.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    pull.add_argument("--out", type=Path, default=None, help="write what was loaded as DIR/model.safetensors")
+    pull.add_argument("--json", action="store_true", help="print the JSON load report only")
+    _common(pull)
+    pull.set_defaults(run=_pull)
+
+    sources = sub.add_parser("sources", help="list the sources a registry knows")
+    sources.add_argument("--model-id", default=None, help="only this model (any revision/shard)")
+    sources.add_argument("--json", action="store_true")
+    _common(sources)
+    sources.set_defaults(run=_sources)
+
+    demo = sub.add_parser("demo", help="the whole story on this machine: real sources, a kill, a pull")
+    demo.add_argument("--json", action="store_true")
+    demo.add_argument("--scenario", choices=("mixed", "hub-fallback"), default="mixed")
+    demo.add_argument("--log-level", default=None)
+    demo.add_argument("--log-format", choices=("console", "json"), default="console")
+    demo.set_defaults(run=_demo)
+
+    bench = sub.add_parser("bench", help="run a benchmark from bench/ (prints JSON)")
+    bench.add_argument("name", choices=("evaluate", "nixl", "hf", "registry"))
+    bench.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    bench.add_argument("--log-level", default=None)
+    bench.add_argument("--log-format", choices=("console", "json"), default="console")
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+# -- serve ----------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .source import WeightSource, load_weights, serve_until_signal
+
+    identity = _identity(args)
+    if not args.weights.is_dir():
+        raise ConfigError(f"weights directory {str(args.weights)!r} does not exist")
+    if args.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
+        torch.cuda.set_device(torch.device(args.device))
+    weights = load_weights(identity, args.weights, args.layout, args.device)
+
+    async def run() -> None:
+        registry = open_registry(args.registry or default_registry_url())
+        if args.metrics_port is not None:
+            from .metrics import start_metrics_server
+
+            start_metrics_server(args.metrics_port)
+        source = WeightSource(registry, weights, source_id=args.source_id, ttl=args.ttl)
+
+        def announce(record: SourceRecord) -> None:
+            ready = {
+                "event": "ready",
+                "source_id": record.source_id,
+                "generation": record.generation,
+                "layout": args.layout,
+                "regions": len(weights.spans),
+                "bytes": weights.manifest.total_bytes,
+            }
+            print(json.dumps(ready), flush=True)
+
+        try:
+            await serve_until_signal(source, announce)
+        finally:
+            await registry.aclose()
+
+    anyio.run(run)
+    return 0
+
+
+# -- pull -----------------------------------------------------------------------
+
+
+def build_strategies(
+    names: Sequence[str], *, verify: bool, repo: str | None, revision: str | None, endpoint: str | None
+) -> list[Any]:
+    from strategies.base import load_strategy
+
+    built: list[Any] = []
+    for name in names:
+        if name == "rdma_region":
+            from strategies.rdma_region import RdmaRegion
+
+            built.append(RdmaRegion(verify=verify))
+        elif name == "rdma_tensor":
+            from strategies.rdma_tensor import RdmaTensor
+
+            built.append(RdmaTensor(verify=verify))
+        elif name == "hf_download":
+            try:
+                from strategies.hf_download import HfDownload  # type: ignore[import-not-found, unused-ignore]
+            except ImportError as exc:
+                raise ConfigError("the hf_download strategy is not available in this build") from exc
+            built.append(HfDownload(repo_id=repo, revision=revision, endpoint=endpoint, verify=verify))
+        else:
+            built.append(load_strategy(name))
+    return built
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from .pipeline import Orchestrator
+    from .target import Target
+
+    identity = _identity(args)
+    names = [
+        n.strip()
+        for n in (args.strategies or DEFAULT_STRATEGIES + (",hf_download" if args.repo else "")).split(",")
+        if n.strip()
+    ]
+    if not names:
+        raise ConfigError("--strategies names no strategy")
+    strategies = build_strategies(
+        names,
+        verify=not args.no_verify,
+        repo=args.repo or args.model_id,
+        revision=args.revision,
+        endpoint=args.hub_endpoint,
+    )
+    target = Target(args.layout, args.device, verify=not args.no_verify)
+    needs_registry = any(s.uses_peers for s in strategies)
+
+    async def run() -> LoadReport:
+        registry = open_registry(args.registry or default_registry_url()) if needs_registry else None
+        try:
+            orchestrator = Orchestrator(
+                registry, strategies, attempt_timeout=args.attempt_timeout, load_timeout=args.timeout
+            )
+            return await orchestrator.load(identity, target)
+        finally:
+            if registry is not None:
+                await registry.aclose()
+
+    report = anyio.run(run)
+    if report.loaded and args.out is not None:
+        write_safetensors(target, args.out / "model.safetensors")
+    if args.json:
+        print(report.to_json(indent=2))
+    else:
+        print_report(report)
+    return 0 if report.loaded else 1
+
+
+def write_safetensors(target: Any, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in target.tensors().items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def print_report(report: LoadReport, *, file: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = file or sys.stdout
+    console = Console(file=out, highlight=False, width=None if out.isatty() else 200)
+    data = report.to_dict()
+    table = Table(title=f"load of {data['identity']} (run {data['run_id']})")
+    for column in (
+        "#",
+        "strategy",
+        "source",
+        "outcome",
+        "bytes",
+        "seconds",
+        "GB/s",
+        "action",
+        "STALE",
+        "detail",
+    ):
+        table.add_column(column, overflow="fold")
+    for i, a in enumerate(data["attempts"], 1):
+        table.add_row(
+            str(i),
+            a["strategy"],
+            str(a["source"] or "-"),
+            a["outcome"],
+            f"{a['bytes']:,}",
+            f"{a['seconds']:.3f}",
+            f"{a['gbps']:.2f}",
+            a["action"],
+            "yes" if a["marked_stale"] else "",
+            a["detail"][:120],
+        )
+    console.print(table)
+    if report.loaded:
+        console.print(
+            f"[bold green]loaded[/] {data['bytes']:,} bytes via {data['strategy']} from "
+            f"{data['source'] or 'the hub'} in {data['seconds']:.3f}s (transfer "
+            f"{data['transfer_gbps']:.2f} GB/s, verified: {data['verified']})"
+        )
+    else:
+        console.print(f"[bold red]failed[/]: {data['reason']}")
+
+
+# -- sources --------------------------------------------------------------------
+
+
+def _sources(args: argparse.Namespace) -> int:
+    async def run() -> list[SourceRecord]:
+        registry = open_registry(args.registry or default_registry_url())
+        try:
+            return await registry.list(None, None)
+        finally:
+            await registry.aclose()
+
+    records = anyio.run(run)
+    if args.model_id:
+        records = [r for r in records if r.identity_key.split("@", 1)[0] == args.model_id]
+    now = time.time()
+    rows = [source_row(r, now) for r in sorted(records, key=lambda r: (r.identity_key, r.source_id))]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} sources")
+    for column in ("source", "model", "state", "generation", "load", "heartbeat age", "ejections", "reason"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(
+            r["source_id"],
+            r["identity_key"],
+            r["effective_state"],
+            r["generation"][:8],
+            str(r["load"]),
+            f"{r['heartbeat_age_s']:.1f}s",
+            str(r["times_ejected"]),
+            r["stale_reason"][:60],
+        )
+    Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
+    return 0
+
+
+def source_row(record: SourceRecord, now: float) -> dict[str, Any]:
+    data = record.to_dict()
+    data.pop("transport", None)
+    data["heartbeat_age_s"] = round(now - record.heartbeat_at, 3)
+    data["ejected_for_s"] = round(max(0.0, record.ejected_until - now), 3)
+    data["effective_state"] = "EXPIRED" if is_expired(record, now) else record.state.value
+    return data
+
+
+# -- demo, bench ----------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(scenario=args.scenario, as_json=args.json)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    script = Path(__file__).resolve().parent.parent / "bench" / f"{args.name}.py"
+    if not script.is_file():
+        raise ConfigError(f"benchmark script {script} not found (benchmarks run from a source checkout)")
+    sys.argv = [str(script), *args.rest]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except MxoError as exc:
+        print(f"mxo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"mxo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

