@@ -69,6 +69,10 @@ class Orchestrator:
 
     >>> orchestrator = Orchestrator(registry, [RdmaRegion(), RdmaTensor(), HfDownload(...)])
     >>> report = await orchestrator.load(ModelIdentity("org/model"), target)
+
+    ``rank_window``: once the first candidate is known, how long the first
+    attempt waits for the remaining probes so that ranking, not probe speed,
+    picks the source (0 starts at once).
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class Orchestrator:
         probe_timeout: float = 2.0,
         attempt_timeout: float = 60.0,
         load_timeout: float | None = None,
+        rank_window: float = 0.02,
         target_id: str | None = None,
         observers: Sequence[LoadObserver] = (),
     ) -> None:
@@ -104,6 +109,7 @@ class Orchestrator:
         self.probe_timeout = probe_timeout
         self.attempt_timeout = attempt_timeout
         self.load_timeout = load_timeout
+        self.rank_window = rank_window
         self.target_id = target_id or f"target-{uuid.uuid4().hex[:12]}"
         self.observers = tuple(observers)
 
@@ -249,8 +255,23 @@ class Orchestrator:
         log: Any,
     ) -> Done:
         first_try_at: dict[tuple[str, str | None], float] = {}
+        ranked_window_used = False
         while True:
             self._drain(receive, planner)
+            if not ranked_window_used and planner.candidates_known and planner.evaluating:
+                # Happy eyeballs with a short grace: once one candidate is known,
+                # give the other probes rank_window seconds so the first attempt
+                # goes to the best-ranked source, not merely the fastest probe.
+                ranked_window_used = True
+                with anyio.move_on_after(min(self.rank_window, load_deadline - anyio.current_time())):
+                    while planner.evaluating:
+                        try:
+                            candidate = await receive.receive()
+                        except anyio.EndOfStream:
+                            planner.evaluation_finished()
+                        else:
+                            if candidate is not None:
+                                planner.add_candidate(candidate)
             step = planner.next_step()
             if isinstance(step, Done):
                 return step

@@ -104,6 +104,10 @@ class Planner:
     def evaluating(self) -> bool:
         return self._evaluating
 
+    @property
+    def candidates_known(self) -> int:
+        return len(self._known)
+
     def record(self, action: Action) -> None:
         """Apply the policy's action for the attempt last returned by :meth:`next_step`."""
         attempt = self._pending

@@ -68,6 +68,7 @@ def ordered(*ids: str):  # type: ignore[no-untyped-def]
 async def load(registry_url: str, target: Target, **kwargs: object) -> tuple[LoadReport, SqliteRegistry]:
     registry = SqliteRegistry(registry_url.removeprefix("sqlite://"))
     strategies = kwargs.pop("strategies", None) or [RdmaRegion(), RdmaTensor()]
+    kwargs.setdefault("rank_window", 5.0)  # every source is ranked before the first attempt
     orchestrator = Orchestrator(registry, strategies, **kwargs)  # type: ignore[arg-type]
     return await orchestrator.load(IDENTITY, target), registry
 
@@ -156,7 +157,8 @@ async def test_source_killed_before_the_pull_is_skipped(peers: Peers, registry_u
     report, registry = await load(registry_url, target, selection=ordered("dead", "alive"), attempt_timeout=10)
     assert time.monotonic() - began < 8
     assert report.attempts[0].outcome.source_id == "dead"
-    assert report.attempts[0].outcome.name in ("SourceUnreachable", "SourceFailed")
+    assert report.attempts[0].outcome.name == "SourceUnreachable"  # add_remote_agent refuses a dead peer
+    assert not report.attempts[0].marked_stale
     assert report.final is not None and report.final.source_id == "alive"
     assert_same_weights(target)
     await registry.aclose()
@@ -178,7 +180,8 @@ async def test_source_killed_during_the_pull_fails_over(peers: Peers, registry_u
             registry_url, target, selection=ordered("victim", "spare"), attempt_timeout=20
         )
     first = report.attempts[0].outcome
-    assert first.source_id == "victim" and first.name in ("SourceFailed", "SourceUnreachable"), first
+    assert first.source_id == "victim" and first.name == "SourceFailed", first
+    assert report.attempts[0].marked_stale and await state(registry, "victim") is SourceState.STALE
     assert first.seconds < 15, "the kill is noticed long before the attempt deadline"
     assert report.final is not None and report.final.source_id == "spare"
     assert_same_weights(target)
@@ -209,4 +212,30 @@ async def test_sigterm_unpublishes_the_source(peers: Peers, registry_url: str) -
     assert await registry.get("leaving") is not None
     assert src.terminate() == 0
     assert await registry.get("leaving") is None
+    await registry.aclose()
+
+
+async def test_bytes_that_fail_their_checksum_are_corrupt_and_mark_the_source_stale(
+    peers: Peers, registry_url: str
+) -> None:
+    """The liar's manifest promises other bytes than it serves (its checksums are edited in the registry)."""
+    import json
+    import sqlite3
+
+    liar, honest = peers.start(("liar", "arena"), ("honest", "arena"))
+    db = sqlite3.connect(registry_url.removeprefix("sqlite://"))
+    (text,) = db.execute("SELECT manifest FROM manifests WHERE source_id='liar'").fetchone()
+    manifest = json.loads(text)
+    manifest["tensors"][3]["checksum"] = "0" * 16
+    db.execute("UPDATE manifests SET manifest=? WHERE source_id='liar'", (json.dumps(manifest),))
+    db.commit()
+    db.close()
+    target = Target("arena")
+    report, registry = await load(registry_url, target, selection=ordered("liar", "honest"))
+    first = report.attempts[0]
+    assert first.outcome.name == "Corrupt" and first.marked_stale
+    assert manifest["tensors"][3]["name"] in first.outcome.detail
+    assert await state(registry, "liar") is SourceState.STALE
+    assert report.final is not None and report.final.source_id == "honest" and report.final.verified
+    assert_same_weights(target)
     await registry.aclose()

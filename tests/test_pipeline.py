@@ -314,3 +314,26 @@ async def test_structured_events_per_phase_and_attempt_carry_run_model_strategy_
     assert attempt["run_id"] == report.run_id and attempt["model"] == identity.key
     assert (attempt["strategy"], attempt["source"], attempt["outcome"]) == ("rdma_region", "a", "Loaded")
     assert all(e["run_id"] == report.run_id for e in events)
+
+
+async def test_rank_window_lets_the_best_ranked_source_go_first_not_the_fastest_probe(
+    identity: ModelIdentity,
+) -> None:
+    registry, _ = await scenario(identity, ["fast", "best"])
+    prober = FakeProber(default_manifest=make_manifest(identity), latency={"fast": 0.0, "best": 0.05})
+    order = {"best": 0.0, "fast": 1.0}
+
+    async def first_source(window: float) -> str | None:
+        strategy = FakeStrategy("rdma_region", default=succeed())
+        orch = Orchestrator(
+            registry,
+            [strategy],
+            prober=prober,
+            rank_window=window,
+            selection=lambda _t: lambda c: (order[c.source_id],),
+        )
+        final = (await orch.load(identity)).final
+        return final.source_id if final else None
+
+    assert await first_source(0.5) == "best"
+    assert await first_source(0.0) == "fast"
