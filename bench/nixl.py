@@ -1,0 +1,269 @@
+"""Benchmark: NIXL pulls against the physical limit and raw NIXL, side by side in one run.
+
+For ~1 GiB in three shapes (one region; a Llama-8B-like set of 291 tensors;
+5,000 scattered 200 KiB tensors) it measures, with destination memory
+pre-faulted and verification off:
+
+* single-thread and two-thread memcpy of the same number of bytes (the limit),
+* raw NIXL: the same descriptors the orchestrator would post, through the same
+  agent, timed from ``initialize_xfer`` to completion,
+* the orchestrated ``rdma_region`` / ``rdma_tensor`` pull (``Orchestrator.load``),
+
+and prints one JSON object with medians and ratios.
+
+    python bench/nixl.py [--repeat N] [--sets one,llama,scattered]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+# this file is named like the nixl package: keep bench/ off the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE.parent))
+
+from mx_orchestrator import ModelIdentity, Orchestrator  # noqa: E402
+from mx_orchestrator.layout import plan_region_reads, plan_tensor_reads  # noqa: E402
+from mx_orchestrator.logs import configure_logging  # noqa: E402
+from mx_orchestrator.registry.sqlite import SqliteRegistry  # noqa: E402
+from mx_orchestrator.target import Target  # noqa: E402
+from strategies._nixl import get_agent  # noqa: E402
+from strategies._peer import _rows, parse_advert  # noqa: E402
+from strategies.rdma_region import RdmaRegion  # noqa: E402
+from strategies.rdma_tensor import RdmaTensor  # noqa: E402
+
+
+def memcpy_gbps(nbytes: int, threads: int, repeat: int) -> float:
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.zeros(nbytes, dtype=np.uint8)  # written once: pre-faulted
+    dst.fill(1)
+    chunk = nbytes // threads
+    times = []
+    for _ in range(repeat):
+        def copy(i: int) -> None:
+            end = nbytes if i == threads - 1 else (i + 1) * chunk
+            np.copyto(dst[i * chunk : end], src[i * chunk : end])
+
+        workers = [threading.Thread(target=copy, args=(i,)) for i in range(threads)]
+        began = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        times.append(time.perf_counter() - began)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def process_vm_readv_gbps(pid: int, address: int, nbytes: int, repeat: int) -> float | None:
+    """The kernel's cross-process copy (what UCX's cma transport uses) on the same bytes."""
+    import ctypes
+
+    class IoVec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    dst = np.ones(nbytes, dtype=np.uint8)
+    times = []
+    for _ in range(repeat):
+        began = time.perf_counter()
+        done = 0
+        while done < nbytes:
+            local = IoVec(dst.ctypes.data + done, nbytes - done)
+            remote = IoVec(address + done, nbytes - done)
+            got = libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+            if got <= 0:
+                return None  # not permitted here (ptrace scope): leave it out
+            done += got
+        times.append(time.perf_counter() - began)
+    return nbytes / statistics.median(times) / 1e9
+
+
+class Source:
+    def __init__(self, set_name: str, layout: str, registry_url: str, source_id: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "_synthetic.py"), set_name, layout, registry_url, source_id],
+            stdout=subprocess.PIPE,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"source for {set_name}/{layout} failed to start")
+        self.info = json.loads(line)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+async def raw_nixl_seconds(registry: SqliteRegistry, identity: ModelIdentity, target: Target, plan: Any,
+                           repeat: int) -> tuple[float, float, int]:
+    """Median transfer seconds, setup seconds (add_remote + initialize_xfer), descriptor count."""
+    (record,) = await registry.list(identity.key)
+    manifest = await registry.get_manifest(record.source_id, record.generation)
+    assert manifest is not None
+    advert = parse_advert(record.transport, manifest)
+    assert not isinstance(advert, str)
+    local_manifest = target.prepare(manifest)
+    planned = plan(manifest, advert.spans, local_manifest, target.region_spans())
+    assert not isinstance(planned, str), planned
+    local, remote = planned
+    agent = get_agent()
+    nixl = agent._agent  # raw NIXL, same agent and settings
+    deregister = agent.register([(a, n, 0) for a, n in target.region_spans()], "DRAM")
+    began = time.perf_counter()
+    name = agent.add_remote(advert.metadata)
+    local_d = nixl.get_xfer_descs(_rows(local, 0), "DRAM")
+    remote_d = nixl.get_xfer_descs(_rows(remote, 0), "DRAM")
+    setup = time.perf_counter() - began
+    times = []
+    try:
+        for _ in range(repeat):
+            began = time.perf_counter()
+            handle = nixl.initialize_xfer("READ", local_d, remote_d, name)
+            state = nixl.transfer(handle)
+            while state == "PROC":
+                state = nixl.check_xfer_state(handle)
+            times.append(time.perf_counter() - began)
+            assert state == "DONE", state
+            nixl.release_xfer_handle(handle)
+    finally:
+        agent.remove_remote(name)
+        deregister()
+    return statistics.median(times), setup, len(local)
+
+
+async def orchestrated(registry: SqliteRegistry, identity: ModelIdentity, target: Target, strategy: Any,
+                       repeat: int) -> tuple[float, float]:
+    """Median transfer seconds and median whole-load seconds."""
+    transfers, loads = [], []
+    for _ in range(repeat):
+        orch = Orchestrator(registry, [strategy], rank_window=0.0)
+        began = time.perf_counter()
+        report = await orch.load(identity, target)
+        loads.append(time.perf_counter() - began)
+        assert report.loaded and report.final is not None, report.to_json()
+        transfers.append(report.final.seconds)
+    return statistics.median(transfers), statistics.median(loads)
+
+
+def measure_set(set_name: str, registry_url: str, repeat: int) -> dict[str, Any]:
+    identity = ModelIdentity(f"bench/{set_name}")
+    path = registry_url.removeprefix("sqlite://")
+    result: dict[str, Any] = {"set": set_name}
+
+    async def region_phase() -> None:
+        registry = SqliteRegistry(path)
+        (record,) = await registry.list(identity.key)
+        first_region = json.loads(record.transport["nixl_regions"])[0]
+        cma = process_vm_readv_gbps(source.proc.pid, first_region[0], first_region[1], repeat)
+        result["process_vm_readv_gbps"] = round(cma, 2) if cma else None
+        target = Target("arena", verify=False)
+        raw, setup, ndesc = await raw_nixl_seconds(registry, identity, target, plan_region_reads, repeat)
+        orch, load = await orchestrated(registry, identity, target, RdmaRegion(verify=False), repeat)
+        nbytes = target.nbytes
+        result.update(bytes=nbytes, tensors=len(target.tensors()))
+        result["rdma_region"] = {
+            "descriptors": ndesc,
+            "raw_nixl_gbps": round(nbytes / raw / 1e9, 2),
+            "orchestrated_gbps": round(nbytes / orch / 1e9, 2),
+            "orchestrated_vs_raw": round(raw / orch, 3),
+            "raw_setup_ms": round(setup * 1e3, 2),
+            "orchestrated_overhead_ms": round((load - orch) * 1e3, 2),
+        }
+        await registry.aclose()
+
+    async def tensor_phase() -> None:
+        registry = SqliteRegistry(path)
+        target = Target("arena", verify=False)
+        raw, setup, ndesc = await raw_nixl_seconds(registry, identity, target, plan_tensor_reads, repeat)
+        orch, load = await orchestrated(registry, identity, target, RdmaTensor(verify=False), repeat)
+        nbytes = target.nbytes
+        result["rdma_tensor"] = {
+            "source_layout": "tensor" if set_name != "one" else "arena",
+            "descriptors": ndesc,
+            "raw_nixl_gbps": round(nbytes / raw / 1e9, 2),
+            "orchestrated_gbps": round(nbytes / orch / 1e9, 2),
+            "orchestrated_vs_raw": round(raw / orch, 3),
+            "raw_setup_ms": round(setup * 1e3, 2),
+            "orchestrated_overhead_ms": round((load - orch) * 1e3, 2),
+        }
+        await registry.aclose()
+
+    source = Source(set_name, "arena", registry_url, f"{set_name}-arena")
+    try:
+        anyio.run(region_phase)
+        if set_name == "one":
+            anyio.run(tensor_phase)
+    finally:
+        source.stop()
+    if set_name != "one":
+        source = Source(set_name, "tensor", registry_url, f"{set_name}-tensor")
+        try:
+            anyio.run(tensor_phase)
+        finally:
+            source.stop()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--sets", default="one,llama,scattered")
+    args = parser.parse_args()
+    configure_logging("warning")
+    get_agent()  # created once, outside every timing
+    with tempfile.TemporaryDirectory() as tmp:
+        registry_url = f"sqlite://{tmp}/registry.db"
+        results = []
+        for set_name in args.sets.split(","):
+            memcpy1 = memcpy_gbps(1 << 30, 1, args.repeat)
+            memcpy2 = memcpy_gbps(1 << 30, 2, args.repeat)
+            row = measure_set(set_name, registry_url, args.repeat)
+            row["memcpy_1thread_gbps"] = round(memcpy1, 2)
+            row["memcpy_2threads_gbps"] = round(memcpy2, 2)
+            for key in ("rdma_region", "rdma_tensor"):
+                if key in row:
+                    if row.get("process_vm_readv_gbps"):
+                        row[key]["vs_process_vm_readv"] = round(
+                            row[key]["orchestrated_gbps"] / row["process_vm_readv_gbps"], 3
+                        )
+                    row[key]["vs_memcpy_1thread"] = round(row[key]["orchestrated_gbps"] / memcpy1, 3)
+                    row[key]["vs_memcpy_2threads"] = round(row[key]["orchestrated_gbps"] / memcpy2, 3)
+            results.append(row)
+    print(
+        json.dumps(
+            {
+                "benchmark": "nixl",
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+                "repeat": args.repeat,
+                "results": results,
+                "targets": {
+                    "rdma_region_vs_memcpy_1thread": 0.95,
+                    "rdma_tensor_vs_memcpy_llama": 0.80,
+                    "orchestrated_vs_raw": 0.97,
+                },
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
