@@ -38,14 +38,17 @@ def llama_shapes(scale: float = 1.0) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-def weight_set(name: str):  # type: ignore[no-untyped-def]
+def weight_set(name: str, device: str = "cpu"):  # type: ignore[no-untyped-def]
     import torch
 
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     if name == "one":
         return {"blob": torch.randint(0, 255, (GIB,), dtype=torch.uint8, generator=gen)}
     if name == "scattered":
-        return {f"piece.{i}": torch.randint(0, 255, (200 << 10,), dtype=torch.uint8, generator=gen) for i in range(5000)}
+        return {
+            f"piece.{i}": torch.randint(0, 255, (200 << 10,), dtype=torch.uint8, generator=gen)
+            for i in range(5000)
+        }
     if name in ("llama", "llama16g"):
         # bf16 bytes: 16.06 GB at full scale; ~0.5 scale lands near 1 GiB... computed below
         scale = 1.0 if name == "llama16g" else 0.255
@@ -54,7 +57,12 @@ def weight_set(name: str):  # type: ignore[no-untyped-def]
             numel = 1
             for d in shape:
                 numel *= d
-            out[tensor_name] = torch.empty(numel, dtype=torch.int16).random_(generator=gen).view(torch.bfloat16).view(shape)
+            out[tensor_name] = (
+                torch.empty(numel, dtype=torch.int16, device=device)
+                .random_(generator=gen)
+                .view(torch.bfloat16)
+                .view(shape)
+            )
         return out
     raise SystemExit(f"unknown set {name!r}")
 
@@ -79,14 +87,21 @@ def main() -> None:
         import torch
 
         torch.cuda.set_device(torch.device(device))
-    weights = load_weights(ModelIdentity(f"bench/{set_name}"), weight_set(set_name), layout, device)
+    tensors = weight_set(set_name, device)
+    weights = load_weights(ModelIdentity(f"bench/{set_name}"), tensors, layout, device)
+    del tensors
 
     async def run() -> None:
         registry = open_registry(registry_url)
         source = WeightSource(registry, weights, source_id=source_id, ttl=600)
 
         def ready(record: object) -> None:
-            print(json.dumps({"event": "ready", "bytes": weights.manifest.total_bytes, "regions": len(weights.spans)}), flush=True)
+            print(
+                json.dumps(
+                    {"event": "ready", "bytes": weights.manifest.total_bytes, "regions": len(weights.spans)}
+                ),
+                flush=True,
+            )
 
         await serve_until_signal(source, ready)
         await registry.aclose()

@@ -55,6 +55,7 @@ def memcpy_gbps(nbytes: int, threads: int, repeat: int) -> float:
     chunk = nbytes // threads
     times = []
     for _ in range(repeat):
+
         def copy(i: int) -> None:
             end = nbytes if i == threads - 1 else (i + 1) * chunk
             np.copyto(dst[i * chunk : end], src[i * chunk : end])
@@ -111,8 +112,9 @@ class Source:
         self.proc.wait(timeout=30)
 
 
-async def raw_nixl_seconds(registry: SqliteRegistry, identity: ModelIdentity, target: Target, plan: Any,
-                           repeat: int) -> tuple[float, float, int]:
+async def raw_nixl_seconds(
+    registry: SqliteRegistry, identity: ModelIdentity, target: Target, plan: Any, repeat: int
+) -> tuple[float, float, int]:
     """Median transfer seconds, setup seconds (add_remote + initialize_xfer), descriptor count."""
     (record,) = await registry.list(identity.key)
     manifest = await registry.get_manifest(record.source_id, record.generation)
@@ -148,8 +150,9 @@ async def raw_nixl_seconds(registry: SqliteRegistry, identity: ModelIdentity, ta
     return statistics.median(times), setup, len(local)
 
 
-async def orchestrated(registry: SqliteRegistry, identity: ModelIdentity, target: Target, strategy: Any,
-                       repeat: int) -> tuple[float, float]:
+async def orchestrated(
+    registry: SqliteRegistry, identity: ModelIdentity, target: Target, strategy: Any, repeat: int
+) -> tuple[float, float]:
     """Median transfer seconds and median whole-load seconds."""
     transfers, loads = [], []
     for _ in range(repeat):

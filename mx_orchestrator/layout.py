@@ -132,11 +132,16 @@ def _nbytes(dtype: str, shape: Sequence[int]) -> int:
 def regions_from_addresses(
     identity: ModelIdentity,
     tensors: Sequence[tuple[str, str, tuple[int, ...], int, str | None]],
+    *,
+    merge_adjacent: bool = True,
 ) -> tuple[Manifest, list[int]]:
     """Build a manifest from ``(name, dtype, shape, address, checksum)`` of separate allocations.
 
-    Tensors whose bytes are exactly adjacent in memory share a region. Returns
-    the manifest and each region's base address (the caller registers those).
+    With ``merge_adjacent``, tensors whose bytes are exactly adjacent in memory
+    share a region: right for host memory, where any address range can be
+    registered and read. GPU memory must not merge: a CUDA IPC handle covers one
+    allocation, and two allocations can sit back to back by chance. Returns the
+    manifest and each region's base address (the caller registers those).
     """
     ordered = sorted(tensors, key=lambda t: t[3])
     specs: list[TensorSpec] = []
@@ -144,7 +149,7 @@ def regions_from_addresses(
     sizes: list[int] = []
     for name, dtype, shape, address, checksum in ordered:
         size = _nbytes(dtype, shape)
-        if bases and address == bases[-1] + sizes[-1]:
+        if merge_adjacent and bases and address == bases[-1] + sizes[-1]:
             offset = sizes[-1]
             sizes[-1] += size
         else:
@@ -234,7 +239,8 @@ def plan_tensor_reads(
         extra = sorted(set(remote_by_name) - {t.name for t in target.tensors})
         if extra:
             return f"source has {len(extra)} tensors the target does not, e.g. {extra[:3]}"
-    pairs: list[tuple[int, int, int]] = []
+    # (local region, remote region, local address, remote address, nbytes)
+    pairs: list[tuple[int, int, int, int, int]] = []
     for t in sorted(target.tensors, key=lambda t: (t.region, t.offset)):
         s = remote_by_name.get(t.name)
         if s is None:
@@ -243,12 +249,17 @@ def plan_tensor_reads(
             return f"tensor {t.name!r}: source {s.dtype}{list(s.shape)}, target {t.dtype}{list(t.shape)}"
         if t.nbytes == 0:
             continue
-        pairs.append((local_spans[t.region][0] + t.offset, remote_spans[s.region][0] + s.offset, t.nbytes))
+        local_addr = local_spans[t.region][0] + t.offset
+        remote_addr = remote_spans[s.region][0] + s.offset
+        pairs.append((t.region, s.region, local_addr, remote_addr, t.nbytes))
     local: Descriptors = []
     remote: Descriptors = []
-    for local_addr, remote_addr, nbytes in pairs:
+    previous: tuple[int, int] | None = None
+    for local_region, remote_region, local_addr, remote_addr, nbytes in pairs:
+        # merge only inside one region on each side: a descriptor must never
+        # straddle two registrations (or two GPU allocations)
         if (
-            local
+            previous == (local_region, remote_region)
             and local[-1][0] + local[-1][1] == local_addr
             and remote[-1][0] + remote[-1][1] == remote_addr
         ):
@@ -257,5 +268,6 @@ def plan_tensor_reads(
         else:
             local.append((local_addr, nbytes))
             remote.append((remote_addr, nbytes))
+        previous = (local_region, remote_region)
     _check_local(local, local_spans)
     return local, remote

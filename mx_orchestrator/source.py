@@ -110,7 +110,9 @@ def load_weights(
     if spec.kind == "tensor":
         placed = {name: t.detach().to(dev, copy=True).contiguous() for name, t in tensors.items()}
         manifest, bases = regions_from_addresses(
-            identity, [(n, d, s, placed[n].data_ptr(), sums[n]) for n, d, s in rows]
+            identity,
+            [(n, d, s, placed[n].data_ptr(), sums[n]) for n, d, s in rows],
+            merge_adjacent=dev.type == "cpu",
         )
         spans = [(b, r.nbytes) for b, r in zip(bases, manifest.regions, strict=True)]
         return ServedWeights(manifest, spans, device, list(placed.values()), placed)

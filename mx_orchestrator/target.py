@@ -120,7 +120,8 @@ class Target:
         rows = [
             (name, dtype_name(t.dtype), tuple(t.shape), t.data_ptr(), None) for name, t in tensors.items()
         ]
-        manifest, bases = regions_from_addresses(identity, rows)
+        device = next(iter(devices))
+        manifest, bases = regions_from_addresses(identity, rows, merge_adjacent=device.type == "cpu")
         target.manifest = manifest
         target._tensors = dict(tensors)
         target._spans = [(b, r.nbytes) for b, r in zip(bases, manifest.regions, strict=True)]
@@ -198,7 +199,9 @@ class Target:
             rows = [
                 (s.name, s.dtype, s.shape, tensors[s.name].data_ptr(), s.checksum) for s in source.tensors
             ]
-            manifest, bases = regions_from_addresses(source.identity, rows)
+            manifest, bases = regions_from_addresses(
+                source.identity, rows, merge_adjacent=device.type == "cpu"
+            )
             self._spans = [(b, r.nbytes) for b, r in zip(bases, manifest.regions, strict=True)]
             self._owners = list(tensors.values())
             self._tensors = tensors
@@ -242,6 +245,8 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pre
     tensor = torch.empty(shape, dtype=dtype, device=device)
     if prefault and tensor.numel():
         tensor.view(-1).view(torch.uint8).fill_(0)  # touch every page now, not inside a timed copy
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the fill must be done before another engine writes
     return tensor
 
 

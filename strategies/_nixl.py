@@ -36,7 +36,7 @@ __all__ = [
     "nixl_available",
 ]
 
-_POLL_INTERVAL = 0.0005
+_SLICE_SECONDS = 0.05
 
 
 class NixlError(Exception):
@@ -201,20 +201,35 @@ class NixlAgent:
                 handle = self._agent.initialize_xfer("READ", local, remote_list, remote)
                 self.stats.handles_open += 1
 
+            # Completion is awaited in a worker thread in short slices: GPU reads
+            # return PROC at once and finish within milliseconds, and polling from
+            # the event loop would add its wake-up latency to every transfer.
+            # Between slices the event loop gets a checkpoint, so cancellation
+            # reaches us within one slice.
+            def wait_slice(state: str, budget: float) -> str:
+                end = time.monotonic() + min(budget, _SLICE_SECONDS)
+                while state == "PROC" and time.monotonic() < end:
+                    time.sleep(0)  # let the GIL go to the event loop between checks
+                    with self._lock:
+                        state = str(self._agent.check_xfer_state(handle))
+                return state
+
             def post() -> str:
                 # with cma the copy happens inside this call: keep it off the event loop
                 with self._lock:
-                    return str(self._agent.transfer(handle))
+                    state = str(self._agent.transfer(handle))
+                return wait_slice(state, wall_deadline - time.monotonic())
 
-            state = await anyio.to_thread.run_sync(post, abandon_on_cancel=False)
+            # the worker thread cannot read anyio's clock: carry the deadline over
+            wall_deadline = time.monotonic() + (deadline - anyio.current_time())
+            state = await anyio.to_thread.run_sync(post)
             while state == "PROC":
-                if anyio.current_time() >= deadline:
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
                     return TransferResult(
                         "timeout", anyio.current_time() - began, "transfer still in progress"
                     )
-                await anyio.sleep(_POLL_INTERVAL)
-                with self._lock:
-                    state = str(self._agent.check_xfer_state(handle))
+                state = await anyio.to_thread.run_sync(wait_slice, state, remaining)
             self.stats.transfers += 1
             seconds = anyio.current_time() - began
             if state == "DONE":

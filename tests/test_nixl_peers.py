@@ -90,7 +90,9 @@ async def test_same_layout_pulls_by_region_and_bytes_equal_the_file(
     assert data["bytes"] == sum(t.numel() * t.element_size() for t in original().values())
     assert_same_weights(target)
     write_safetensors(target, tmp_path / "out" / "model.safetensors")
-    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (minilm_dir() / "model.safetensors").read_bytes()
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        minilm_dir() / "model.safetensors"
+    ).read_bytes()
     await registry.aclose()
 
 
@@ -150,11 +152,13 @@ async def test_manifest_claiming_a_larger_tensor_is_rejected_before_any_transfer
 
 
 async def test_source_killed_before_the_pull_is_skipped(peers: Peers, registry_url: str) -> None:
-    dead, alive = peers.start(("dead", "arena"), ("alive", "arena"))
+    dead, _alive = peers.start(("dead", "arena"), ("alive", "arena"))
     dead.kill()
     target = Target("arena")
     began = time.monotonic()
-    report, registry = await load(registry_url, target, selection=ordered("dead", "alive"), attempt_timeout=10)
+    report, registry = await load(
+        registry_url, target, selection=ordered("dead", "alive"), attempt_timeout=10
+    )
     assert time.monotonic() - began < 8
     assert report.attempts[0].outcome.source_id == "dead"
     assert report.attempts[0].outcome.name == "SourceUnreachable"  # add_remote_agent refuses a dead peer
@@ -166,7 +170,7 @@ async def test_source_killed_before_the_pull_is_skipped(peers: Peers, registry_u
 
 async def test_source_killed_during_the_pull_fails_over(peers: Peers, registry_url: str) -> None:
     """Freeze the source so its READ cannot complete, start the pull, then SIGKILL it mid-transfer."""
-    victim, spare = peers.start(("victim", "arena"), ("spare", "arena"))
+    victim, _spare = peers.start(("victim", "arena"), ("spare", "arena"))
     victim.signal(19)  # SIGSTOP: the READ is posted but never completes
     target = Target("arena")
 
@@ -191,7 +195,7 @@ async def test_source_killed_during_the_pull_fails_over(peers: Peers, registry_u
 async def test_frozen_source_times_out_is_marked_stale_and_another_serves(
     peers: Peers, registry_url: str
 ) -> None:
-    frozen, healthy = peers.start(("frozen", "arena"), ("healthy", "arena"))
+    frozen, _healthy = peers.start(("frozen", "arena"), ("healthy", "arena"))
     frozen.signal(19)  # SIGSTOP
     target = Target("arena")
     report, registry = await load(
@@ -222,7 +226,7 @@ async def test_bytes_that_fail_their_checksum_are_corrupt_and_mark_the_source_st
     import json
     import sqlite3
 
-    liar, honest = peers.start(("liar", "arena"), ("honest", "arena"))
+    _liar, _honest = peers.start(("liar", "arena"), ("honest", "arena"))
     db = sqlite3.connect(registry_url.removeprefix("sqlite://"))
     (text,) = db.execute("SELECT manifest FROM manifests WHERE source_id='liar'").fetchone()
     manifest = json.loads(text)

@@ -21,12 +21,30 @@ def minilm_dir() -> Path:
 
 
 class SourceProcess:
-    def __init__(self, registry_url: str, source_id: str, layout: str, weights: Path, model_id: str, ttl: float) -> None:
+    def __init__(
+        self, registry_url: str, source_id: str, layout: str, weights: Path, model_id: str, ttl: float
+    ) -> None:
         self.source_id = source_id
         env = dict(os.environ, PYTHONUNBUFFERED="1", MXO_LOG_LEVEL="warning")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mx_orchestrator", "serve", "--model-id", model_id, "--weights", str(weights),
-             "--layout", layout, "--registry", registry_url, "--source-id", source_id, "--ttl", str(ttl)],
+            [
+                sys.executable,
+                "-m",
+                "mx_orchestrator",
+                "serve",
+                "--model-id",
+                model_id,
+                "--weights",
+                str(weights),
+                "--layout",
+                layout,
+                "--registry",
+                registry_url,
+                "--source-id",
+                source_id,
+                "--ttl",
+                str(ttl),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
@@ -40,7 +58,9 @@ class SourceProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"source {self.source_id} exited early ({self.proc.returncode}): {err[-2000:]}")
+                raise RuntimeError(
+                    f"source {self.source_id} exited early ({self.proc.returncode}): {err[-2000:]}"
+                )
             readable, _, _ = select.select([self.proc.stdout], [], [], 0.1)
             if readable:
                 line = self.proc.stdout.readline()
@@ -85,10 +105,17 @@ class Peers:
         self.registry_url = registry_url
         self.started: list[SourceProcess] = []
 
-    def start(self, *specs: tuple[str, str], weights: Path | None = None, model_id: str = MODEL_ID,
-              ttl: float = 15.0) -> list[SourceProcess]:
-        procs = [SourceProcess(self.registry_url, sid, layout, weights or minilm_dir(), model_id, ttl)
-                 for sid, layout in specs]
+    def start(
+        self,
+        *specs: tuple[str, str],
+        weights: Path | None = None,
+        model_id: str = MODEL_ID,
+        ttl: float = 15.0,
+    ) -> list[SourceProcess]:
+        procs = [
+            SourceProcess(self.registry_url, sid, layout, weights or minilm_dir(), model_id, ttl)
+            for sid, layout in specs
+        ]
         self.started.extend(procs)
         for p in procs:
             p.wait_ready()
