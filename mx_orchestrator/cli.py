@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -81,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--ttl", type=float, default=15.0, help="seconds without heartbeat before the record expires"
     )
+    serve.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="locality label published with the record (repeatable)",
+    )
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     _common(serve)
     serve.set_defaults(run=_serve)
@@ -146,6 +154,12 @@ def _serve(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
         torch.cuda.set_device(torch.device(args.device))
+    labels = {"host": socket.gethostname()}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--label wants KEY=VALUE, got {item!r}")
+        labels[key] = value
     weights = load_weights(identity, args.weights, args.layout, args.device)
 
     async def run() -> None:
@@ -154,7 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
             from .metrics import start_metrics_server
 
             start_metrics_server(args.metrics_port)
-        source = WeightSource(registry, weights, source_id=args.source_id, ttl=args.ttl)
+        source = WeightSource(registry, weights, source_id=args.source_id, ttl=args.ttl, labels=labels)
 
         def announce(record: SourceRecord) -> None:
             ready = {
@@ -230,6 +244,9 @@ def _pull(args: argparse.Namespace) -> int:
     async def run() -> LoadReport:
         registry = open_registry(args.registry or default_registry_url()) if needs_registry else None
         try:
+            if registry is not None:
+                # fail fast with one clear line when the registry the user named is unusable
+                await registry.list(identity.key)
             orchestrator = Orchestrator(
                 registry, strategies, attempt_timeout=args.attempt_timeout, load_timeout=args.timeout
             )

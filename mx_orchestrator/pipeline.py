@@ -51,6 +51,9 @@ class LoadObserver:
     def probe_done(self, record: ProbeRecord) -> None:
         """Called once per evaluated candidate."""
 
+    def attempt_start(self, strategy: str, source_id: str | None) -> None:
+        """Called as each attempt begins."""
+
     def attempt_done(self, record: AttemptRecord) -> None:
         """Called once per finished attempt, after its action was carried out."""
 
@@ -352,6 +355,8 @@ class Orchestrator:
             progress=progress,
         )
         log.debug("attempt.start", strategy=strategy.name, source=step.source_id)
+        for observer in self.observers:
+            observer.attempt_start(strategy.name, step.source_id)
         outcome: Outcome | None = None
         with anyio.move_on_after(deadline - began):
             try:

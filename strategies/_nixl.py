@@ -93,6 +93,8 @@ class NixlAgent:
         # NIXL logs every agent and backend creation at INFO on stderr; keep it
         # quiet unless the user asked otherwise
         os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+        # UCX logs to stdout by default, which would corrupt `--json` output
+        os.environ.setdefault("UCX_LOG_FILE", "/dev/stderr")
         try:
             import torch  # noqa: F401  # nixl recognises tensors only when torch is imported
             from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t

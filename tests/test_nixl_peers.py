@@ -13,14 +13,13 @@ from safetensors.torch import load_file
 
 from mx_orchestrator import ModelIdentity, Orchestrator, SourceState
 from mx_orchestrator.cli import write_safetensors
+from mx_orchestrator.localpeers import MODEL_ID, Peers, minilm_dir
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.report import LoadReport
 from mx_orchestrator.target import Target
 from strategies._nixl import get_agent
 from strategies.rdma_region import RdmaRegion
 from strategies.rdma_tensor import RdmaTensor
-
-from .support.peers import MODEL_ID, Peers, minilm_dir
 
 pytestmark = [pytest.mark.nixl, pytest.mark.asyncio]
 

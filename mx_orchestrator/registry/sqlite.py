@@ -94,7 +94,7 @@ class SqliteRegistry:
             with self._lock:
                 try:
                     return fn(self._connect())
-                except sqlite3.OperationalError as exc:
+                except (sqlite3.Error, OSError) as exc:
                     raise RegistryUnavailable(f"sqlite registry {self.path}: {exc}") from exc
 
         return await anyio.to_thread.run_sync(call, limiter=self._limiter)

@@ -1,0 +1,101 @@
+"""The `mxo` command line, run as users run it: real processes, real weights, stdout parsed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mx_orchestrator.localpeers import MODEL_ID, Peers, minilm_dir
+
+pytestmark = pytest.mark.nixl
+
+
+def mxo(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, MXO_LOG_LEVEL="warning")
+    return subprocess.run(
+        [sys.executable, "-m", "mx_orchestrator", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_demo_json_shows_mismatch_failure_and_verified_load() -> None:
+    result = mxo("demo", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(result.stdout)  # stdout holds the JSON document and nothing else
+    states = {s["source_id"]: s["effective_state"] for s in data["sources"]}
+    attempts = data["attempts"]
+    mismatch = next(a for a in attempts if a["outcome"] == "LayoutMismatch")
+    assert mismatch["bytes"] == 0 and states[mismatch["source"]] == "READY"
+    failure = next(a for a in attempts if a["outcome"] == "SourceFailed")
+    assert failure["source"] == "src-doomed" and failure["marked_stale"] and states["src-doomed"] == "STALE"
+    assert attempts[-1]["outcome"] == "Loaded" and data["verified"] is True and data["outcome"] == "loaded"
+    assert data["bytes"] == 90_856_960
+
+
+def test_serve_then_pull_out_round_trips_the_file_byte_for_byte(tmp_path: Path) -> None:
+    registry = f"sqlite://{tmp_path}/registry.db"
+    with Peers(registry) as peers:
+        peers.start(("cli-src", "tensor"))
+        result = mxo(
+            "pull", "--model-id", MODEL_ID, "--registry", registry, "--out", str(tmp_path / "out"), "--json"
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["outcome"] == "loaded" and report["verified"]
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        minilm_dir() / "model.safetensors"
+    ).read_bytes()
+
+
+def test_sources_lists_published_records_as_json(tmp_path: Path) -> None:
+    registry = f"sqlite://{tmp_path}/registry.db"
+    with Peers(registry) as peers:
+        peers.start(("listed", "arena"))
+        result = mxo("sources", "--registry", registry, "--json")
+    rows = json.loads(result.stdout)
+    assert [(r["source_id"], r["effective_state"]) for r in rows] == [("listed", "READY")]
+    assert "transport" not in rows[0]
+
+
+def test_pull_with_no_source_fails_with_a_report_and_nonzero_exit(tmp_path: Path) -> None:
+    result = mxo(
+        "pull",
+        "--model-id",
+        "nobody/has-this",
+        "--registry",
+        f"sqlite://{tmp_path}/r.db",
+        "--json",
+        "--timeout",
+        "10",
+    )
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["outcome"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["pull"], "--model-id"),
+        (["pull", "--model-id", "x/y", "--bogus"], "unrecognized arguments"),
+        (["pull", "--model-id", "not a valid id!"], "invalid model id"),
+        (["pull", "--model-id", "x/y", "--layout", "ring"], "unknown layout"),
+        (["pull", "--model-id", "x/y", "--registry", "ftp://x"], "unknown registry scheme"),
+        (["pull", "--model-id", "x/y", "--registry", "sqlite:///proc/forbidden/r.db"], "error"),
+        (["serve", "--model-id", "x/y", "--weights", "/nonexistent/dir"], "does not exist"),
+        (["sources", "--registry", "nonsense"], "no scheme"),
+    ],
+)
+def test_misuse_prints_one_error_line_and_no_traceback(args: list[str], needle: str) -> None:
+    result = mxo(*args, timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("mxo: error:")]
+    assert len(lines) == 1 and needle in lines[0], result.stderr
