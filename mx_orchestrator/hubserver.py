@@ -236,7 +236,7 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                             "path": p,
                             "size": 4,
                             "oid": "0" * 40,
-                            "lfs": {"oid": "0" * 64, "size": 4},
+                            "lfs": {"oid": "0" * 64, "size": 4, "pointerSize": 134},
                         }
                         for p in hub.faults.extra_tree_paths
                     ]

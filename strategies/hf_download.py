@@ -54,7 +54,7 @@ DEFAULT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.json", "*.tx
 
 def safe_relative_path(path: str) -> str | None:
     """``path`` if it stays inside the snapshot, else ``None`` (absolute, ``..``, backslashes, NUL)."""
-    if not path or "\\" in path or "\x00" in path or path.startswith("/"):
+    if not path or "\\" in path or "\x00" in path or "//" in path or path.startswith("/"):
         return None
     parts = PurePosixPath(path).parts
     if any(part in ("..", "") for part in parts) or ":" in parts[0]:

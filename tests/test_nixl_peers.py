@@ -21,7 +21,7 @@ from strategies._nixl import get_agent
 from strategies.rdma_region import RdmaRegion
 from strategies.rdma_tensor import RdmaTensor
 
-pytestmark = [pytest.mark.nixl, pytest.mark.asyncio]
+pytestmark = pytest.mark.nixl
 
 IDENTITY = ModelIdentity(MODEL_ID)
 

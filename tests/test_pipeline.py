@@ -6,7 +6,6 @@ import json
 import time
 
 import anyio
-import pytest
 
 from mx_orchestrator import (
     DEFAULT_POLICY,
@@ -33,8 +32,6 @@ from mx_orchestrator.testing import (
     succeed,
     wedge,
 )
-
-pytestmark = pytest.mark.asyncio
 
 
 async def test_mismatch_then_failure_then_success(identity: ModelIdentity) -> None:
@@ -286,7 +283,6 @@ async def test_nothing_to_try_gives_a_failed_report(identity: ModelIdentity) -> 
     assert report.to_dict()["outcome"] == "failed"
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestWarning")
 def test_the_pipeline_runs_under_trio(identity: ModelIdentity) -> None:
     async def main() -> LoadReport:
         registry, prober = await scenario(identity, ["a", "b"], latency=0.01)

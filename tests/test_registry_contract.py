@@ -14,8 +14,6 @@ from mx_orchestrator.registry import EjectionPolicy, MemoryRegistry
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.testing import make_manifest, make_record
 
-pytestmark = pytest.mark.asyncio
-
 
 class Clock:
     def __init__(self) -> None:
