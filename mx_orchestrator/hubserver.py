@@ -223,9 +223,14 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                                 "modelId": repo.repo_id,
                                 "sha": repo.sha,
                                 "private": False,
-                                "siblings": [
-                                    {"rfilename": f.path, "size": f.size, "blobId": repo.etag(f)}
-                                    for f in repo.files.values()
+                                "siblings": [self._sibling(repo, f) for f in repo.files.values()]
+                                + [
+                                    {
+                                        "rfilename": p,
+                                        "size": 4,
+                                        "lfs": {"sha256": "0" * 64, "size": 4, "pointerSize": 134},
+                                    }
+                                    for p in hub.faults.extra_tree_paths
                                 ],
                             }
                         )
@@ -250,6 +255,12 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                         "siblings": [{"rfilename": f.path} for f in repo.files.values()],
                     }
                 )
+
+        def _sibling(self, repo: _Repo, f: _File) -> dict[str, Any]:
+            entry: dict[str, Any] = {"rfilename": f.path, "size": f.size, "blobId": repo.etag(f)}
+            if f.lfs:
+                entry["lfs"] = {"sha256": f.sha256, "size": f.size, "pointerSize": 134}
+            return entry
 
         @staticmethod
         def _tree_entry(repo: _Repo, f: _File) -> dict[str, Any]:

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import glob
 import hashlib
 import json
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -80,6 +82,7 @@ class _Fetched:
     weights: list[str]
     nbytes: int
     verified: bool
+    sha256: dict[str, str | None]
 
 
 class HfDownload:
@@ -129,7 +132,24 @@ class HfDownload:
         def run() -> tuple[_Fetched, float]:
             fetched = self._fetch(repo, revision, wall_deadline, stop)
             copy_began = time.monotonic()
-            self._load(ctx.identity, fetched, target)
+            # hash on one core while the tensors are copied on the other; the
+            # copy is only accepted (Loaded) once every hash matched
+            load_error: Exception | None = None
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mxo-sha256") as pool:
+                bad = pool.submit(self._verify, fetched) if self.verify else None
+                try:
+                    self._load(ctx.identity, fetched, target)
+                except (_Fail, TargetMismatch):
+                    raise
+                except Exception as exc:  # a damaged file may not even parse
+                    load_error = exc
+                corrupt = bad.result() if bad is not None else []
+            if corrupt:
+                raise _Fail(
+                    "corrupt", f"sha256 differs from the hub's lfs.oid for {corrupt[:3]}", bad=corrupt
+                )
+            if load_error is not None:
+                raise _Fail("failed", f"cannot read the downloaded safetensors: {load_error}")
             return fetched, time.monotonic() - copy_began
 
         try:
@@ -184,43 +204,41 @@ class HfDownload:
         from huggingface_hub import HfApi
 
         api = HfApi(endpoint=self.endpoint, token=self.token)
+        # one call resolves the revision to a commit and lists every file with its sha256
         info = self._call(
-            lambda: api.model_info(repo, revision=revision, timeout=self.request_timeout), wall_deadline
+            lambda: api.model_info(
+                repo, revision=revision, files_metadata=True, timeout=self.request_timeout
+            ),
+            wall_deadline,
         )
         commit = str(info.sha or revision)
-        entries = self._call(
-            lambda: list(api.list_repo_tree(repo, revision=commit, recursive=True)), wall_deadline
-        )
         wanted: dict[str, str | None] = {}  # path -> sha256 of LFS files
-        for entry in entries:
-            path = getattr(entry, "path", "")
-            if not hasattr(entry, "size"):
-                continue  # a folder
+        for sibling in info.siblings or []:
+            path = str(getattr(sibling, "rfilename", ""))
             if safe_relative_path(path) is None:
                 raise _Fail("failed", f"the hub listed an unsafe path {path!r:.120}")
             if not any(fnmatch.fnmatch(PurePosixPath(path).name, p) for p in self.patterns):
                 continue
-            lfs = getattr(entry, "lfs", None)
+            lfs = getattr(sibling, "lfs", None)
             sha = getattr(lfs, "sha256", None) if lfs is not None else None
             wanted[path] = str(sha) if sha else None
         weights = sorted(p for p in wanted if p.endswith(".safetensors"))
         if not weights:
             raise _Fail("unreachable", f"{repo}@{commit[:12]} has no safetensors files")
+        if stop.is_set() or time.monotonic() >= wall_deadline:
+            raise _Fail("timeout", "the attempt's deadline passed before the download")
+        # one snapshot_download of exactly the vetted files: parallel transfers,
+        # the normal cache layout, and nothing the listing did not show us
+        snapshot = Path(
+            self._call(lambda: self._snapshot(repo, commit, [glob.escape(p) for p in wanted]), wall_deadline)
+        )
         files: dict[str, Path] = {}
-        verified = self.verify
-        for path, sha in wanted.items():
-            if stop.is_set() or time.monotonic() >= wall_deadline:
-                raise _Fail("timeout", "the attempt's deadline passed during the download")
-            local = self._call(lambda path=path: self._download(repo, commit, path), wall_deadline)
-            if self.verify and path.endswith(".safetensors"):
-                if sha is None:
-                    verified = False
-                elif _sha256(local) != sha:
-                    _evict(local)
-                    raise _Fail(
-                        "corrupt", f"{path}: sha256 differs from the hub's lfs.oid {sha[:12]}...", bad=(path,)
-                    )
+        for path in wanted:
+            local = snapshot / path
+            if not local.is_file():
+                raise _Fail("failed", f"{path} missing from the downloaded snapshot")
             files[path] = local
+        verified = self.verify and all(wanted[p] is not None for p in wanted if p.endswith(".safetensors"))
         index = next((p for p in files if p.endswith("model.safetensors.index.json")), None)
         if index is not None:
             # a sharded checkpoint: the index says which files hold the weights
@@ -233,21 +251,33 @@ class HfDownload:
             missing = [w for w in weights if w not in files or safe_relative_path(w) is None]
             if missing:
                 raise _Fail("failed", f"the index names files the repo lacks: {missing[:3]}")
-        return _Fetched(commit, files, weights, sum(f.stat().st_size for f in files.values()), verified)
-
-    def _download(self, repo: str, commit: str, path: str) -> Path:
-        from huggingface_hub import hf_hub_download
-
-        local = hf_hub_download(
-            repo,
-            path,
-            revision=commit,
-            endpoint=self.endpoint,
-            token=self.token,
-            cache_dir=self.cache_dir,
-            etag_timeout=self.request_timeout,
+        return _Fetched(
+            commit, files, weights, sum(f.stat().st_size for f in files.values()), verified, wanted
         )
-        return Path(str(local))
+
+    def _snapshot(self, repo: str, commit: str, patterns: list[str]) -> str:
+        from huggingface_hub import snapshot_download
+        from tqdm.auto import tqdm
+
+        class Silent(tqdm):  # type: ignore[misc]
+            """Progress goes through the attempt's callback, not to the terminal."""
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                kwargs["disable"] = True
+                super().__init__(*args, **kwargs)
+
+        return str(
+            snapshot_download(
+                repo,
+                revision=commit,
+                endpoint=self.endpoint,
+                token=self.token,
+                cache_dir=self.cache_dir,
+                allow_patterns=patterns,
+                etag_timeout=self.request_timeout,
+                tqdm_class=Silent,
+            )
+        )
 
     def _call(self, fn: Any, wall_deadline: float) -> Any:
         for attempt in self._retrying(wall_deadline):
@@ -259,6 +289,16 @@ class HfDownload:
                 except Exception as exc:
                     raise _classify(exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _verify(fetched: _Fetched) -> list[str]:
+        """Paths whose sha256 differs from the hub's; their blobs are evicted from the cache."""
+        bad = []
+        for path, sha in fetched.sha256.items():
+            if sha is not None and _sha256(fetched.files[path]) != sha:
+                _evict(fetched.files[path])
+                bad.append(path)
+        return bad
 
     def _load(self, identity: ModelIdentity, fetched: _Fetched, target: Target) -> None:
         from safetensors import safe_open

@@ -99,3 +99,11 @@ def test_misuse_prints_one_error_line_and_no_traceback(args: list[str], needle: 
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("mxo: error:")]
     assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_demo_hub_fallback_ends_loaded_via_hf_download() -> None:
+    result = mxo("demo", "--scenario", "hub-fallback", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(result.stdout)
+    assert data["outcome"] == "loaded" and data["strategy"] == "hf_download" and data["verified"] is True
+    assert {a["outcome"] for a in data["attempts"][:-1]} <= {"LayoutMismatch", "SourceUnreachable"}
