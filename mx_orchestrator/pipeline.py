@@ -358,17 +358,13 @@ class Orchestrator:
         for observer in self.observers:
             observer.attempt_start(strategy.name, step.source_id)
         outcome: Outcome | None = None
-        with anyio.move_on_after(deadline - began):
-            try:
-                outcome = await strategy.attempt(ctx)
-            except Exception as exc:  # a buggy strategy must not take the load down
-                log.exception("attempt.strategy_raised", strategy=strategy.name)
-                outcome = LocalFailure(
-                    strategy=strategy.name,
-                    source_id=step.source_id,
-                    seconds=anyio.current_time() - began,
-                    detail=f"strategy raised {type(exc).__name__}: {exc}",
-                )
+        counted = await self._count_reader(step, +1, log)
+        try:
+            outcome = await self._attempt_within(strategy, ctx, deadline - began, step, log)
+        finally:
+            if counted:
+                with anyio.CancelScope(shield=True):
+                    await self._count_reader(step, -1, log)
         if outcome is not None:
             return outcome
         seconds = anyio.current_time() - began
@@ -386,6 +382,38 @@ class Orchestrator:
             deadline=self.attempt_timeout,
             detail=f"no completion within the attempt deadline of {self.attempt_timeout:.3g}s",
         )
+
+    async def _count_reader(self, step: Attempt, delta: int, log: Any) -> bool:
+        """Best-effort reader accounting for least-loaded selection; never fails an attempt."""
+        if step.candidate is None or self.registry is None:
+            return False
+        record = step.candidate.record
+        try:
+            with anyio.fail_after(0.5):
+                await self.registry.add_load(record.source_id, record.generation, delta)
+        except (RegistryError, OSError, TimeoutError) as exc:
+            log.debug("source.load_accounting_failed", source=record.source_id, error=str(exc))
+            return False
+        return True
+
+    async def _attempt_within(
+        self, strategy: Strategy, ctx: AttemptContext, budget: float, step: Attempt, log: Any
+    ) -> Outcome | None:
+        """The strategy's outcome, or ``None`` when ``budget`` ran out first."""
+        began = anyio.current_time()
+        outcome: Outcome | None = None
+        with anyio.move_on_after(budget):
+            try:
+                outcome = await strategy.attempt(ctx)
+            except Exception as exc:  # a buggy strategy must not take the load down
+                log.exception("attempt.strategy_raised", strategy=strategy.name)
+                outcome = LocalFailure(
+                    strategy=strategy.name,
+                    source_id=step.source_id,
+                    seconds=anyio.current_time() - began,
+                    detail=f"strategy raised {type(exc).__name__}: {exc}",
+                )
+        return outcome
 
     async def _carry_out(self, action: Action, step: Attempt, outcome: Outcome, log: Any) -> bool:
         """Apply the action's side effects on the registry; True when the source was marked STALE."""

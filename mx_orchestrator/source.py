@@ -210,7 +210,13 @@ class WeightSource:
         while True:
             await anyio.sleep(self.ttl / 3)
             try:
-                await self.registry.heartbeat(self.source_id, self.generation)
+                with anyio.fail_after(max(1.0, self.ttl / 3)):
+                    alive = await self.registry.heartbeat(self.source_id, self.generation)
+                    if alive is None and self.record is not None:
+                        # the registry lost us (restarted, or our record expired
+                        # during an outage): publish again
+                        await self.registry.publish(self.record, self.weights.manifest)
+                        log.info("source.republished")
             except Exception as exc:  # an outage must not kill the source; keep trying
                 log.warning("source.heartbeat_failed", error=str(exc))
 

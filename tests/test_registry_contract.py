@@ -11,6 +11,7 @@ import pytest_asyncio
 
 from mx_orchestrator import ModelIdentity, SourceRegistry, SourceState
 from mx_orchestrator.registry import EjectionPolicy, MemoryRegistry
+from mx_orchestrator.registry.redis import RedisRegistry
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.testing import make_manifest, make_record
 
@@ -34,11 +35,30 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest_asyncio.fixture(params=sorted(BACKENDS))
+async def open_backend(
+    name: str, request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
+) -> SourceRegistry:
+    if name == "redis":
+        url = request.getfixturevalue("redis_url")
+        return RedisRegistry.from_url(url, ejection=EjectionPolicy(10, 25), clock=clock)
+    return BACKENDS[name](tmp_path, clock)
+
+
+@pytest_asyncio.fixture(params=["memory", "sqlite", "redis"])
 async def registry(
     request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
 ) -> AsyncIterator[SourceRegistry]:
-    reg = BACKENDS[request.param](tmp_path, clock)
+    reg = await open_backend(request.param, request, tmp_path, clock)
+    yield reg
+    await reg.aclose()
+
+
+@pytest_asyncio.fixture(params=["sqlite", "redis"])
+async def stored_registry(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
+) -> AsyncIterator[SourceRegistry]:
+    """Backends that store serialised records (which a buggy or hostile writer could garble)."""
+    reg = await open_backend(request.param, request, tmp_path, clock)
     yield reg
     await reg.aclose()
 
@@ -137,3 +157,41 @@ async def test_heartbeat_updates_load(
     listed = await registry.list(identity.key)
     assert listed[0].load == 3
     assert await registry.heartbeat("a", "wrong-generation") is None
+
+
+async def test_add_load_counts_readers_and_never_goes_negative(
+    registry: SourceRegistry, identity: ModelIdentity, clock: Clock
+) -> None:
+    a = rec(identity, "a", clock)
+    await registry.publish(a)
+    await registry.add_load("a", a.generation, +1)
+    await registry.add_load("a", a.generation, +1)
+    assert (await registry.list(identity.key))[0].load == 2
+    for _ in range(3):
+        await registry.add_load("a", a.generation, -1)
+    assert (await registry.list(identity.key))[0].load == 0
+
+
+async def test_garbage_records_are_skipped_not_fatal(
+    stored_registry: SourceRegistry, identity: ModelIdentity, clock: Clock
+) -> None:
+    registry = stored_registry
+    good = rec(identity, "good", clock)
+    await registry.publish(good)
+    await registry.publish(rec(identity, "bad", clock))
+    await _corrupt(registry, "bad")
+    assert [r.source_id for r in await registry.list(identity.key)] == ["good"]
+
+
+async def _corrupt(registry: SourceRegistry, source_id: str) -> None:
+    if isinstance(registry, SqliteRegistry):
+        import sqlite3
+
+        db = sqlite3.connect(registry.path)
+        db.execute(
+            "UPDATE sources SET record=? WHERE source_id=?", ('{"source_id": 5, "state": "??"}', source_id)
+        )
+        db.commit()
+        db.close()
+    else:
+        await registry._r.set(registry._k("src", source_id), "not json at all")  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ from .base import (
     EjectionPolicy,
     SourceRegistry,
     apply_heartbeat,
+    apply_load,
     apply_mark_stale,
     apply_publish,
     is_expired,
@@ -24,6 +25,7 @@ __all__ = [
     "MemoryRegistry",
     "SourceRegistry",
     "apply_heartbeat",
+    "apply_load",
     "apply_mark_stale",
     "apply_publish",
     "is_expired",
@@ -43,4 +45,8 @@ def open_registry(url: str) -> SourceRegistry:
         from .sqlite import SqliteRegistry
 
         return SqliteRegistry.from_url(url)
+    if scheme in ("redis", "rediss"):
+        from .redis import RedisRegistry
+
+        return RedisRegistry.from_url(url)
     raise ConfigError(f"unknown registry scheme {scheme!r} in {url!r}")

@@ -20,6 +20,7 @@ __all__ = [
     "EjectionPolicy",
     "SourceRegistry",
     "apply_heartbeat",
+    "apply_load",
     "apply_publish",
     "apply_mark_stale",
     "is_expired",
@@ -81,6 +82,11 @@ def apply_publish(previous: SourceRecord | None, record: SourceRecord, now: floa
     return apply_heartbeat(record, now)
 
 
+def apply_load(record: SourceRecord, delta: int) -> SourceRecord:
+    """Count readers in or out; never below zero (a reader's exit may outlive a restart)."""
+    return replace(record, load=max(0, record.load + delta))
+
+
 def apply_mark_stale(record: SourceRecord, now: float, reason: str, policy: EjectionPolicy) -> SourceRecord:
     times = record.times_ejected + 1
     return replace(
@@ -106,6 +112,10 @@ class SourceRegistry(Protocol):
     async def heartbeat(
         self, source_id: str, generation: str, *, load: int | None = None
     ) -> SourceRecord | None: ...
+
+    async def add_load(self, source_id: str, generation: str, delta: int) -> None:
+        """Count a reader in (+1) or out (-1): the data the least-loaded selection ranks by."""
+        ...
 
     async def list(
         self, identity_key: str | None = None, state: SourceState | None = SourceState.READY

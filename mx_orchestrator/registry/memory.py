@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 from ..models import Manifest, SourceRecord, SourceState
-from .base import EjectionPolicy, apply_heartbeat, apply_mark_stale, apply_publish, is_listed
+from .base import EjectionPolicy, apply_heartbeat, apply_load, apply_mark_stale, apply_publish, is_listed
 
 __all__ = ["MemoryRegistry"]
 
@@ -40,6 +40,11 @@ class MemoryRegistry:
         record = apply_heartbeat(record, self._clock(), load)
         self._records[source_id] = record
         return record
+
+    async def add_load(self, source_id: str, generation: str, delta: int) -> None:
+        record = self._records.get(source_id)
+        if record is not None and record.generation == generation:
+            self._records[source_id] = apply_load(record, delta)
 
     async def list(
         self, identity_key: str | None = None, state: SourceState | None = SourceState.READY

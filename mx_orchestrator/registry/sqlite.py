@@ -20,7 +20,14 @@ import anyio
 
 from ..errors import ConfigError, ManifestError, RegistryUnavailable
 from ..models import Manifest, SourceRecord, SourceState
-from .base import EjectionPolicy, apply_heartbeat, apply_mark_stale, apply_publish, is_listed
+from .base import (
+    EjectionPolicy,
+    apply_heartbeat,
+    apply_load,
+    apply_mark_stale,
+    apply_publish,
+    is_listed,
+)
 
 __all__ = ["SqliteRegistry", "default_registry_path"]
 
@@ -160,6 +167,14 @@ class SqliteRegistry:
             return record
 
         return await self._run(lambda conn: self._update(conn, tx))
+
+    async def add_load(self, source_id: str, generation: str, delta: int) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            record = self._load(conn, source_id)
+            if record is not None and record.generation == generation:
+                self._store(conn, apply_load(record, delta))
+
+        await self._run(lambda conn: self._update(conn, tx))
 
     async def list(
         self, identity_key: str | None = None, state: SourceState | None = SourceState.READY
