@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     pull.add_argument("--out", type=Path, default=None, help="write what was loaded as DIR/model.safetensors")
     pull.add_argument("--json", action="store_true", help="print the JSON load report only")
+    pull.add_argument(
+        "--republish",
+        action="store_true",
+        help="after loading, serve the weights as a new source until SIGINT/SIGTERM (fan-out)",
+    )
+    pull.add_argument("--source-id", default=None, help="source id when republishing (default host-pid)")
     _common(pull)
     pull.set_defaults(run=_pull)
 
@@ -259,10 +265,30 @@ def _pull(args: argparse.Namespace) -> int:
     if report.loaded and args.out is not None:
         write_safetensors(target, args.out / "model.safetensors")
     if args.json:
-        print(report.to_json(indent=2))
+        print(report.to_json(indent=2), flush=True)
     else:
         print_report(report)
+    if report.loaded and args.republish:
+        _republish(args, target)
     return 0 if report.loaded else 1
+
+
+def _republish(args: argparse.Namespace, target: Any) -> None:
+    from .source import ServedWeights, WeightSource, serve_until_signal
+
+    weights = ServedWeights.from_target(target)
+
+    async def run() -> None:
+        registry = open_registry(args.registry or default_registry_url())
+        source = WeightSource(registry, weights, source_id=args.source_id)
+        try:
+            await serve_until_signal(
+                source, lambda r: print(f"[mxo] serving as {r.source_id}", file=sys.stderr, flush=True)
+            )
+        finally:
+            await registry.aclose()
+
+    anyio.run(run)
 
 
 def write_safetensors(target: Any, path: Path) -> None:

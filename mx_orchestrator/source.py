@@ -18,7 +18,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .layout import LayoutSpec, parse_layout, plan_layout, regions_from_addresses
 from .models import Manifest, ModelIdentity, SourceRecord
 from .registry.base import SourceRegistry
-from .target import checksum_tensor, dtype_name, torch_dtype
+from .target import Target, checksum_tensor, dtype_name, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +52,23 @@ class ServedWeights:
     @property
     def mem_type(self) -> str:
         return "DRAM" if self.device == "cpu" else "VRAM"
+
+    @classmethod
+    def from_target(cls, target: Target) -> ServedWeights:
+        """Offer what a target loaded (fan-out): same memory, no copy.
+
+        Checksums come from the manifest the target was loaded from; tensors
+        without one (an engine's own tensors) are hashed here, once.
+        """
+        if target.manifest is None:
+            raise ConfigError("the target holds no weights yet")
+        tensors = target.tensors()
+        specs = tuple(
+            s if s.checksum is not None else replace(s, checksum=checksum_tensor(tensors[s.name]))
+            for s in target.manifest.tensors
+        )
+        manifest = Manifest(target.manifest.identity, specs, target.manifest.regions)
+        return cls(manifest, target.region_spans(), target.device, [], tensors)
 
     @property
     def device_id(self) -> int:

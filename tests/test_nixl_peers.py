@@ -242,3 +242,50 @@ async def test_bytes_that_fail_their_checksum_are_corrupt_and_mark_the_source_st
     assert report.final is not None and report.final.source_id == "honest" and report.final.verified
     assert_same_weights(target)
     await registry.aclose()
+
+
+async def test_fan_out_a_loaded_target_serves_the_next_target(
+    peers: Peers, registry_url: str, tmp_path: Path
+) -> None:
+    """The first target republishes what it loaded; the original dies; a second process loads from the first."""
+    import json
+    import os
+    import sys
+
+    from mx_orchestrator.source import ServedWeights, WeightSource
+
+    (origin,) = peers.start(("origin", "arena"))
+    target = Target("arena")
+    report, registry = await load(registry_url, target)
+    assert report.loaded
+    fanout = WeightSource(registry, ServedWeights.from_target(target), source_id="fanout", ttl=30)
+    async with anyio.create_task_group() as tg:
+        await tg.start(fanout.run)
+        origin.kill()
+        out = tmp_path / "second"
+        result = await anyio.run_process(
+            [
+                sys.executable,
+                "-m",
+                "mx_orchestrator",
+                "pull",
+                "--model-id",
+                MODEL_ID,
+                "--registry",
+                registry_url,
+                "--out",
+                str(out),
+                "--json",
+                "--timeout",
+                "60",
+            ],
+            check=False,
+            env=dict(os.environ, MXO_LOG_LEVEL="warning"),
+        )
+        tg.cancel_scope.cancel()
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    second = json.loads(result.stdout)
+    assert second["source"] == "fanout" and second["verified"]
+    assert (out / "model.safetensors").read_bytes() == (minilm_dir() / "model.safetensors").read_bytes()
+    assert await registry.get("fanout") is None  # unpublished when it stopped
+    await registry.aclose()
