@@ -227,6 +227,7 @@ def build_strategies(
 
 def _pull(args: argparse.Namespace) -> int:
     from .pipeline import Orchestrator
+    from .progress import ProgressDisplay
     from .target import Target
 
     identity = _identity(args)
@@ -253,10 +254,15 @@ def _pull(args: argparse.Namespace) -> int:
             if registry is not None:
                 # fail fast with one clear line when the registry the user named is unusable
                 await registry.list(identity.key)
+            display = ProgressDisplay(enabled=False if args.json else None)
             orchestrator = Orchestrator(
-                registry, strategies, attempt_timeout=args.attempt_timeout, load_timeout=args.timeout
+                registry,
+                strategies,
+                attempt_timeout=args.attempt_timeout,
+                load_timeout=args.timeout,
+                observers=[display],
             )
-            return await orchestrator.load(identity, target)
+            return await orchestrator.load(identity, target, progress=display)
         finally:
             if registry is not None:
                 await registry.aclose()

@@ -64,6 +64,21 @@ def safe_relative_path(path: str) -> str | None:
     return path
 
 
+class _ByteCounter:
+    """Adds up downloaded bytes (from huggingface_hub's progress updates) for the attempt's callback."""
+
+    def __init__(self, callback: Any) -> None:
+        self._callback = callback
+        self._done = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, n: int) -> None:
+        with self._lock:
+            self._done += n
+            done = self._done
+        self._callback(done, 0)
+
+
 class _Fail(Exception):
     """Carries the outcome a failure maps to out of the worker thread."""
 
@@ -111,6 +126,7 @@ class HfDownload:
         self.patterns = tuple(patterns)
         self.max_tries = max_tries
         self.request_timeout = request_timeout
+        self._progress: _ByteCounter | None = None
 
     def __repr__(self) -> str:  # never shows the token
         return f"HfDownload(repo_id={self.repo_id!r}, endpoint={self.endpoint!r})"
@@ -128,6 +144,7 @@ class HfDownload:
             return NotApplicable(strategy=self.name, detail="the target is not a mx_orchestrator Target")
         stop = threading.Event()
         wall_deadline = time.monotonic() + ctx.remaining
+        self._progress = _ByteCounter(ctx.progress) if ctx.progress is not None else None
 
         def run() -> tuple[_Fetched, float]:
             fetched = self._fetch(repo, revision, wall_deadline, stop)
@@ -259,12 +276,19 @@ class HfDownload:
         from huggingface_hub import snapshot_download
         from tqdm.auto import tqdm
 
+        report = self._progress
+
         class Silent(tqdm):  # type: ignore[misc]
             """Progress goes through the attempt's callback, not to the terminal."""
 
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 kwargs["disable"] = True
                 super().__init__(*args, **kwargs)
+
+            def update(self, n: float | None = 1) -> bool | None:
+                if report is not None and getattr(self, "unit", "") == "B":
+                    report(int(n or 0))
+                return super().update(n)  # type: ignore[no-any-return]
 
         return str(
             snapshot_download(

@@ -1,0 +1,73 @@
+"""A rich progress display on stderr for loads that take longer than a moment.
+
+It is a :class:`~mx_orchestrator.pipeline.LoadObserver` (attempt names) plus a
+progress callback (bytes, GB/s). It only draws on a terminal and appears after
+``delay`` seconds, so quick loads and ``--json`` runs print nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from .pipeline import LoadObserver
+from .report import AttemptRecord, LoadReport
+
+__all__ = ["ProgressDisplay"]
+
+
+class ProgressDisplay(LoadObserver):
+    def __init__(self, *, enabled: bool | None = None, delay: float = 0.5, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.delay = delay
+        self._progress: Any = None
+        self._task: Any = None
+        self._started = time.monotonic()
+        self._label = "evaluating sources"
+
+    def _ensure(self) -> Any:
+        if self._progress is None and self.enabled and time.monotonic() - self._started >= self.delay:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TransferSpeedColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeElapsedColumn(),
+                console=Console(file=self.stream),
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self._label, total=None)
+        return self._progress
+
+    def attempt_start(self, strategy: str, source_id: str | None) -> None:
+        self._label = f"{strategy} from {source_id or 'the hub'}"
+        progress = self._ensure()
+        if progress is not None:
+            progress.update(self._task, description=self._label, completed=0, total=None)
+
+    def __call__(self, done: int, total: int) -> None:
+        """The progress callback handed to ``Orchestrator.load(progress=...)``."""
+        progress = self._ensure()
+        if progress is not None:
+            progress.update(self._task, completed=done, total=total or None)
+
+    def attempt_done(self, record: AttemptRecord) -> None:
+        self._ensure()
+
+    def load_done(self, report: LoadReport) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
