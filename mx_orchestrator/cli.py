@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (prints JSON)")
-    bench.add_argument("name", choices=("evaluate", "nixl", "hf", "registry"))
+    bench.add_argument("name", choices=("evaluate", "nixl", "hf", "registry", "failover", "gpu"))
     bench.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     bench.add_argument("--log-level", default=None)
