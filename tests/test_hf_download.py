@@ -89,6 +89,7 @@ async def test_preallocated_tensors_are_filled_in_place(hub: HubServer, tmp_path
         ("gated", "SourceUnreachable", "unauthorized"),
     ],
 )
+@pytest.mark.faults
 async def test_hub_refusals_are_typed(
     hub: HubServer, tmp_path: Path, fault: str, outcome: str, needle: str
 ) -> None:
@@ -99,6 +100,7 @@ async def test_hub_refusals_are_typed(
     assert attempt.outcome.name == outcome and needle in attempt.outcome.detail, attempt.outcome.detail
 
 
+@pytest.mark.faults
 async def test_missing_weights_file_is_typed(hub: HubServer, tmp_path: Path) -> None:
     hub.faults.entry_not_found.add(WEIGHTS)
     report = await load(hub, tmp_path)
@@ -106,6 +108,7 @@ async def test_missing_weights_file_is_typed(hub: HubServer, tmp_path: Path) -> 
     assert "EntryNotFound" in report.attempts[0].outcome.detail
 
 
+@pytest.mark.faults
 async def test_transient_server_errors_are_retried_with_backoff(hub: HubServer, tmp_path: Path) -> None:
     hub.faults.server_errors = 2
     report = await load(hub, tmp_path)
@@ -113,6 +116,7 @@ async def test_transient_server_errors_are_retried_with_backoff(hub: HubServer, 
     assert hub.faults.server_errors == 0
 
 
+@pytest.mark.faults
 async def test_persistent_server_errors_end_in_source_failed(hub: HubServer, tmp_path: Path) -> None:
     hub.faults.server_errors = 1000
     report = await load(hub, tmp_path, max_tries=3)
@@ -120,6 +124,7 @@ async def test_persistent_server_errors_end_in_source_failed(hub: HubServer, tmp
     assert "500" in report.attempts[0].outcome.detail
 
 
+@pytest.mark.faults
 async def test_truncated_body_fails_then_recovers_when_the_fault_goes(hub: HubServer, tmp_path: Path) -> None:
     hub.faults.truncate.add(WEIGHTS)
     report = await load(hub, tmp_path, max_tries=2)
@@ -128,6 +133,7 @@ async def test_truncated_body_fails_then_recovers_when_the_fault_goes(hub: HubSe
     assert (await load(hub, tmp_path)).loaded
 
 
+@pytest.mark.faults
 async def test_corrupt_file_of_the_right_size_is_corrupt_and_recovers_without_manual_cleanup(
     hub: HubServer, tmp_path: Path
 ) -> None:
@@ -144,6 +150,7 @@ async def test_corrupt_file_of_the_right_size_is_corrupt_and_recovers_without_ma
     assert_same_weights(target)
 
 
+@pytest.mark.faults
 async def test_slow_hub_ends_in_timed_out_at_the_deadline(hub: HubServer, tmp_path: Path) -> None:
     hub.faults.delay = 3.0
     report = await load(hub, tmp_path, attempt_timeout=1.0)
@@ -151,6 +158,7 @@ async def test_slow_hub_ends_in_timed_out_at_the_deadline(hub: HubServer, tmp_pa
     assert attempt.outcome.name == "TimedOut" and attempt.outcome.seconds < 2.5
 
 
+@pytest.mark.faults
 async def test_tree_entries_escaping_the_snapshot_are_refused(hub: HubServer, tmp_path: Path) -> None:
     hub.faults.extra_tree_paths.append("../../outside.safetensors")
     report = await load(hub, tmp_path)
@@ -162,6 +170,7 @@ async def test_tree_entries_escaping_the_snapshot_are_refused(hub: HubServer, tm
 @pytest.mark.parametrize(
     "path", ["../x", "a/../../x", "/etc/passwd", "a\\..\\b", "c:/x", "a//b", "", "x\x00y"]
 )
+@pytest.mark.faults
 def test_unsafe_relative_paths_are_rejected(path: str) -> None:
     assert safe_relative_path(path) is None
 

@@ -52,6 +52,7 @@ def test_tensor_spec_rejects_bad_fields(kwargs: dict[str, object], message: str)
         TensorSpec(**base)  # type: ignore[arg-type]
 
 
+@pytest.mark.faults
 def test_manifest_rejects_duplicates_out_of_region_and_overlap(identity: ModelIdentity) -> None:
     with pytest.raises(ManifestError, match="duplicate"):
         Manifest(identity, (TensorSpec("a", "F32", (4,)), TensorSpec("a", "F32", (4,), 0, 16)), (Region(64),))
@@ -84,6 +85,7 @@ def test_manifest_json_round_trip_keeps_fingerprints(identity: ModelIdentity) ->
         '{"identity": {}, "regions": [], "tensors": []}',
     ],
 )
+@pytest.mark.faults
 def test_manifest_from_untrusted_json_raises_typed_error(text: str) -> None:
     with pytest.raises(ManifestError):
         Manifest.from_json(text)
@@ -122,6 +124,7 @@ def test_parse_size_and_layout() -> None:
             parse_layout(bad)
 
 
+@pytest.mark.faults
 def test_source_record_from_garbage_raises_typed_error() -> None:
     with pytest.raises(ManifestError):
         SourceRecord.from_dict({"source_id": "a"})

@@ -133,6 +133,7 @@ async def test_preallocated_engine_tensors_are_filled_in_place(peers: Peers, reg
     await registry.aclose()
 
 
+@pytest.mark.faults
 async def test_manifest_claiming_a_larger_tensor_is_rejected_before_any_transfer(
     peers: Peers, registry_url: str
 ) -> None:
@@ -150,6 +151,7 @@ async def test_manifest_claiming_a_larger_tensor_is_rejected_before_any_transfer
     await registry.aclose()
 
 
+@pytest.mark.faults
 async def test_source_killed_before_the_pull_is_skipped(peers: Peers, registry_url: str) -> None:
     dead, _alive = peers.start(("dead", "arena"), ("alive", "arena"))
     dead.kill()
@@ -167,6 +169,7 @@ async def test_source_killed_before_the_pull_is_skipped(peers: Peers, registry_u
     await registry.aclose()
 
 
+@pytest.mark.faults
 async def test_source_killed_during_the_pull_fails_over(peers: Peers, registry_url: str) -> None:
     """Freeze the source so its READ cannot complete, start the pull, then SIGKILL it mid-transfer."""
     victim, _spare = peers.start(("victim", "arena"), ("spare", "arena"))
@@ -191,6 +194,7 @@ async def test_source_killed_during_the_pull_fails_over(peers: Peers, registry_u
     await registry.aclose()
 
 
+@pytest.mark.faults
 async def test_frozen_source_times_out_is_marked_stale_and_another_serves(
     peers: Peers, registry_url: str
 ) -> None:
@@ -218,6 +222,7 @@ async def test_sigterm_unpublishes_the_source(peers: Peers, registry_url: str) -
     await registry.aclose()
 
 
+@pytest.mark.faults
 async def test_bytes_that_fail_their_checksum_are_corrupt_and_mark_the_source_stale(
     peers: Peers, registry_url: str
 ) -> None:

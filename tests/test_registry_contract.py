@@ -172,6 +172,7 @@ async def test_add_load_counts_readers_and_never_goes_negative(
     assert (await registry.list(identity.key))[0].load == 0
 
 
+@pytest.mark.faults
 async def test_garbage_records_are_skipped_not_fatal(
     stored_registry: SourceRegistry, identity: ModelIdentity, clock: Clock
 ) -> None:

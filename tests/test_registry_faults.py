@@ -45,6 +45,7 @@ anyio.run(main)
 """
 
 
+@pytest.mark.faults
 def test_one_sqlite_file_shared_by_several_writer_processes(tmp_path: Path) -> None:
     url = f"sqlite://{tmp_path}/shared.db"
     procs = [
@@ -64,6 +65,7 @@ def test_one_sqlite_file_shared_by_several_writer_processes(tmp_path: Path) -> N
     assert anyio.run(count) == 160
 
 
+@pytest.mark.faults
 @pytest.mark.nixl
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_a_sigkilled_source_leaves_ready_listings_within_its_ttl(
@@ -90,6 +92,7 @@ def test_a_sigkilled_source_leaves_ready_listings_within_its_ttl(
     assert time.monotonic() - killed_at >= ttl - 1.5  # it stayed while its TTL said so
 
 
+@pytest.mark.faults
 async def test_redis_outage_is_typed_and_publishing_resumes_after_restart(
     redis_server: RedisServer, redis_url: str
 ) -> None:
@@ -116,6 +119,7 @@ async def test_redis_outage_is_typed_and_publishing_resumes_after_restart(
     await reg.aclose()
 
 
+@pytest.mark.faults
 async def test_mismatches_never_reach_mark_stale_end_to_end() -> None:
     registry, prober = await scenario(IDENTITY, ["layout", "manifest", "good"])
     order = {"layout": 0.0, "manifest": 1.0, "good": 2.0}
