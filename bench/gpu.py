@@ -37,6 +37,9 @@ from mx_orchestrator.logs import configure_logging  # noqa: E402
 from mx_orchestrator.registry.sqlite import SqliteRegistry  # noqa: E402
 from mx_orchestrator.target import Target  # noqa: E402
 
+sys.path.append(str(HERE))  # bench helpers; last, so bench/nixl.py never shadows the nixl package
+from _timing import orchestrated, ratios, raw_nixl  # noqa: E402
+
 
 def source(set_name: str, layout: str, registry_url: str, sid: str, device: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
@@ -64,59 +67,6 @@ def peer_copy_gbps(nbytes: int, src_dev: int, dst_dev: int, repeat: int) -> floa
     del src, dst
     torch.cuda.empty_cache()
     return nbytes / statistics.median(times[1:]) / 1e9
-
-
-async def raw_nixl(
-    registry: SqliteRegistry, identity: ModelIdentity, target: Target, plan: Any, repeat: int
-) -> tuple[float, int]:
-    from strategies._nixl import get_agent
-    from strategies._peer import _rows, parse_advert
-
-    (record,) = await registry.list(identity.key)
-    manifest = await registry.get_manifest(record.source_id, record.generation)
-    assert manifest is not None
-    advert = parse_advert(record.transport, manifest)
-    assert not isinstance(advert, str)
-    local_manifest = target.prepare(manifest)
-    planned = plan(manifest, advert.spans, local_manifest, target.region_spans())
-    assert not isinstance(planned, str), planned
-    local, remote = planned
-    agent = get_agent()
-    nixl = agent._agent
-    deregister = agent.register([(a, n, target.device_id) for a, n in target.region_spans()], "VRAM")
-    name = agent.add_remote(advert.metadata)
-    ld = nixl.get_xfer_descs(_rows(local, target.device_id), "VRAM")
-    rd = nixl.get_xfer_descs(_rows(remote, advert.device_id), advert.mem_type)
-    times = []
-    try:
-        for _ in range(repeat + 1):
-            began = time.perf_counter()
-            handle = nixl.initialize_xfer("READ", ld, rd, name)
-            state = nixl.transfer(handle)
-            while state == "PROC":
-                state = nixl.check_xfer_state(handle)
-            times.append(time.perf_counter() - began)
-            assert state == "DONE", state
-            nixl.release_xfer_handle(handle)
-    finally:
-        agent.remove_remote(name)
-        deregister()
-    return statistics.median(times[1:]), len(local)
-
-
-async def orchestrated(
-    registry: SqliteRegistry, identity: ModelIdentity, target: Target, strategy: Any, repeat: int
-) -> tuple[float, dict[str, Any]]:
-    times = []
-    report = None
-    for _ in range(repeat + 1):
-        report = await Orchestrator(registry, [strategy], rank_window=0.0, attempt_timeout=120).load(
-            identity, target
-        )
-        assert report.loaded and report.final is not None, report.to_json()
-        times.append(report.final.seconds)
-    assert report is not None
-    return statistics.median(times[1:]), report.to_dict()
 
 
 def disk_gbps(device: str, nbytes: int = 2 << 30) -> float:
@@ -168,11 +118,13 @@ def main() -> None:
             registry = SqliteRegistry(path)
             target = Target("arena", f"cuda:{dst_dev}", verify=False)
             plan = plan_region_reads if layout_strategy == "rdma_region" else plan_tensor_reads
-            raw, ndesc = await raw_nixl(registry, identity, target, plan, args.repeat)
+            raw, setup, ndesc = await raw_nixl(registry, identity, target, plan, args.repeat, warmup=1)
             strategy = (
                 RdmaRegion(verify=False) if layout_strategy == "rdma_region" else RdmaTensor(verify=False)
             )
-            orch, _ = await orchestrated(registry, identity, target, strategy, args.repeat)
+            orch, load = await orchestrated(
+                registry, identity, target, strategy, args.repeat, warmup=1, attempt_timeout=120
+            )
             nbytes = target.nbytes
             verified_target = Target("arena", f"cuda:{dst_dev}", verify=True)
             verified = await Orchestrator(
@@ -181,12 +133,7 @@ def main() -> None:
             await registry.aclose()
             return {
                 "bytes": nbytes,
-                "descriptors": ndesc,
-                "raw_nixl_ms": round(raw * 1e3, 2),
-                "raw_nixl_gbps": round(nbytes / raw / 1e9, 1),
-                "orchestrated_ms": round(orch * 1e3, 2),
-                "orchestrated_gbps": round(nbytes / orch / 1e9, 1),
-                "orchestrated_vs_raw": round(raw / orch, 3),
+                **ratios(nbytes, raw, setup, orch, load, ndesc),
                 "verified_pull": {
                     "loaded": verified.loaded,
                     "verified": verified.to_dict()["verified"],

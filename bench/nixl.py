@@ -37,15 +37,17 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
-from mx_orchestrator import ModelIdentity, Orchestrator  # noqa: E402
+from mx_orchestrator import ModelIdentity  # noqa: E402
 from mx_orchestrator.layout import plan_region_reads, plan_tensor_reads  # noqa: E402
 from mx_orchestrator.logs import configure_logging  # noqa: E402
 from mx_orchestrator.registry.sqlite import SqliteRegistry  # noqa: E402
 from mx_orchestrator.target import Target  # noqa: E402
 from strategies._nixl import get_agent  # noqa: E402
-from strategies._peer import _rows, parse_advert  # noqa: E402
 from strategies.rdma_region import RdmaRegion  # noqa: E402
 from strategies.rdma_tensor import RdmaTensor  # noqa: E402
+
+sys.path.append(str(HERE))  # bench helpers; last, so bench/nixl.py never shadows the nixl package
+from _timing import orchestrated, ratios, raw_nixl  # noqa: E402
 
 
 def memcpy_gbps(nbytes: int, threads: int, repeat: int) -> float:
@@ -112,113 +114,41 @@ class Source:
         self.proc.wait(timeout=30)
 
 
-async def raw_nixl_seconds(
-    registry: SqliteRegistry, identity: ModelIdentity, target: Target, plan: Any, repeat: int
-) -> tuple[float, float, int]:
-    """Median transfer seconds, setup seconds (add_remote + initialize_xfer), descriptor count."""
-    (record,) = await registry.list(identity.key)
-    manifest = await registry.get_manifest(record.source_id, record.generation)
-    assert manifest is not None
-    advert = parse_advert(record.transport, manifest)
-    assert not isinstance(advert, str)
-    local_manifest = target.prepare(manifest)
-    planned = plan(manifest, advert.spans, local_manifest, target.region_spans())
-    assert not isinstance(planned, str), planned
-    local, remote = planned
-    agent = get_agent()
-    nixl = agent._agent  # raw NIXL, same agent and settings
-    deregister = agent.register([(a, n, 0) for a, n in target.region_spans()], "DRAM")
-    began = time.perf_counter()
-    name = agent.add_remote(advert.metadata)
-    local_d = nixl.get_xfer_descs(_rows(local, 0), "DRAM")
-    remote_d = nixl.get_xfer_descs(_rows(remote, 0), "DRAM")
-    setup = time.perf_counter() - began
-    times = []
-    try:
-        for _ in range(repeat):
-            began = time.perf_counter()
-            handle = nixl.initialize_xfer("READ", local_d, remote_d, name)
-            state = nixl.transfer(handle)
-            while state == "PROC":
-                state = nixl.check_xfer_state(handle)
-            times.append(time.perf_counter() - began)
-            assert state == "DONE", state
-            nixl.release_xfer_handle(handle)
-    finally:
-        agent.remove_remote(name)
-        deregister()
-    return statistics.median(times), setup, len(local)
-
-
-async def orchestrated(
-    registry: SqliteRegistry, identity: ModelIdentity, target: Target, strategy: Any, repeat: int
-) -> tuple[float, float]:
-    """Median transfer seconds and median whole-load seconds."""
-    transfers, loads = [], []
-    for _ in range(repeat):
-        orch = Orchestrator(registry, [strategy], rank_window=0.0)
-        began = time.perf_counter()
-        report = await orch.load(identity, target)
-        loads.append(time.perf_counter() - began)
-        assert report.loaded and report.final is not None, report.to_json()
-        transfers.append(report.final.seconds)
-    return statistics.median(transfers), statistics.median(loads)
-
-
 def measure_set(set_name: str, registry_url: str, repeat: int) -> dict[str, Any]:
     identity = ModelIdentity(f"bench/{set_name}")
     path = registry_url.removeprefix("sqlite://")
     result: dict[str, Any] = {"set": set_name}
 
-    async def region_phase() -> None:
+    async def phase(strategy: str) -> None:
         registry = SqliteRegistry(path)
-        (record,) = await registry.list(identity.key)
-        first_region = json.loads(record.transport["nixl_regions"])[0]
-        cma = process_vm_readv_gbps(source.proc.pid, first_region[0], first_region[1], repeat)
-        result["process_vm_readv_gbps"] = round(cma, 2) if cma else None
+        if strategy == "rdma_region":
+            (record,) = await registry.list(identity.key)
+            first_region = json.loads(record.transport["nixl_regions"])[0]
+            cma = process_vm_readv_gbps(source.proc.pid, first_region[0], first_region[1], repeat)
+            result["process_vm_readv_gbps"] = round(cma, 2) if cma else None
+        plan, cls = (
+            (plan_region_reads, RdmaRegion) if strategy == "rdma_region" else (plan_tensor_reads, RdmaTensor)
+        )
         target = Target("arena", verify=False)
-        raw, setup, ndesc = await raw_nixl_seconds(registry, identity, target, plan_region_reads, repeat)
-        orch, load = await orchestrated(registry, identity, target, RdmaRegion(verify=False), repeat)
-        nbytes = target.nbytes
-        result.update(bytes=nbytes, tensors=len(target.tensors()))
-        result["rdma_region"] = {
-            "descriptors": ndesc,
-            "raw_nixl_gbps": round(nbytes / raw / 1e9, 2),
-            "orchestrated_gbps": round(nbytes / orch / 1e9, 2),
-            "orchestrated_vs_raw": round(raw / orch, 3),
-            "raw_setup_ms": round(setup * 1e3, 2),
-            "orchestrated_overhead_ms": round((load - orch) * 1e3, 2),
-        }
-        await registry.aclose()
-
-    async def tensor_phase() -> None:
-        registry = SqliteRegistry(path)
-        target = Target("arena", verify=False)
-        raw, setup, ndesc = await raw_nixl_seconds(registry, identity, target, plan_tensor_reads, repeat)
-        orch, load = await orchestrated(registry, identity, target, RdmaTensor(verify=False), repeat)
-        nbytes = target.nbytes
-        result["rdma_tensor"] = {
-            "source_layout": "tensor" if set_name != "one" else "arena",
-            "descriptors": ndesc,
-            "raw_nixl_gbps": round(nbytes / raw / 1e9, 2),
-            "orchestrated_gbps": round(nbytes / orch / 1e9, 2),
-            "orchestrated_vs_raw": round(raw / orch, 3),
-            "raw_setup_ms": round(setup * 1e3, 2),
-            "orchestrated_overhead_ms": round((load - orch) * 1e3, 2),
-        }
+        raw, setup, ndesc = await raw_nixl(registry, identity, target, plan, repeat)
+        orch, load = await orchestrated(registry, identity, target, cls(verify=False), repeat)
+        result.update(bytes=target.nbytes, tensors=len(target.tensors()))
+        result[strategy] = ratios(target.nbytes, raw, setup, orch, load, ndesc)
+        if strategy == "rdma_tensor":
+            result[strategy]["source_layout"] = "tensor" if set_name != "one" else "arena"
         await registry.aclose()
 
     source = Source(set_name, "arena", registry_url, f"{set_name}-arena")
     try:
-        anyio.run(region_phase)
+        anyio.run(phase, "rdma_region")
         if set_name == "one":
-            anyio.run(tensor_phase)
+            anyio.run(phase, "rdma_tensor")
     finally:
         source.stop()
     if set_name != "one":
         source = Source(set_name, "tensor", registry_url, f"{set_name}-tensor")
         try:
-            anyio.run(tensor_phase)
+            anyio.run(phase, "rdma_tensor")
         finally:
             source.stop()
     return result

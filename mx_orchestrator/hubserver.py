@@ -91,6 +91,7 @@ class HubServer:
         self.faults = HubFaults()
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -105,6 +106,7 @@ class HubServer:
         return [p for m, p in self.requests if m == "GET" and "/resolve/" in p]
 
     def start(self) -> HubServer:
+        self._stopping.clear()
         server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         server.daemon_threads = True
         self._server = server
@@ -113,6 +115,7 @@ class HubServer:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()  # slow responses in flight end, closing their connections
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -313,9 +316,11 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 return
             if filename in faults.slow_body:
                 for i in range(len(body)):
+                    if hub._stopping.wait(0.5):
+                        self.close_connection = True
+                        return
                     self.wfile.write(body[i : i + 1])
                     self.wfile.flush()
-                    time.sleep(0.5)
                 return
             self.wfile.write(body)
 

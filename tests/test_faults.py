@@ -224,9 +224,23 @@ async def test_hostile_hub_behaviour_is_typed_and_bounded(tmp_path: Path, fault:
         began = time.monotonic()
         report = await Orchestrator(None, [strategy], attempt_timeout=3.0).load(IDENTITY, Target("arena"))
     assert time.monotonic() - began < 6
+    # once the hostile server is gone, the abandoned download thread ends too
+    deadline = time.monotonic() + 15
+    while any(t.name.startswith("AnyIO worker") and t.is_alive() and _busy(t) for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a download thread outlived the hub server"
+        await anyio.sleep(0.1)
     (attempt,) = report.attempts
     assert attempt.outcome.name == expected, attempt.outcome
     assert not report.loaded
+
+
+def _busy(thread: threading.Thread) -> bool:
+    """True while a thread is inside huggingface_hub (an idle pool worker waits in the threading module)."""
+    import sys
+    import traceback
+
+    frame = sys._current_frames().get(thread.ident or -1)
+    return frame is not None and any("huggingface_hub" in f.filename for f in traceback.extract_stack(frame))
 
 
 # -- hostile manifests and metadata -------------------------------------------------
