@@ -153,6 +153,12 @@ class Orchestrator:
                 receive.close()
 
         finished = anyio.current_time()
+        if not done.loaded and not attempts:
+            outage = next((p for p in evaluation.probes if p.source == "<registry>"), None)
+            if outage is not None:
+                done = Done(False, f"the registry is unavailable: {outage.detail}")
+            elif not any(p.ok for p in evaluation.probes):
+                done = Done(False, f"no READY source of {identity.key} was found")
         report = LoadReport(
             run_id=run_id,
             identity=identity,

@@ -186,6 +186,16 @@ class FakeRegistry(MemoryRegistry):
         self._enter("list", identity_key or "")
         return await super().list(identity_key, state)
 
+    async def heartbeat(
+        self, source_id: str, generation: str, *, load: int | None = None
+    ) -> SourceRecord | None:
+        self._enter("heartbeat", source_id)
+        return await super().heartbeat(source_id, generation, load=load)
+
+    async def add_load(self, source_id: str, generation: str, delta: int) -> None:
+        self._enter("add_load", source_id)
+        await super().add_load(source_id, generation, delta)
+
     async def mark_stale(self, source_id: str, generation: str, *, reason: str, reporter: str = "") -> bool:
         self._enter("mark_stale", source_id)
         return await super().mark_stale(source_id, generation, reason=reason, reporter=reporter)
