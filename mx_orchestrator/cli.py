@@ -170,11 +170,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         registry = open_registry(args.registry or default_registry_url())
+        metrics = None
         if args.metrics_port is not None:
-            from .metrics import start_metrics_server
+            from .metrics import SourceMetrics, start_metrics_server
 
+            metrics = SourceMetrics()
             start_metrics_server(args.metrics_port)
-        source = WeightSource(registry, weights, source_id=args.source_id, ttl=args.ttl, labels=labels)
+        source = WeightSource(
+            registry, weights, source_id=args.source_id, ttl=args.ttl, labels=labels, metrics=metrics
+        )
 
         def announce(record: SourceRecord) -> None:
             ready = {

@@ -8,7 +8,7 @@ from .errors import ConfigError
 from .pipeline import LoadObserver
 from .report import AttemptRecord, LoadReport, ProbeRecord
 
-__all__ = ["PrometheusObserver", "start_metrics_server"]
+__all__ = ["PrometheusObserver", "SourceMetrics", "start_metrics_server"]
 
 
 def _client() -> Any:
@@ -57,3 +57,16 @@ class PrometheusObserver(LoadObserver):
 
 def start_metrics_server(port: int, addr: str = "127.0.0.1") -> None:
     _client().start_http_server(port, addr=addr)
+
+
+class SourceMetrics:
+    """Serve-side gauges and counters: what a source offers and whether its registry hears from it."""
+
+    def __init__(self, registry: Any = None) -> None:
+        prom = _client()
+        kwargs = {"registry": registry} if registry is not None else {}
+        self.published = prom.Gauge("mxo_source_published", "1 while the record is published", **kwargs)
+        self.bytes = prom.Gauge("mxo_source_bytes", "Bytes of weights offered", **kwargs)
+        self.regions = prom.Gauge("mxo_source_regions", "Registered regions", **kwargs)
+        self.heartbeats = prom.Counter("mxo_source_heartbeats_total", "Heartbeats", ["ok"], **kwargs)
+        self.notifications = prom.Counter("mxo_source_notifications_total", "NIXL notifications", **kwargs)

@@ -167,6 +167,7 @@ class WeightSource:
         labels: Mapping[str, str] | None = None,
         agent: Any = None,
         poll_interval: float = 0.001,
+        metrics: Any = None,
     ) -> None:
         self.registry = registry
         self.weights = weights
@@ -176,6 +177,7 @@ class WeightSource:
         self.labels = dict(labels or {"host": socket.gethostname()})
         self._agent = agent
         self._poll_interval = poll_interval
+        self._metrics = metrics  # a mx_orchestrator.metrics.SourceMetrics, or None
         self.record: SourceRecord | None = None
 
     def _build_record(self, agent: Any) -> SourceRecord:
@@ -209,6 +211,10 @@ class WeightSource:
             self.record = self._build_record(agent)
             await self.registry.publish(self.record, w.manifest)
             log.info("source.published", regions=len(w.spans), bytes=w.manifest.total_bytes)
+            if self._metrics is not None:
+                self._metrics.published.set(1)
+                self._metrics.bytes.set(w.manifest.total_bytes)
+                self._metrics.regions.set(len(w.spans))
             task_status.started(self.record)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat, log)
@@ -222,6 +228,8 @@ class WeightSource:
                 except Exception as exc:  # the TTL will retire the record anyway
                     log.warning("source.unpublish_failed", error=str(exc))
                 deregister()
+                if self._metrics is not None:
+                    self._metrics.published.set(0)
 
     async def _heartbeat(self, log: Any) -> None:
         while True:
@@ -234,13 +242,19 @@ class WeightSource:
                         # during an outage): publish again
                         await self.registry.publish(self.record, self.weights.manifest)
                         log.info("source.republished")
+                if self._metrics is not None:
+                    self._metrics.heartbeats.labels(ok="true").inc()
             except Exception as exc:  # an outage must not kill the source; keep trying
                 log.warning("source.heartbeat_failed", error=str(exc))
+                if self._metrics is not None:
+                    self._metrics.heartbeats.labels(ok="false").inc()
 
     async def _progress(self, agent: Any) -> None:
         # readers hang unless the source side drives UCX (no NIXL progress thread)
         while True:
-            agent.poll_notifications()
+            arrived = agent.poll_notifications()
+            if arrived and self._metrics is not None:
+                self._metrics.notifications.inc(arrived)
             await anyio.sleep(self._poll_interval)
 
 

@@ -107,3 +107,33 @@ def test_demo_hub_fallback_ends_loaded_via_hf_download() -> None:
     data = json.loads(result.stdout)
     assert data["outcome"] == "loaded" and data["strategy"] == "hf_download" and data["verified"] is True
     assert {a["outcome"] for a in data["attempts"][:-1]} <= {"LayoutMismatch", "SourceUnreachable"}
+
+
+def test_serve_exposes_prometheus_metrics(tmp_path: Path) -> None:
+    import signal
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MXO_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mx_orchestrator", "serve", "--model-id", MODEL_ID, "--weights", str(minilm_dir()),
+         "--registry", f"sqlite://{tmp_path}/r.db", "--metrics-port", str(port), "--ttl", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["event"] == "ready"
+        import time
+
+        time.sleep(1.5)  # at least one heartbeat
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "mxo_source_published 1.0" in text
+        assert "mxo_source_bytes 9.085696e+07" in text
+        assert 'mxo_source_heartbeats_total{ok="true"}' in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0
