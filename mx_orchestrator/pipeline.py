@@ -29,7 +29,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from .errors import ConfigError, ManifestError, RegistryError
 from .models import Candidate, ModelIdentity, SourceState
 from .outcomes import Cancelled, LocalFailure, Outcome, TimedOut
-from .plan import Attempt, Done, Planner, StrategySlot, Wait
+from .plan import EXHAUSTED, Attempt, Done, Planner, StrategySlot, Wait
 from .policy import DEFAULT_POLICY, Action, DecisionState, Policy
 from .registry.base import SourceRegistry
 from .report import AttemptRecord, LoadReport, ProbeRecord
@@ -153,7 +153,7 @@ class Orchestrator:
                 receive.close()
 
         finished = anyio.current_time()
-        if not done.loaded and not attempts:
+        if not done.loaded and not attempts and done.reason == EXHAUSTED:
             outage = next((p for p in evaluation.probes if p.source == "<registry>"), None)
             if outage is not None:
                 done = Done(False, f"the registry is unavailable: {outage.detail}")

@@ -22,7 +22,10 @@ from .models import Candidate
 from .policy import Action, ActionKind
 from .selection import RankKey
 
-__all__ = ["Attempt", "Done", "Planner", "StrategySlot", "Wait"]
+__all__ = ["EXHAUSTED", "Attempt", "Done", "Planner", "StrategySlot", "Wait"]
+
+#: The reason a plan ends when nothing is left to try.
+EXHAUSTED = "every strategy and candidate was tried"
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +163,7 @@ class Planner:
                 if self._evaluating:
                     return Wait()
             self._index += 1
-        self._done = Done(False, "every strategy and candidate was tried")
+        self._done = Done(False, EXHAUSTED)
         return self._done
 
     def _pop_best(self) -> Candidate | None:

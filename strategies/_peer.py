@@ -38,7 +38,7 @@ from mx_orchestrator.target import Target, TargetMismatch
 
 from ._nixl import NixlAgent, NixlError, get_agent
 
-__all__ = ["PeerAdvert", "parse_advert", "run_pull"]
+__all__ = ["PeerAdvert", "PeerStrategy", "parse_advert", "run_pull"]
 
 _MAX_METADATA_BYTES = 1 << 20
 
@@ -247,3 +247,28 @@ async def run_pull(
         if remote_name is not None:
             nixl.remove_remote(remote_name)
         deregister()
+
+
+class PeerStrategy:
+    """Base of the NIXL strategies: each names its descriptor planner and what a refused plan means."""
+
+    name = "peer"
+    uses_peers = True
+    #: the pure planner: (source, remote spans, target, local spans) -> descriptors or a reason
+    plan: Planner
+    #: whether a refused plan is a LayoutMismatch (else a ManifestMismatch)
+    refusal_is_layout = False
+
+    def __init__(self, *, verify: bool = True, agent: NixlAgent | None = None) -> None:
+        self.verify = verify
+        self.agent = agent
+
+    async def attempt(self, ctx: AttemptContext) -> Outcome:
+        return await run_pull(
+            ctx,
+            self.name,
+            type(self).plan,
+            agent=self.agent,
+            verify=self.verify,
+            layout_mismatch=self.refusal_is_layout,
+        )

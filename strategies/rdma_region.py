@@ -9,24 +9,13 @@ bytes and leaves the source READY (ModelExpress PR #246).
 from __future__ import annotations
 
 from mx_orchestrator.layout import plan_region_reads
-from mx_orchestrator.outcomes import Outcome
-from mx_orchestrator.strategy import AttemptContext
 
-from ._nixl import NixlAgent
-from ._peer import run_pull
+from ._peer import PeerStrategy
 
 __all__ = ["RdmaRegion"]
 
 
-class RdmaRegion:
+class RdmaRegion(PeerStrategy):
     name = "rdma_region"
-    uses_peers = True
-
-    def __init__(self, *, verify: bool = True, agent: NixlAgent | None = None) -> None:
-        self.verify = verify
-        self.agent = agent
-
-    async def attempt(self, ctx: AttemptContext) -> Outcome:
-        return await run_pull(
-            ctx, self.name, plan_region_reads, agent=self.agent, verify=self.verify, layout_mismatch=True
-        )
+    plan = staticmethod(plan_region_reads)
+    refusal_is_layout = True

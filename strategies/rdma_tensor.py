@@ -9,22 +9,12 @@ a descriptor.
 from __future__ import annotations
 
 from mx_orchestrator.layout import plan_tensor_reads
-from mx_orchestrator.outcomes import Outcome
-from mx_orchestrator.strategy import AttemptContext
 
-from ._nixl import NixlAgent
-from ._peer import run_pull
+from ._peer import PeerStrategy
 
 __all__ = ["RdmaTensor"]
 
 
-class RdmaTensor:
+class RdmaTensor(PeerStrategy):
     name = "rdma_tensor"
-    uses_peers = True
-
-    def __init__(self, *, verify: bool = True, agent: NixlAgent | None = None) -> None:
-        self.verify = verify
-        self.agent = agent
-
-    async def attempt(self, ctx: AttemptContext) -> Outcome:
-        return await run_pull(ctx, self.name, plan_tensor_reads, agent=self.agent, verify=self.verify)
+    plan = staticmethod(plan_tensor_reads)

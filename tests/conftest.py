@@ -12,11 +12,27 @@ from pathlib import Path
 import pytest
 
 from mx_orchestrator import ModelIdentity
+from mx_orchestrator.localpeers import Peers
 
 
 @pytest.fixture
 def identity() -> ModelIdentity:
     return ModelIdentity("acme/tiny-model", "main")
+
+
+@pytest.fixture
+def registry_url(tmp_path: Path) -> str:
+    """A fresh SQLite registry file, shared with the source processes a test starts."""
+    return f"sqlite://{tmp_path}/registry.db"
+
+
+@pytest.fixture
+def peers(registry_url: str) -> Iterator[Peers]:
+    """Real `mxo serve` processes; every one is reaped, which is asserted."""
+    with Peers(registry_url) as p:
+        yield p
+    for proc in p.started:
+        assert proc.proc.poll() is not None, "a source process outlived its test"
 
 
 class RedisServer:

@@ -53,19 +53,6 @@ IDENTITY = ModelIdentity(MODEL_ID)
 
 
 @pytest.fixture
-def registry_url(tmp_path: Path) -> str:
-    return f"sqlite://{tmp_path}/registry.db"
-
-
-@pytest.fixture
-def peers(registry_url: str) -> Iterator[Peers]:
-    with Peers(registry_url) as p:
-        yield p
-    for proc in p.started:
-        assert proc.proc.poll() is not None, "a source process outlived its test"
-
-
-@pytest.fixture
 def no_leaks() -> Iterator[None]:
     agent = get_agent()
     before = (agent.stats.handles_open, agent.stats.remote_agents, agent.stats.registrations)

@@ -26,18 +26,6 @@ pytestmark = pytest.mark.nixl
 IDENTITY = ModelIdentity(MODEL_ID)
 
 
-@pytest.fixture
-def registry_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/registry.db"
-
-
-@pytest.fixture
-def peers(registry_url: str) -> Iterator[Peers]:
-    p = Peers(registry_url)
-    yield p
-    p.close()
-
-
 @pytest.fixture(autouse=True)
 def no_nixl_leaks() -> Iterator[None]:
     """After every test: no open transfer handles, remote agents or registrations in this process."""
