@@ -168,6 +168,7 @@ class WeightSource:
         agent: Any = None,
         poll_interval: float = 0.001,
         metrics: Any = None,
+        drain_timeout: float = 5.0,
     ) -> None:
         self.registry = registry
         self.weights = weights
@@ -178,6 +179,7 @@ class WeightSource:
         self._agent = agent
         self._poll_interval = poll_interval
         self._metrics = metrics  # a mx_orchestrator.metrics.SourceMetrics, or None
+        self.drain_timeout = drain_timeout
         self.record: SourceRecord | None = None
 
     def _build_record(self, agent: Any) -> SourceRecord:
@@ -221,6 +223,7 @@ class WeightSource:
                 await self._progress(agent)
         finally:
             with anyio.CancelScope(shield=True):
+                await self._drain(agent, log)
                 try:
                     with anyio.fail_after(2):
                         await self.registry.remove(self.source_id, self.generation)
@@ -230,6 +233,21 @@ class WeightSource:
                 deregister()
                 if self._metrics is not None:
                     self._metrics.published.set(0)
+
+    async def _drain(self, agent: Any, log: Any) -> None:
+        """DRAINING: no new readers are sent here; wait (bounded) for the ones reading now, driving UCX."""
+        if self.record is None:
+            return
+        deadline = anyio.current_time() + self.drain_timeout
+        try:
+            with anyio.fail_after(2):
+                record = await self.registry.drain(self.source_id, self.generation)
+            while record is not None and record.load > 0 and anyio.current_time() < deadline:
+                agent.poll_notifications()
+                await anyio.sleep(0.01)
+                record = await self.registry.get(self.source_id)
+        except Exception as exc:  # shutting down anyway
+            log.warning("source.drain_failed", error=str(exc))
 
     async def _heartbeat(self, log: Any) -> None:
         while True:

@@ -192,6 +192,10 @@ class FakeRegistry(MemoryRegistry):
         self._enter("heartbeat", source_id)
         return await super().heartbeat(source_id, generation, load=load)
 
+    async def drain(self, source_id: str, generation: str) -> SourceRecord | None:
+        self._enter("drain", source_id)
+        return await super().drain(source_id, generation)
+
     async def add_load(self, source_id: str, generation: str, delta: int) -> None:
         self._enter("add_load", source_id)
         await super().add_load(source_id, generation, delta)

@@ -196,3 +196,16 @@ async def _corrupt(registry: SourceRegistry, source_id: str) -> None:
         db.close()
     else:
         await registry._r.set(registry._k("src", source_id), "not json at all")  # type: ignore[attr-defined]
+
+
+async def test_a_draining_source_is_not_offered_but_still_listed_as_draining(
+    registry: SourceRegistry, identity: ModelIdentity, clock: Clock
+) -> None:
+    a = rec(identity, "a", clock)
+    await registry.publish(a)
+    await registry.add_load("a", a.generation, +1)
+    drained = await registry.drain("a", a.generation)
+    assert drained is not None and drained.state is SourceState.DRAINING and drained.load == 1
+    assert await registry.list(identity.key) == []
+    assert [r.source_id for r in await registry.list(identity.key, SourceState.DRAINING)] == ["a"]
+    assert await registry.drain("a", "other-generation") is None

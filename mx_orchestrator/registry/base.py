@@ -19,6 +19,7 @@ from ..models import Manifest, SourceRecord, SourceState
 __all__ = [
     "EjectionPolicy",
     "SourceRegistry",
+    "apply_drain",
     "apply_heartbeat",
     "apply_load",
     "apply_publish",
@@ -82,6 +83,11 @@ def apply_publish(previous: SourceRecord | None, record: SourceRecord, now: floa
     return apply_heartbeat(record, now)
 
 
+def apply_drain(record: SourceRecord) -> SourceRecord:
+    """A source shutting down: not offered to new readers, readers in flight may finish."""
+    return replace(record, state=SourceState.DRAINING)
+
+
 def apply_load(record: SourceRecord, delta: int) -> SourceRecord:
     """Count readers in or out; never below zero (a reader's exit may outlive a restart)."""
     return replace(record, load=max(0, record.load + delta))
@@ -112,6 +118,10 @@ class SourceRegistry(Protocol):
     async def heartbeat(
         self, source_id: str, generation: str, *, load: int | None = None
     ) -> SourceRecord | None: ...
+
+    async def drain(self, source_id: str, generation: str) -> SourceRecord | None:
+        """Mark a source DRAINING (no new readers); returns the record, whose ``load`` counts readers left."""
+        ...
 
     async def add_load(self, source_id: str, generation: str, delta: int) -> None:
         """Count a reader in (+1) or out (-1): the data the least-loaded selection ranks by."""

@@ -6,7 +6,15 @@ import time
 from collections.abc import Callable
 
 from ..models import Manifest, SourceRecord, SourceState
-from .base import EjectionPolicy, apply_heartbeat, apply_load, apply_mark_stale, apply_publish, is_listed
+from .base import (
+    EjectionPolicy,
+    apply_drain,
+    apply_heartbeat,
+    apply_load,
+    apply_mark_stale,
+    apply_publish,
+    is_listed,
+)
 
 __all__ = ["MemoryRegistry"]
 
@@ -39,6 +47,13 @@ class MemoryRegistry:
             return None
         record = apply_heartbeat(record, self._clock(), load)
         self._records[source_id] = record
+        return record
+
+    async def drain(self, source_id: str, generation: str) -> SourceRecord | None:
+        record = self._records.get(source_id)
+        if record is None or record.generation != generation:
+            return None
+        self._records[source_id] = record = apply_drain(record)
         return record
 
     async def add_load(self, source_id: str, generation: str, delta: int) -> None:

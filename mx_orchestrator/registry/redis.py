@@ -25,7 +25,15 @@ from typing import Any, TypeVar
 
 from ..errors import ConfigError, ManifestError, RegistryUnavailable
 from ..models import Manifest, SourceRecord, SourceState
-from .base import EjectionPolicy, apply_heartbeat, apply_load, apply_mark_stale, apply_publish, is_listed
+from .base import (
+    EjectionPolicy,
+    apply_drain,
+    apply_heartbeat,
+    apply_load,
+    apply_mark_stale,
+    apply_publish,
+    is_listed,
+)
 
 __all__ = ["RedisRegistry"]
 
@@ -156,6 +164,14 @@ class RedisRegistry:
             if current is None or current.generation != generation:
                 return None
             return apply_heartbeat(current, now, load)
+
+        return await self._update(source_id, change)
+
+    async def drain(self, source_id: str, generation: str) -> SourceRecord | None:
+        def change(current: SourceRecord | None) -> SourceRecord | None:
+            if current is None or current.generation != generation:
+                return None
+            return apply_drain(current)
 
         return await self._update(source_id, change)
 

@@ -22,6 +22,7 @@ from ..errors import ConfigError, ManifestError, RegistryUnavailable
 from ..models import Manifest, SourceRecord, SourceState
 from .base import (
     EjectionPolicy,
+    apply_drain,
     apply_heartbeat,
     apply_load,
     apply_mark_stale,
@@ -163,6 +164,17 @@ class SqliteRegistry:
             if record is None or record.generation != generation:
                 return None
             record = apply_heartbeat(record, now, load)
+            self._store(conn, record)
+            return record
+
+        return await self._run(lambda conn: self._update(conn, tx))
+
+    async def drain(self, source_id: str, generation: str) -> SourceRecord | None:
+        def tx(conn: sqlite3.Connection) -> SourceRecord | None:
+            record = self._load(conn, source_id)
+            if record is None or record.generation != generation:
+                return None
+            record = apply_drain(record)
             self._store(conn, record)
             return record
 
