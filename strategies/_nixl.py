@@ -217,6 +217,8 @@ class NixlAgent:
                 return state
 
             def post() -> str:
+                if local_mem == "VRAM":
+                    _bind_cuda_device(int(local_descs[0][2]) if len(local_descs) else 0)
                 # with cma the copy happens inside this call: keep it off the event loop
                 with self._lock:
                     state = str(self._agent.transfer(handle))
@@ -262,6 +264,22 @@ class NixlAgent:
                     break
                 else:
                     self._stuck.append(h)
+
+
+_thread_devices = threading.local()
+
+
+def _bind_cuda_device(device: int) -> None:
+    """Make ``device``'s context current in this worker thread, once per thread.
+
+    UCX's cuda_ipc works in whatever context is current; a fresh worker thread
+    has none, and setting one up inside every transfer costs milliseconds.
+    """
+    if getattr(_thread_devices, "device", None) != device:
+        import torch
+
+        torch.cuda.set_device(device)
+        _thread_devices.device = device
 
 
 _agent: NixlAgent | None = None
