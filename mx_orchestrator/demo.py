@@ -131,7 +131,7 @@ def _mixed(tmp: Path, quiet: bool) -> tuple[LoadReport, list[dict[str, Any]]]:
         )
         _say("SIGSTOP src-doomed: its READ will be posted but cannot complete", quiet)
         doomed.signal(signal.SIGSTOP)
-        killer = _KillDuringRead(doomed, 1.5, quiet)
+        killer = _KillDuringRead(doomed, 3.0, quiet)
         strategies: list[Any] = [RdmaRegion(), RdmaTensor()]
         observers: list[LoadObserver] = [killer]
         report = anyio.run(_pull, db, strategies, observers)
