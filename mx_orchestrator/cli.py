@@ -249,6 +249,12 @@ def _pull(args: argparse.Namespace) -> int:
         revision=args.revision,
         endpoint=args.hub_endpoint,
     )
+    if args.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
+        torch.cuda.set_device(torch.device(args.device))  # before the NIXL agent exists
     target = Target(args.layout, args.device, verify=not args.no_verify)
     needs_registry = any(s.uses_peers for s in strategies)
 
