@@ -397,6 +397,7 @@ class SourceRecord:
     times_ejected: int = 0
     ejected_until: float = 0.0
     stale_reason: str = ""
+    unreachable_reports: int = 0
 
     def __post_init__(self) -> None:
         for name in ("source_id", "identity_key", "generation"):
@@ -423,6 +424,7 @@ class SourceRecord:
             "times_ejected": self.times_ejected,
             "ejected_until": self.ejected_until,
             "stale_reason": self.stale_reason,
+            "unreachable_reports": self.unreachable_reports,
         }
 
     @classmethod
@@ -447,6 +449,7 @@ class SourceRecord:
                 times_ejected=int(data.get("times_ejected", 0)),
                 ejected_until=float(data.get("ejected_until", 0.0)),
                 stale_reason=str(data.get("stale_reason", "")),
+                unreachable_reports=int(data.get("unreachable_reports", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ManifestError):

@@ -423,15 +423,21 @@ class Orchestrator:
 
     async def _carry_out(self, action: Action, step: Attempt, outcome: Outcome, log: Any) -> bool:
         """Apply the action's side effects on the registry; True when the source was marked STALE."""
-        if not action.mark_stale or step.candidate is None or self.registry is None:
+        wanted = action.mark_stale or action.report_unreachable
+        if not wanted or step.candidate is None or self.registry is None:
             return False
         record = step.candidate.record
         reason = f"{outcome.name}: {outcome.detail}"[:500]
         try:
             with anyio.fail_after(_REGISTRY_CALL_TIMEOUT):
-                marked = await self.registry.mark_stale(
-                    record.source_id, record.generation, reason=reason, reporter=self.target_id
-                )
+                if action.mark_stale:
+                    marked = await self.registry.mark_stale(
+                        record.source_id, record.generation, reason=reason, reporter=self.target_id
+                    )
+                else:
+                    marked = await self.registry.report_unreachable(
+                        record.source_id, record.generation, reason=reason, reporter=self.target_id
+                    )
         except (RegistryError, OSError, TimeoutError) as exc:
             log.warning("source.mark_stale_failed", source=record.source_id, error=str(exc))
             return False

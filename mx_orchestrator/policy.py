@@ -74,6 +74,7 @@ class Action:
     kind: ActionKind
     mark_stale: bool = False
     forget_source: bool = False
+    report_unreachable: bool = False
     delay: float = 0.0
     reason: str = ""
 
@@ -115,14 +116,21 @@ def finish() -> Rule:
     return rule
 
 
-def next_candidate(*, mark_stale: bool = False, forget: bool = False) -> Rule:
-    """Move on to the next candidate of the same strategy."""
+def next_candidate(
+    *, mark_stale: bool = False, forget: bool = False, report_unreachable: bool = False
+) -> Rule:
+    """Move on to the next candidate of the same strategy.
+
+    ``report_unreachable`` counts the failure toward ejection in the registry
+    (several targets' reports eject; one does not).
+    """
 
     def rule(outcome: Outcome, state: DecisionState) -> Action:
         return Action(
             ActionKind.NEXT_CANDIDATE,
             mark_stale=mark_stale,
-            forget_source=forget or mark_stale,
+            forget_source=forget or mark_stale or report_unreachable,
+            report_unreachable=report_unreachable,
             reason=outcome.name,
         )
 
@@ -183,7 +191,7 @@ DEFAULT_RULES: Mapping[type[Outcome], Rule] = MappingProxyType(
         LayoutMismatch: next_candidate(),
         ManifestMismatch: next_candidate(forget=True),
         NotApplicable: next_strategy(),
-        SourceUnreachable: next_candidate(forget=True),
+        SourceUnreachable: next_candidate(report_unreachable=True),
         SourceFailed: next_candidate(mark_stale=True),
         TimedOut: next_candidate(mark_stale=True),
         Corrupt: next_candidate(mark_stale=True),
@@ -215,10 +223,11 @@ class Policy:
     def decide(self, outcome: Outcome, state: DecisionState) -> Action:
         rule = self.rules.get(type(outcome)) or DEFAULT_RULES[type(outcome)]
         action = rule(outcome, state)
-        if action.mark_stale and type(outcome) in NEVER_STALE:
+        if (action.mark_stale or action.report_unreachable) and type(outcome) in NEVER_STALE:
             action = replace(
                 action,
                 mark_stale=False,
+                report_unreachable=False,
                 reason=f"{action.reason}; STALE suppressed: {outcome.name} is never the source's fault",
             )
         if not action.delay >= 0:  # also catches NaN from a user's wait object

@@ -196,6 +196,12 @@ class FakeRegistry(MemoryRegistry):
         self._enter("drain", source_id)
         return await super().drain(source_id, generation)
 
+    async def report_unreachable(
+        self, source_id: str, generation: str, *, reason: str, reporter: str = ""
+    ) -> bool:
+        self._enter("report_unreachable", source_id)
+        return await super().report_unreachable(source_id, generation, reason=reason, reporter=reporter)
+
     async def add_load(self, source_id: str, generation: str, delta: int) -> None:
         self._enter("add_load", source_id)
         await super().add_load(source_id, generation, delta)

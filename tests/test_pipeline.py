@@ -333,3 +333,16 @@ async def test_rank_window_lets_the_best_ranked_source_go_first_not_the_fastest_
 
     assert await first_source(0.5) == "best"
     assert await first_source(0.0) == "fast"
+
+
+async def test_unreachable_reports_from_several_targets_eject_the_source(identity: ModelIdentity) -> None:
+    registry, prober = await scenario(identity, ["flaky"])
+    stale = []
+    for target in range(3):
+        strategy = FakeStrategy("rdma_region", {"flaky": [fail(SourceUnreachable)]})
+        report = await Orchestrator(registry, [strategy], prober=prober, target_id=f"t{target}").load(
+            identity
+        )
+        stale.append(report.attempts[0].marked_stale)
+    assert stale == [False, False, True]
+    assert registry.state_of("flaky") is SourceState.STALE

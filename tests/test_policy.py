@@ -62,6 +62,11 @@ def test_default_action_for_each_outcome(outcome_type: type[Outcome]) -> None:
     assert (action.kind, action.mark_stale) == EXPECTED[outcome_type]
 
 
+def test_unreachable_counts_toward_ejection_without_marking_stale() -> None:
+    action = DEFAULT_POLICY.decide(make(SourceUnreachable), DecisionState())
+    assert action.report_unreachable and not action.mark_stale and action.forget_source
+
+
 def test_layout_mismatch_keeps_the_source_for_later_strategies_but_failures_drop_it() -> None:
     assert not DEFAULT_POLICY.decide(make(LayoutMismatch), DecisionState()).forget_source
     assert DEFAULT_POLICY.decide(make(ManifestMismatch), DecisionState()).forget_source
@@ -140,7 +145,7 @@ def test_never_stale_outcomes_never_mark_stale_whatever_the_rules(
     policy = DEFAULT_POLICY.with_rules(rules)  # type: ignore[arg-type]
     action = policy.decide(make(outcome_type), DecisionState(attempt_number, total))
     if outcome_type in NEVER_STALE:
-        assert not action.mark_stale
+        assert not action.mark_stale and not action.report_unreachable
     assert action.delay >= 0
 
 

@@ -209,3 +209,18 @@ async def test_a_draining_source_is_not_offered_but_still_listed_as_draining(
     assert await registry.list(identity.key) == []
     assert [r.source_id for r in await registry.list(identity.key, SourceState.DRAINING)] == ["a"]
     assert await registry.drain("a", "other-generation") is None
+
+
+async def test_unreachable_reports_eject_at_the_threshold_not_before(
+    registry: SourceRegistry, identity: ModelIdentity, clock: Clock
+) -> None:
+    a = rec(identity, "a", clock, ttl=1000)
+    await registry.publish(a)
+    assert not await registry.report_unreachable("a", a.generation, reason="connect refused", reporter="t1")
+    assert not await registry.report_unreachable("a", a.generation, reason="connect refused", reporter="t2")
+    assert len(await registry.list(identity.key)) == 1, "two reports are not enough"
+    assert await registry.report_unreachable("a", a.generation, reason="connect refused", reporter="t3")
+    assert await registry.list(identity.key) == []
+    record = await registry.get("a")
+    assert record is not None and record.state is SourceState.STALE and "unreachable" in record.stale_reason
+    assert not await registry.report_unreachable("a", "old-generation", reason="late")

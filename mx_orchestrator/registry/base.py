@@ -23,6 +23,7 @@ __all__ = [
     "apply_heartbeat",
     "apply_load",
     "apply_publish",
+    "apply_unreachable",
     "apply_mark_stale",
     "is_expired",
     "is_listed",
@@ -31,8 +32,11 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class EjectionPolicy:
+    """Envoy-style outlier detection: cool-downs, and how many unreachable reports eject."""
+
     base_seconds: float = 30.0
     max_seconds: float = 300.0
+    unreachable_threshold: int = 3
 
     def cooldown(self, times_ejected: int) -> float:
         return min(self.base_seconds * max(times_ejected, 1), self.max_seconds)
@@ -77,9 +81,17 @@ def apply_publish(previous: SourceRecord | None, record: SourceRecord, now: floa
             times_ejected=previous.times_ejected,
             ejected_until=previous.ejected_until,
             stale_reason=previous.stale_reason,
+            unreachable_reports=previous.unreachable_reports,
         )
     else:
-        record = replace(record, state=SourceState.READY, times_ejected=0, ejected_until=0.0, stale_reason="")
+        record = replace(
+            record,
+            state=SourceState.READY,
+            times_ejected=0,
+            ejected_until=0.0,
+            stale_reason="",
+            unreachable_reports=0,
+        )
     return apply_heartbeat(record, now)
 
 
@@ -91,6 +103,21 @@ def apply_drain(record: SourceRecord) -> SourceRecord:
 def apply_load(record: SourceRecord, delta: int) -> SourceRecord:
     """Count readers in or out; never below zero (a reader's exit may outlive a restart)."""
     return replace(record, load=max(0, record.load + delta))
+
+
+def apply_unreachable(
+    record: SourceRecord, now: float, reason: str, policy: EjectionPolicy
+) -> tuple[SourceRecord, bool]:
+    """Count one target's failure to reach the source; the threshold-th report ejects it.
+
+    One unreachable report is often the network between one pair; several are
+    the source. Returns the record and whether this report ejected it.
+    """
+    reports = record.unreachable_reports + 1
+    if reports >= policy.unreachable_threshold:
+        ejected = apply_mark_stale(record, now, f"unreachable ({reports} reports): {reason}", policy)
+        return replace(ejected, unreachable_reports=0), True
+    return replace(record, unreachable_reports=reports), False
 
 
 def apply_mark_stale(record: SourceRecord, now: float, reason: str, policy: EjectionPolicy) -> SourceRecord:
@@ -121,6 +148,12 @@ class SourceRegistry(Protocol):
 
     async def drain(self, source_id: str, generation: str) -> SourceRecord | None:
         """Mark a source DRAINING (no new readers); returns the record, whose ``load`` counts readers left."""
+        ...
+
+    async def report_unreachable(
+        self, source_id: str, generation: str, *, reason: str, reporter: str = ""
+    ) -> bool:
+        """One target could not reach the source; True when this report ejected it."""
         ...
 
     async def add_load(self, source_id: str, generation: str, delta: int) -> None:

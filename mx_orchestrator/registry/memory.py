@@ -13,6 +13,7 @@ from .base import (
     apply_load,
     apply_mark_stale,
     apply_publish,
+    apply_unreachable,
     is_listed,
 )
 
@@ -83,6 +84,15 @@ class MemoryRegistry:
             return False
         self._records[source_id] = apply_mark_stale(record, self._clock(), reason, self._ejection)
         return True
+
+    async def report_unreachable(
+        self, source_id: str, generation: str, *, reason: str, reporter: str = ""
+    ) -> bool:
+        record = self._records.get(source_id)
+        if record is None or record.generation != generation:
+            return False
+        self._records[source_id], ejected = apply_unreachable(record, self._clock(), reason, self._ejection)
+        return ejected
 
     async def remove(self, source_id: str, generation: str | None = None) -> bool:
         record = self._records.get(source_id)

@@ -32,6 +32,7 @@ from .base import (
     apply_load,
     apply_mark_stale,
     apply_publish,
+    apply_unreachable,
     is_listed,
 )
 
@@ -225,6 +226,22 @@ class RedisRegistry:
             return apply_mark_stale(current, now, reason, self._ejection)
 
         return await self._update(source_id, change) is not None
+
+    async def report_unreachable(
+        self, source_id: str, generation: str, *, reason: str, reporter: str = ""
+    ) -> bool:
+        now = self._clock()
+        ejected = False
+
+        def change(current: SourceRecord | None) -> SourceRecord | None:
+            nonlocal ejected
+            if current is None or current.generation != generation:
+                return None
+            updated, ejected = apply_unreachable(current, now, reason, self._ejection)
+            return updated
+
+        await self._update(source_id, change)
+        return ejected
 
     async def remove(self, source_id: str, generation: str | None = None) -> bool:
         record = await self.get(source_id)

@@ -27,6 +27,7 @@ from .base import (
     apply_load,
     apply_mark_stale,
     apply_publish,
+    apply_unreachable,
     is_listed,
 )
 
@@ -228,6 +229,21 @@ class SqliteRegistry:
                 return False
             self._store(conn, apply_mark_stale(record, now, reason, self._ejection))
             return True
+
+        return await self._run(lambda conn: self._update(conn, tx))
+
+    async def report_unreachable(
+        self, source_id: str, generation: str, *, reason: str, reporter: str = ""
+    ) -> bool:
+        now = self._clock()
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            record = self._load(conn, source_id)
+            if record is None or record.generation != generation:
+                return False
+            record, ejected = apply_unreachable(record, now, reason, self._ejection)
+            self._store(conn, record)
+            return ejected
 
         return await self._run(lambda conn: self._update(conn, tx))
 
