@@ -11,6 +11,7 @@ earlier; a new process generation starts with a clean record.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
@@ -18,6 +19,7 @@ from ..models import Manifest, SourceRecord, SourceState
 
 __all__ = [
     "EjectionPolicy",
+    "RecordTransitions",
     "SourceRegistry",
     "apply_drain",
     "apply_heartbeat",
@@ -175,3 +177,65 @@ class SourceRegistry(Protocol):
     async def remove(self, source_id: str, generation: str | None = None) -> bool: ...
 
     async def aclose(self) -> None: ...
+
+
+Change = Callable[[SourceRecord | None], SourceRecord | None]
+
+
+def _for_generation(generation: str, transition: Callable[[SourceRecord], SourceRecord]) -> Change:
+    """A change that applies only to the named process generation (else leaves the record alone)."""
+
+    def change(current: SourceRecord | None) -> SourceRecord | None:
+        if current is None or current.generation != generation:
+            return None
+        return transition(current)
+
+    return change
+
+
+class RecordTransitions:
+    """The registry operations that are one pure transition of one record, written once.
+
+    A backend provides ``_change``: an atomic read-modify-write of one record
+    (``change`` returns the new record, or ``None`` to leave it as it is) that
+    returns what it wrote.
+    """
+
+    _ejection: EjectionPolicy
+    _clock: Callable[[], float]
+
+    async def _change(self, source_id: str, change: Change) -> SourceRecord | None:
+        raise NotImplementedError
+
+    async def heartbeat(
+        self, source_id: str, generation: str, *, load: int | None = None
+    ) -> SourceRecord | None:
+        now = self._clock()
+        return await self._change(
+            source_id, _for_generation(generation, lambda r: apply_heartbeat(r, now, load))
+        )
+
+    async def mark_stale(self, source_id: str, generation: str, *, reason: str, reporter: str = "") -> bool:
+        now = self._clock()
+        change = _for_generation(generation, lambda r: apply_mark_stale(r, now, reason, self._ejection))
+        return await self._change(source_id, change) is not None
+
+    async def report_unreachable(
+        self, source_id: str, generation: str, *, reason: str, reporter: str = ""
+    ) -> bool:
+        now = self._clock()
+        ejected = False
+
+        def transition(record: SourceRecord) -> SourceRecord:
+            nonlocal ejected
+            record, ejected = apply_unreachable(record, now, reason, self._ejection)
+            return record
+
+        await self._change(source_id, _for_generation(generation, transition))
+        return ejected
+
+    async def drain(self, source_id: str, generation: str) -> SourceRecord | None:
+        return await self._change(source_id, _for_generation(generation, apply_drain))
+
+    async def add_load(self, source_id: str, generation: str, delta: int) -> None:
+        await self._change(source_id, _for_generation(generation, lambda r: apply_load(r, delta)))

@@ -6,21 +6,12 @@ import time
 from collections.abc import Callable
 
 from ..models import Manifest, SourceRecord, SourceState
-from .base import (
-    EjectionPolicy,
-    apply_drain,
-    apply_heartbeat,
-    apply_load,
-    apply_mark_stale,
-    apply_publish,
-    apply_unreachable,
-    is_listed,
-)
+from .base import Change, EjectionPolicy, RecordTransitions, apply_publish, is_listed
 
 __all__ = ["MemoryRegistry"]
 
 
-class MemoryRegistry:
+class MemoryRegistry(RecordTransitions):
     def __init__(
         self,
         *,
@@ -40,27 +31,11 @@ class MemoryRegistry:
         if manifest is not None:
             self._manifests[(record.source_id, record.generation)] = manifest
 
-    async def heartbeat(
-        self, source_id: str, generation: str, *, load: int | None = None
-    ) -> SourceRecord | None:
-        record = self._records.get(source_id)
-        if record is None or record.generation != generation:
-            return None
-        record = apply_heartbeat(record, self._clock(), load)
-        self._records[source_id] = record
-        return record
-
-    async def drain(self, source_id: str, generation: str) -> SourceRecord | None:
-        record = self._records.get(source_id)
-        if record is None or record.generation != generation:
-            return None
-        self._records[source_id] = record = apply_drain(record)
-        return record
-
-    async def add_load(self, source_id: str, generation: str, delta: int) -> None:
-        record = self._records.get(source_id)
-        if record is not None and record.generation == generation:
-            self._records[source_id] = apply_load(record, delta)
+    async def _change(self, source_id: str, change: Change) -> SourceRecord | None:
+        updated = change(self._records.get(source_id))
+        if updated is not None:
+            self._records[source_id] = updated
+        return updated
 
     async def list(
         self, identity_key: str | None = None, state: SourceState | None = SourceState.READY
@@ -77,22 +52,6 @@ class MemoryRegistry:
 
     async def get_manifest(self, source_id: str, generation: str) -> Manifest | None:
         return self._manifests.get((source_id, generation))
-
-    async def mark_stale(self, source_id: str, generation: str, *, reason: str, reporter: str = "") -> bool:
-        record = self._records.get(source_id)
-        if record is None or record.generation != generation:
-            return False
-        self._records[source_id] = apply_mark_stale(record, self._clock(), reason, self._ejection)
-        return True
-
-    async def report_unreachable(
-        self, source_id: str, generation: str, *, reason: str, reporter: str = ""
-    ) -> bool:
-        record = self._records.get(source_id)
-        if record is None or record.generation != generation:
-            return False
-        self._records[source_id], ejected = apply_unreachable(record, self._clock(), reason, self._ejection)
-        return ejected
 
     async def remove(self, source_id: str, generation: str | None = None) -> bool:
         record = self._records.get(source_id)

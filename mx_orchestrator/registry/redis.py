@@ -25,16 +25,7 @@ from typing import Any, TypeVar
 
 from ..errors import ConfigError, ManifestError, RegistryUnavailable
 from ..models import Manifest, SourceRecord, SourceState
-from .base import (
-    EjectionPolicy,
-    apply_drain,
-    apply_heartbeat,
-    apply_load,
-    apply_mark_stale,
-    apply_publish,
-    apply_unreachable,
-    is_listed,
-)
+from .base import Change, EjectionPolicy, RecordTransitions, apply_publish, is_listed
 
 __all__ = ["RedisRegistry"]
 
@@ -46,7 +37,7 @@ def _expiry(record: SourceRecord, now: float) -> int:
     return max(1, math.ceil(max(record.ttl, record.ejected_until - now)) + 1)
 
 
-class RedisRegistry:
+class RedisRegistry(RecordTransitions):
     def __init__(
         self,
         client: Any,
@@ -102,9 +93,7 @@ class RedisRegistry:
         except (ValueError, ManifestError):
             return None  # garbage is skipped, never fatal to a listing
 
-    async def _update(
-        self, source_id: str, change: Callable[[SourceRecord | None], SourceRecord | None]
-    ) -> SourceRecord | None:
+    async def _change(self, source_id: str, change: Change) -> SourceRecord | None:
         """Apply ``change`` to the stored record atomically (WATCH/MULTI, retried on conflict)."""
         from redis.exceptions import WatchError
 
@@ -154,35 +143,7 @@ class RedisRegistry:
         def change(previous: SourceRecord | None) -> SourceRecord:
             return apply_publish(previous, record, now)
 
-        await self._update(record.source_id, change)
-
-    async def heartbeat(
-        self, source_id: str, generation: str, *, load: int | None = None
-    ) -> SourceRecord | None:
-        now = self._clock()
-
-        def change(current: SourceRecord | None) -> SourceRecord | None:
-            if current is None or current.generation != generation:
-                return None
-            return apply_heartbeat(current, now, load)
-
-        return await self._update(source_id, change)
-
-    async def drain(self, source_id: str, generation: str) -> SourceRecord | None:
-        def change(current: SourceRecord | None) -> SourceRecord | None:
-            if current is None or current.generation != generation:
-                return None
-            return apply_drain(current)
-
-        return await self._update(source_id, change)
-
-    async def add_load(self, source_id: str, generation: str, delta: int) -> None:
-        def change(current: SourceRecord | None) -> SourceRecord | None:
-            if current is None or current.generation != generation:
-                return None
-            return apply_load(current, delta)
-
-        await self._update(source_id, change)
+        await self._change(record.source_id, change)
 
     async def list(
         self, identity_key: str | None = None, state: SourceState | None = SourceState.READY
@@ -216,32 +177,6 @@ class RedisRegistry:
     async def get_manifest(self, source_id: str, generation: str) -> Manifest | None:
         text = await self._call(lambda: self._r.get(self._k("manifest", source_id, generation)))
         return Manifest.from_json(text) if text is not None else None
-
-    async def mark_stale(self, source_id: str, generation: str, *, reason: str, reporter: str = "") -> bool:
-        now = self._clock()
-
-        def change(current: SourceRecord | None) -> SourceRecord | None:
-            if current is None or current.generation != generation:
-                return None
-            return apply_mark_stale(current, now, reason, self._ejection)
-
-        return await self._update(source_id, change) is not None
-
-    async def report_unreachable(
-        self, source_id: str, generation: str, *, reason: str, reporter: str = ""
-    ) -> bool:
-        now = self._clock()
-        ejected = False
-
-        def change(current: SourceRecord | None) -> SourceRecord | None:
-            nonlocal ejected
-            if current is None or current.generation != generation:
-                return None
-            updated, ejected = apply_unreachable(current, now, reason, self._ejection)
-            return updated
-
-        await self._update(source_id, change)
-        return ejected
 
     async def remove(self, source_id: str, generation: str | None = None) -> bool:
         record = await self.get(source_id)

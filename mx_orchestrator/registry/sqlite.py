@@ -20,16 +20,7 @@ import anyio
 
 from ..errors import ConfigError, ManifestError, RegistryUnavailable
 from ..models import Manifest, SourceRecord, SourceState
-from .base import (
-    EjectionPolicy,
-    apply_drain,
-    apply_heartbeat,
-    apply_load,
-    apply_mark_stale,
-    apply_publish,
-    apply_unreachable,
-    is_listed,
-)
+from .base import Change, EjectionPolicy, RecordTransitions, apply_publish, is_listed
 
 __all__ = ["SqliteRegistry", "default_registry_path"]
 
@@ -58,7 +49,7 @@ def default_registry_path() -> Path:
     return user_cache_path("mx_orchestrator") / "registry.db"
 
 
-class SqliteRegistry:
+class SqliteRegistry(RecordTransitions):
     def __init__(
         self,
         path: str | Path,
@@ -155,39 +146,14 @@ class SqliteRegistry:
 
         await self._run(lambda conn: self._update(conn, tx))
 
-    async def heartbeat(
-        self, source_id: str, generation: str, *, load: int | None = None
-    ) -> SourceRecord | None:
-        now = self._clock()
-
+    async def _change(self, source_id: str, change: Change) -> SourceRecord | None:
         def tx(conn: sqlite3.Connection) -> SourceRecord | None:
-            record = self._load(conn, source_id)
-            if record is None or record.generation != generation:
-                return None
-            record = apply_heartbeat(record, now, load)
-            self._store(conn, record)
-            return record
+            updated = change(self._load(conn, source_id))
+            if updated is not None:
+                self._store(conn, updated)
+            return updated
 
         return await self._run(lambda conn: self._update(conn, tx))
-
-    async def drain(self, source_id: str, generation: str) -> SourceRecord | None:
-        def tx(conn: sqlite3.Connection) -> SourceRecord | None:
-            record = self._load(conn, source_id)
-            if record is None or record.generation != generation:
-                return None
-            record = apply_drain(record)
-            self._store(conn, record)
-            return record
-
-        return await self._run(lambda conn: self._update(conn, tx))
-
-    async def add_load(self, source_id: str, generation: str, delta: int) -> None:
-        def tx(conn: sqlite3.Connection) -> None:
-            record = self._load(conn, source_id)
-            if record is not None and record.generation == generation:
-                self._store(conn, apply_load(record, delta))
-
-        await self._run(lambda conn: self._update(conn, tx))
 
     async def list(
         self, identity_key: str | None = None, state: SourceState | None = SourceState.READY
@@ -219,33 +185,6 @@ class SqliteRegistry:
 
         text = await self._run(query)
         return Manifest.from_json(text) if text is not None else None
-
-    async def mark_stale(self, source_id: str, generation: str, *, reason: str, reporter: str = "") -> bool:
-        now = self._clock()
-
-        def tx(conn: sqlite3.Connection) -> bool:
-            record = self._load(conn, source_id)
-            if record is None or record.generation != generation:
-                return False
-            self._store(conn, apply_mark_stale(record, now, reason, self._ejection))
-            return True
-
-        return await self._run(lambda conn: self._update(conn, tx))
-
-    async def report_unreachable(
-        self, source_id: str, generation: str, *, reason: str, reporter: str = ""
-    ) -> bool:
-        now = self._clock()
-
-        def tx(conn: sqlite3.Connection) -> bool:
-            record = self._load(conn, source_id)
-            if record is None or record.generation != generation:
-                return False
-            record, ejected = apply_unreachable(record, now, reason, self._ejection)
-            self._store(conn, record)
-            return ejected
-
-        return await self._run(lambda conn: self._update(conn, tx))
 
     async def remove(self, source_id: str, generation: str | None = None) -> bool:
         def tx(conn: sqlite3.Connection) -> bool:
