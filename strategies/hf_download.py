@@ -126,7 +126,6 @@ class HfDownload:
         self.patterns = tuple(patterns)
         self.max_tries = max_tries
         self.request_timeout = request_timeout
-        self._progress: _ByteCounter | None = None
 
     def __repr__(self) -> str:  # never shows the token
         return f"HfDownload(repo_id={self.repo_id!r}, endpoint={self.endpoint!r})"
@@ -144,10 +143,10 @@ class HfDownload:
             return NotApplicable(strategy=self.name, detail="the target is not a mx_orchestrator Target")
         stop = threading.Event()
         wall_deadline = time.monotonic() + ctx.remaining
-        self._progress = _ByteCounter(ctx.progress) if ctx.progress is not None else None
+        counter = _ByteCounter(ctx.progress) if ctx.progress is not None else None
 
         def run() -> tuple[_Fetched, float]:
-            fetched = self._fetch(repo, revision, wall_deadline, stop)
+            fetched = self._fetch(repo, revision, wall_deadline, stop, counter)
             copy_began = time.monotonic()
             # hash on one core while the tensors are copied on the other; the
             # copy is only accepted (Loaded) once every hash matched
@@ -217,7 +216,14 @@ class HfDownload:
             reraise=True,
         )
 
-    def _fetch(self, repo: str, revision: str, wall_deadline: float, stop: threading.Event) -> _Fetched:
+    def _fetch(
+        self,
+        repo: str,
+        revision: str,
+        wall_deadline: float,
+        stop: threading.Event,
+        counter: _ByteCounter | None = None,
+    ) -> _Fetched:
         from huggingface_hub import HfApi
 
         api = HfApi(endpoint=self.endpoint, token=self.token)
@@ -247,7 +253,9 @@ class HfDownload:
         # one snapshot_download of exactly the vetted files: parallel transfers,
         # the normal cache layout, and nothing the listing did not show us
         snapshot = Path(
-            self._call(lambda: self._snapshot(repo, commit, [glob.escape(p) for p in wanted]), wall_deadline)
+            self._call(
+                lambda: self._snapshot(repo, commit, [glob.escape(p) for p in wanted], counter), wall_deadline
+            )
         )
         files: dict[str, Path] = {}
         for path in wanted:
@@ -272,11 +280,9 @@ class HfDownload:
             commit, files, weights, sum(f.stat().st_size for f in files.values()), verified, wanted
         )
 
-    def _snapshot(self, repo: str, commit: str, patterns: list[str]) -> str:
+    def _snapshot(self, repo: str, commit: str, patterns: list[str], report: _ByteCounter | None) -> str:
         from huggingface_hub import snapshot_download
         from tqdm.auto import tqdm
-
-        report = self._progress
 
         class Silent(tqdm):  # type: ignore[misc]
             """Progress goes through the attempt's callback, not to the terminal."""

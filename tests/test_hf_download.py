@@ -195,3 +195,11 @@ async def test_pipeline_falls_back_to_the_hub_when_every_peer_fails(hub: HubServ
     assert report.loaded and report.final is not None and report.final.strategy == "hf_download"
     assert registry.state_of("p1") is SourceState.READY and registry.state_of("p2") is SourceState.STALE
     assert_same_weights(target)
+
+
+async def test_download_progress_reaches_the_callback(hub: HubServer, tmp_path: Path) -> None:
+    seen: list[int] = []
+    orch = Orchestrator(None, [strategy(hub, tmp_path)])
+    report = await orch.load(IDENTITY, Target("arena"), progress=lambda done, total: seen.append(done))
+    assert report.loaded
+    assert seen and max(seen) >= 90_856_960  # every byte of the weights was counted
