@@ -148,18 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
 # -- serve ----------------------------------------------------------------------
 
 
+def _use_device(device: str) -> None:
+    """Check a ``cuda:N`` device and make it current before the NIXL agent exists."""
+    if device == "cpu":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    torch.cuda.set_device(torch.device(device))
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .source import WeightSource, load_weights, serve_until_signal
 
     identity = _identity(args)
     if not args.weights.is_dir():
         raise ConfigError(f"weights directory {str(args.weights)!r} does not exist")
-    if args.device != "cpu":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
-        torch.cuda.set_device(torch.device(args.device))
+    _use_device(args.device)
     labels = {"host": socket.gethostname()}
     for item in args.label:
         key, sep, value = item.partition("=")
@@ -249,12 +255,7 @@ def _pull(args: argparse.Namespace) -> int:
         revision=args.revision,
         endpoint=args.hub_endpoint,
     )
-    if args.device != "cpu":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
-        torch.cuda.set_device(torch.device(args.device))  # before the NIXL agent exists
+    _use_device(args.device)
     target = Target(args.layout, args.device, verify=not args.no_verify)
     needs_registry = any(s.uses_peers for s in strategies)
 
@@ -363,19 +364,21 @@ def print_report(report: LoadReport, *, file: Any = None) -> None:
 # -- sources --------------------------------------------------------------------
 
 
-def _sources(args: argparse.Namespace) -> int:
-    async def run() -> list[SourceRecord]:
-        registry = open_registry(args.registry or default_registry_url())
-        try:
-            return await registry.list(None, None)
-        finally:
-            await registry.aclose()
-
-    records = anyio.run(run)
-    if args.model_id:
-        records = [r for r in records if r.identity_key.split("@", 1)[0] == args.model_id]
+async def registry_rows(url: str, model_id: str | None = None) -> list[dict[str, Any]]:
+    """Every record a registry holds (any state), as ``mxo sources`` shows them, sorted."""
+    registry = open_registry(url)
+    try:
+        records = await registry.list(None, None)
+    finally:
+        await registry.aclose()
+    if model_id:
+        records = [r for r in records if r.identity_key.split("@", 1)[0] == model_id]
     now = time.time()
-    rows = [source_row(r, now) for r in sorted(records, key=lambda r: (r.identity_key, r.source_id))]
+    return [source_row(r, now) for r in sorted(records, key=lambda r: (r.identity_key, r.source_id))]
+
+
+def _sources(args: argparse.Namespace) -> int:
+    rows = anyio.run(registry_rows, args.registry or default_registry_url(), args.model_id)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -24,13 +24,12 @@ import signal
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from .cli import print_report, source_row
+from .cli import print_report, registry_rows
 from .localpeers import MODEL_ID, Peers, minilm_dir
 from .models import Candidate, ModelIdentity
 from .pipeline import LoadObserver, Orchestrator
@@ -99,16 +98,6 @@ async def _pull(registry_path: Path, strategies: list[Any], observers: list[Load
         await registry.aclose()
 
 
-async def _rows(registry_path: Path) -> list[dict[str, Any]]:
-    registry = SqliteRegistry(registry_path)
-    try:
-        records = await registry.list(None, None)
-    finally:
-        await registry.aclose()
-    now = time.time()
-    return [source_row(r, now) for r in sorted(records, key=lambda r: r.source_id)]
-
-
 def _mixed(tmp: Path, quiet: bool) -> tuple[LoadReport, list[dict[str, Any]]]:
     from strategies._nixl import get_agent
     from strategies.rdma_region import RdmaRegion
@@ -137,7 +126,7 @@ def _mixed(tmp: Path, quiet: bool) -> tuple[LoadReport, list[dict[str, Any]]]:
         report = anyio.run(_pull, db, strategies, observers)
         if killer.timer is not None:
             killer.timer.join()
-        rows = anyio.run(_rows, db)
+        rows = anyio.run(registry_rows, f"sqlite://{db}")
         return report, rows
     finally:
         peers.close()
@@ -167,7 +156,7 @@ def _hub_fallback(tmp: Path, quiet: bool) -> tuple[LoadReport, list[dict[str, An
                 HfDownload(repo_id=MODEL_ID, endpoint=hub.endpoint, cache_dir=tmp / "hf-cache"),
             ]
             report = anyio.run(_pull, db, strategies, list[LoadObserver]())
-        rows = anyio.run(_rows, db)
+        rows = anyio.run(registry_rows, f"sqlite://{db}")
         return report, rows
     finally:
         peers.close()

@@ -14,7 +14,7 @@ does not pay for page faults inside the timed copy.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import xxhash
 
@@ -179,15 +179,14 @@ class Target:
         Raises :class:`TargetMismatch` when the tensor sets differ, ``MemoryError``
         (or torch's OOM error) when allocation fails.
         """
-        if self.manifest is not None:
-            if self.manifest.manifest_fingerprint != source.manifest_fingerprint:
-                raise TargetMismatch(_describe_manifest_difference(source, self.manifest))
-            return self.manifest
-        self._allocate(source)
+        planned = self.preview(source)  # checks the tensor sets of a prepared target
+        if self.manifest is None:
+            self._allocate(source, planned)
         assert self.manifest is not None
         return self.manifest
 
-    def _allocate(self, source: Manifest) -> None:
+    def _allocate(self, source: Manifest, planned: Manifest | None) -> None:
+        """Allocate for ``source``; ``planned`` is the arena/chunked placement :meth:`preview` made."""
         import torch
 
         device = torch.device(self.device)
@@ -206,7 +205,8 @@ class Target:
             self._owners = list(tensors.values())
             self._tensors = tensors
         else:
-            manifest = plan_layout(source.identity, source.tensors, self.layout)
+            assert planned is not None
+            manifest = planned
             self._owners = [_empty((r.nbytes,), torch.uint8, device, self.prefault) for r in manifest.regions]
             self._spans = [
                 (int(o.data_ptr()), r.nbytes) for o, r in zip(self._owners, manifest.regions, strict=True)
@@ -216,12 +216,6 @@ class Target:
                 for s in manifest.tensors
             }
         self.manifest = manifest
-
-    def reset(self) -> None:
-        """Forget allocated buffers (never an engine's preallocated tensors)."""
-        if not self._preallocated:
-            self.manifest = None
-            self._spans, self._owners, self._tensors = [], [], {}
 
     # -- verification ---------------------------------------------------------
 
@@ -234,9 +228,6 @@ class Target:
             if checksum_tensor(self._tensors[spec.name]) != spec.checksum:
                 bad.append(spec.name)
         return bad
-
-    def state_dict(self) -> dict[str, Any]:
-        return {name: t for name, t in self._tensors.items()}
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, prefault: bool) -> torch.Tensor:

@@ -130,7 +130,7 @@ async def test_nixl_metadata_that_is_not_nixl_metadata_is_unreachable(
 
 
 class OutOfMemoryTarget(Target):
-    def _allocate(self, source: Manifest) -> None:
+    def _allocate(self, source: Manifest, planned: Manifest | None) -> None:
         raise MemoryError("simulated: cannot allocate 90 MB")
 
 
