@@ -7,10 +7,11 @@ import time
 from typing import Any
 
 from mx_orchestrator import ModelIdentity, Orchestrator
+from mx_orchestrator._backends.nixl import get_agent
+from mx_orchestrator._backends.rdma import descriptor_rows
+from mx_orchestrator.peer import parse_advert
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.target import Target
-from strategies._nixl import get_agent
-from strategies._peer import _rows, parse_advert
 
 
 async def raw_nixl(
@@ -25,7 +26,7 @@ async def raw_nixl(
     assert manifest is not None
     advert = parse_advert(record.transport, manifest)
     assert not isinstance(advert, str), advert
-    local_manifest = target.prepare(manifest)
+    local_manifest = target.prepare(target.plan_for(manifest)).manifest
     planned = plan(manifest, advert.spans, local_manifest, target.region_spans())
     assert not isinstance(planned, str), planned
     local, remote = planned
@@ -33,9 +34,9 @@ async def raw_nixl(
     nixl = agent._agent  # raw NIXL, same agent and settings
     deregister = agent.register([(a, n, target.device_id) for a, n in target.region_spans()], target.mem_type)
     began = time.perf_counter()
-    name = agent.add_remote(advert.metadata)
-    local_d = nixl.get_xfer_descs(_rows(local, target.device_id), target.mem_type)
-    remote_d = nixl.get_xfer_descs(_rows(remote, advert.device_id), advert.mem_type)
+    name = agent.connect(advert.metadata)
+    local_d = nixl.get_xfer_descs(descriptor_rows(local, target.device_id), target.mem_type)
+    remote_d = nixl.get_xfer_descs(descriptor_rows(remote, advert.device_id), advert.mem_type)
     setup = time.perf_counter() - began
     times = []
     try:
@@ -49,7 +50,7 @@ async def raw_nixl(
             assert state == "DONE", state
             nixl.release_xfer_handle(handle)
     finally:
-        agent.remove_remote(name)
+        agent.disconnect(name)
         deregister()
     return statistics.median(times[warmup:]), setup, len(local)
 

@@ -29,12 +29,12 @@ sys.path.insert(0, str(HERE.parent))
 import anyio  # noqa: E402
 
 from mx_orchestrator import LoadObserver, ModelIdentity, Orchestrator  # noqa: E402
-from mx_orchestrator.localpeers import MODEL_ID, Peers  # noqa: E402
+from mx_orchestrator._backends.nixl import get_agent  # noqa: E402
 from mx_orchestrator.logs import configure_logging  # noqa: E402
 from mx_orchestrator.registry.sqlite import SqliteRegistry  # noqa: E402
 from mx_orchestrator.report import LoadReport  # noqa: E402
 from mx_orchestrator.target import Target  # noqa: E402
-from strategies._nixl import get_agent  # noqa: E402
+from mx_orchestrator.testing.peers import MODEL_ID, Peers  # noqa: E402
 from strategies.rdma_region import RdmaRegion  # noqa: E402
 
 IDENTITY = ModelIdentity(MODEL_ID)

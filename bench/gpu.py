@@ -96,7 +96,7 @@ def main() -> None:
         raise SystemExit("no CUDA device: bench/gpu.py runs on GPU machines only")
     src_dev, dst_dev = 0, (1 if gpus > 1 else 0)
     torch.cuda.set_device(dst_dev)
-    from strategies._nixl import get_agent
+    from mx_orchestrator._backends.nixl import get_agent
     from strategies.rdma_region import RdmaRegion
     from strategies.rdma_tensor import RdmaTensor
 
@@ -119,16 +119,14 @@ def main() -> None:
             target = Target("arena", f"cuda:{dst_dev}", verify=False)
             plan = plan_region_reads if layout_strategy == "rdma_region" else plan_tensor_reads
             raw, setup, ndesc = await raw_nixl(registry, identity, target, plan, args.repeat, warmup=1)
-            strategy = (
-                RdmaRegion(verify=False) if layout_strategy == "rdma_region" else RdmaTensor(verify=False)
-            )
+            strategy = RdmaRegion() if layout_strategy == "rdma_region" else RdmaTensor()
             orch, load = await orchestrated(
                 registry, identity, target, strategy, args.repeat, warmup=1, attempt_timeout=120
             )
             nbytes = target.nbytes
             verified_target = Target("arena", f"cuda:{dst_dev}", verify=True)
             verified = await Orchestrator(
-                registry, [type(strategy)(verify=True)], rank_window=0.0, attempt_timeout=300
+                registry, [type(strategy)()], rank_window=0.0, attempt_timeout=300
             ).load(identity, verified_target)
             await registry.aclose()
             return {

@@ -26,10 +26,10 @@ sys.path.insert(0, str(HERE.parent))
 import anyio  # noqa: E402
 
 from mx_orchestrator import ModelIdentity, Orchestrator  # noqa: E402
-from mx_orchestrator.hubserver import HubServer  # noqa: E402
-from mx_orchestrator.localpeers import MODEL_ID, minilm_dir  # noqa: E402
 from mx_orchestrator.logs import configure_logging  # noqa: E402
 from mx_orchestrator.target import Target  # noqa: E402
+from mx_orchestrator.testing.hub import HubServer  # noqa: E402
+from mx_orchestrator.testing.peers import MODEL_ID, minilm_dir  # noqa: E402
 from strategies.hf_download import DEFAULT_PATTERNS, HfDownload  # noqa: E402
 
 

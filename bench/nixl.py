@@ -38,11 +38,11 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
 from mx_orchestrator import ModelIdentity  # noqa: E402
+from mx_orchestrator._backends.nixl import get_agent  # noqa: E402
 from mx_orchestrator.layout import plan_region_reads, plan_tensor_reads  # noqa: E402
 from mx_orchestrator.logs import configure_logging  # noqa: E402
 from mx_orchestrator.registry.sqlite import SqliteRegistry  # noqa: E402
 from mx_orchestrator.target import Target  # noqa: E402
-from strategies._nixl import get_agent  # noqa: E402
 from strategies.rdma_region import RdmaRegion  # noqa: E402
 from strategies.rdma_tensor import RdmaTensor  # noqa: E402
 
@@ -131,7 +131,7 @@ def measure_set(set_name: str, registry_url: str, repeat: int) -> dict[str, Any]
         )
         target = Target("arena", verify=False)
         raw, setup, ndesc = await raw_nixl(registry, identity, target, plan, repeat)
-        orch, load = await orchestrated(registry, identity, target, cls(verify=False), repeat)
+        orch, load = await orchestrated(registry, identity, target, cls(), repeat)
         result.update(bytes=target.nbytes, tensors=len(target.tensors()))
         result[strategy] = ratios(target.nbytes, raw, setup, orch, load, ndesc)
         if strategy == "rdma_tensor":

@@ -7,7 +7,7 @@ attempt with no candidate. Register it in your package's ``pyproject.toml``::
     [project.entry-points."mx_orchestrator.strategies"]
     local_dir = "my_package.strategies:LocalDirectory"
 
-and it is available by name: ``strategies.load_strategy("local_dir", directory=...)``
+and it is available by name: ``load_strategy("local_dir", directory=...)``
 or ``mxo pull --strategies rdma_region,local_dir``.
 
 Rules a strategy follows: return exactly one typed outcome (exceptions are for
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import anyio
 
-from mx_orchestrator import Loaded, LocalFailure, ManifestMismatch, NotApplicable, Outcome
-from mx_orchestrator.layout import LayoutSpec, plan_layout
+from mx_orchestrator import ConfigError, Loaded, LocalFailure, ManifestMismatch, NotApplicable, Outcome
+from mx_orchestrator.checkpoint import manifest_from_files, read_tensors, safetensors_files
 from mx_orchestrator.strategy import AttemptContext
 from mx_orchestrator.target import Target, TargetMismatch
 
@@ -44,24 +44,15 @@ class LocalDirectory:
             nbytes = await anyio.to_thread.run_sync(self._load, ctx)
         except TargetMismatch as exc:
             return ManifestMismatch(strategy=self.name, detail=str(exc))
-        except (OSError, MemoryError) as exc:
+        except (OSError, MemoryError, ConfigError) as exc:
             return LocalFailure(strategy=self.name, detail=str(exc))
         return Loaded(strategy=self.name, bytes_moved=nbytes, seconds=anyio.current_time() - began)
 
     def _load(self, ctx: AttemptContext) -> int:
-        from safetensors import safe_open
-
         assert self.directory is not None
-        files = sorted(self.directory.glob("*.safetensors"))
-        rows = []
-        for path in files:
-            with safe_open(str(path), framework="pt") as f:
-                rows += [(n, f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape())) for n in f.keys()]  # noqa: SIM118
+        files = safetensors_files(self.directory)
         target: Target = ctx.target
-        target.prepare(plan_layout(ctx.identity, rows, LayoutSpec("arena")))
-        tensors = target.tensors()
-        for path in files:
-            with safe_open(str(path), framework="pt") as f:
-                for n in f.keys():  # noqa: SIM118
-                    tensors[n].copy_(f.get_tensor(n))
+        buffers = target.prepare(target.plan_for(manifest_from_files(ctx.identity, files)))
+        for name, tensor in read_tensors(files):
+            buffers.tensors[name].copy_(tensor)
         return target.nbytes

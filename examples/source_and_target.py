@@ -14,10 +14,10 @@ import tempfile
 import anyio
 
 from mx_orchestrator import ModelIdentity, Orchestrator
-from mx_orchestrator.localpeers import MODEL_ID, Peers
 from mx_orchestrator.logs import configure_logging
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.target import Target
+from mx_orchestrator.testing.peers import MODEL_ID, Peers
 from strategies.rdma_region import RdmaRegion
 from strategies.rdma_tensor import RdmaTensor
 

@@ -1,4 +1,4 @@
-"""``mxo``: the command line (serve, pull, sources, demo, bench).
+"""``mxo``: the command line (serve, pull, sources, demo).
 
 Human-readable output by default; ``--json`` prints exactly one JSON document
 on stdout and nothing else (logs and progress go to stderr). Misuse and
@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -24,13 +23,13 @@ from . import __version__
 from .errors import ConfigError, MxoError
 from .logs import configure_logging
 from .models import ModelIdentity, SourceRecord
-from .registry import open_registry
-from .registry.base import is_expired
+from .registry import open_registry, records_of
+from .render import print_report, print_sources, source_rows
 from .report import LoadReport
+from .strategy import Strategy, StrategyOptions, load_strategy
 
 __all__ = ["build_parser", "main"]
 
-STRATEGY_NAMES = ("rdma_region", "rdma_tensor", "hf_download")
 DEFAULT_STRATEGIES = "rdma_region,rdma_tensor"
 
 
@@ -135,13 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-format", choices=("console", "json"), default="console")
     demo.set_defaults(run=_demo)
 
-    bench = sub.add_parser("bench", help="run a benchmark from bench/ (prints JSON)")
-    bench.add_argument("name", choices=("evaluate", "nixl", "hf", "registry", "failover", "gpu"))
-    bench.add_argument("--json", action="store_true", help="accepted for symmetry; output is always JSON")
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
-    bench.add_argument("--log-level", default=None)
-    bench.add_argument("--log-format", choices=("console", "json"), default="console")
-    bench.set_defaults(run=_bench)
     return parser
 
 
@@ -209,33 +201,13 @@ def _serve(args: argparse.Namespace) -> int:
 # -- pull -----------------------------------------------------------------------
 
 
-def build_strategies(
-    names: Sequence[str], *, verify: bool, repo: str | None, revision: str | None, endpoint: str | None
-) -> list[Any]:
-    from strategies.base import load_strategy
-
-    built: list[Any] = []
-    for name in names:
-        if name == "rdma_region":
-            from strategies.rdma_region import RdmaRegion
-
-            built.append(RdmaRegion(verify=verify))
-        elif name == "rdma_tensor":
-            from strategies.rdma_tensor import RdmaTensor
-
-            built.append(RdmaTensor(verify=verify))
-        elif name == "hf_download":
-            try:
-                from strategies.hf_download import HfDownload  # type: ignore[import-not-found, unused-ignore]
-            except ImportError as exc:
-                raise ConfigError("the hf_download strategy is not available in this build") from exc
-            built.append(HfDownload(repo_id=repo, revision=revision, endpoint=endpoint, verify=verify))
-        else:
-            built.append(load_strategy(name))
-    return built
+def build_strategies(names: Sequence[str], options: StrategyOptions) -> list[Strategy]:
+    """Every strategy by name, through the entry points (built-in and third-party alike)."""
+    return [load_strategy(name, options) for name in names]
 
 
 def _pull(args: argparse.Namespace) -> int:
+    from .checkpoint import save_checkpoint
     from .pipeline import Orchestrator
     from .progress import ProgressDisplay
     from .target import Target
@@ -250,10 +222,9 @@ def _pull(args: argparse.Namespace) -> int:
         raise ConfigError("--strategies names no strategy")
     strategies = build_strategies(
         names,
-        verify=not args.no_verify,
-        repo=args.repo or args.model_id,
-        revision=args.revision,
-        endpoint=args.hub_endpoint,
+        StrategyOptions(
+            repo_id=args.repo or args.model_id, revision=args.revision, hub_endpoint=args.hub_endpoint
+        ),
     )
     _use_device(args.device)
     target = Target(args.layout, args.device, verify=not args.no_verify)
@@ -280,7 +251,7 @@ def _pull(args: argparse.Namespace) -> int:
 
     report = anyio.run(run)
     if report.loaded and args.out is not None:
-        write_safetensors(target, args.out / "model.safetensors")
+        save_checkpoint(target.tensors(), args.out / "model.safetensors")
     if args.json:
         print(report.to_json(indent=2), flush=True)
     else:
@@ -308,128 +279,26 @@ def _republish(args: argparse.Namespace, target: Any) -> None:
     anyio.run(run)
 
 
-def write_safetensors(target: Any, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in target.tensors().items()}
-    save_file(tensors, str(path), metadata={"format": "pt"})
-
-
-def print_report(report: LoadReport, *, file: Any = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    out = file or sys.stdout
-    console = Console(file=out, highlight=False, width=None if out.isatty() else 200)
-    data = report.to_dict()
-    table = Table(title=f"load of {data['identity']} (run {data['run_id']})")
-    for column in (
-        "#",
-        "strategy",
-        "source",
-        "outcome",
-        "bytes",
-        "seconds",
-        "GB/s",
-        "action",
-        "STALE",
-        "detail",
-    ):
-        table.add_column(column, overflow="fold")
-    for i, a in enumerate(data["attempts"], 1):
-        table.add_row(
-            str(i),
-            a["strategy"],
-            str(a["source"] or "-"),
-            a["outcome"],
-            f"{a['bytes']:,}",
-            f"{a['seconds']:.3f}",
-            f"{a['gbps']:.2f}",
-            a["action"],
-            "yes" if a["marked_stale"] else "",
-            a["detail"][:120],
-        )
-    console.print(table)
-    if report.loaded:
-        console.print(
-            f"[bold green]loaded[/] {data['bytes']:,} bytes via {data['strategy']} from "
-            f"{data['source'] or 'the hub'} in {data['seconds']:.3f}s (transfer "
-            f"{data['transfer_gbps']:.2f} GB/s, verified: {data['verified']})"
-        )
-    else:
-        console.print(f"[bold red]failed[/]: {data['reason']}")
-
-
 # -- sources --------------------------------------------------------------------
 
 
-async def registry_rows(url: str, model_id: str | None = None) -> list[dict[str, Any]]:
-    """Every record a registry holds (any state), as ``mxo sources`` shows them, sorted."""
-    registry = open_registry(url)
-    try:
-        records = await registry.list(None, None)
-    finally:
-        await registry.aclose()
-    if model_id:
-        records = [r for r in records if r.identity_key.split("@", 1)[0] == model_id]
-    now = time.time()
-    return [source_row(r, now) for r in sorted(records, key=lambda r: (r.identity_key, r.source_id))]
-
-
 def _sources(args: argparse.Namespace) -> int:
-    rows = anyio.run(registry_rows, args.registry or default_registry_url(), args.model_id)
+    records = anyio.run(records_of, args.registry or default_registry_url(), args.model_id)
+    rows = source_rows(records)
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{len(rows)} sources")
-    for column in ("source", "model", "state", "generation", "load", "heartbeat age", "ejections", "reason"):
-        table.add_column(column, overflow="fold")
-    for r in rows:
-        table.add_row(
-            r["source_id"],
-            r["identity_key"],
-            r["effective_state"],
-            r["generation"][:8],
-            str(r["load"]),
-            f"{r['heartbeat_age_s']:.1f}s",
-            str(r["times_ejected"]),
-            r["stale_reason"][:60],
-        )
-    Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
+    else:
+        print_sources(rows)
     return 0
 
 
-def source_row(record: SourceRecord, now: float) -> dict[str, Any]:
-    data = record.to_dict()
-    data.pop("transport", None)
-    data["heartbeat_age_s"] = round(now - record.heartbeat_at, 3)
-    data["ejected_for_s"] = round(max(0.0, record.ejected_until - now), 3)
-    data["effective_state"] = "EXPIRED" if is_expired(record, now) else record.state.value
-    return data
-
-
-# -- demo, bench ----------------------------------------------------------------
+# -- demo ----------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(scenario=args.scenario, as_json=args.json)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    import runpy
-
-    script = Path(__file__).resolve().parent.parent / "bench" / f"{args.name}.py"
-    if not script.is_file():
-        raise ConfigError(f"benchmark script {script} not found (benchmarks run from a source checkout)")
-    sys.argv = [str(script), *args.rest]
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,13 +29,15 @@ from typing import Any
 
 import anyio
 
-from .cli import print_report, registry_rows
-from .localpeers import MODEL_ID, Peers, minilm_dir
 from .models import Candidate, ModelIdentity
 from .pipeline import LoadObserver, Orchestrator
+from .registry import records_of
 from .registry.sqlite import SqliteRegistry
+from .render import print_report, source_rows
 from .report import LoadReport
+from .strategy import Strategy, StrategyOptions, load_strategy
 from .target import Target
+from .testing.peers import MODEL_ID, Peers, minilm_dir
 
 __all__ = ["run_demo"]
 
@@ -81,7 +83,7 @@ class _KillDuringRead(LoadObserver):
             self.timer.start()
 
 
-async def _pull(registry_path: Path, strategies: list[Any], observers: list[LoadObserver]) -> LoadReport:
+async def _pull(registry_path: Path, strategies: list[Strategy], observers: list[LoadObserver]) -> LoadReport:
     registry = SqliteRegistry(registry_path)
     try:
         orchestrator = Orchestrator(
@@ -99,9 +101,7 @@ async def _pull(registry_path: Path, strategies: list[Any], observers: list[Load
 
 
 def _mixed(tmp: Path, quiet: bool) -> tuple[LoadReport, list[dict[str, Any]]]:
-    from strategies._nixl import get_agent
-    from strategies.rdma_region import RdmaRegion
-    from strategies.rdma_tensor import RdmaTensor
+    from ._backends.nixl import get_agent
 
     get_agent()  # an engine creates its NIXL agent at start-up, not inside a pull
     db = tmp / "registry.db"
@@ -121,22 +121,19 @@ def _mixed(tmp: Path, quiet: bool) -> tuple[LoadReport, list[dict[str, Any]]]:
         _say("SIGSTOP src-doomed: its READ will be posted but cannot complete", quiet)
         doomed.signal(signal.SIGSTOP)
         killer = _KillDuringRead(doomed, 3.0, quiet)
-        strategies: list[Any] = [RdmaRegion(), RdmaTensor()]
+        strategies = [load_strategy("rdma_region"), load_strategy("rdma_tensor")]
         observers: list[LoadObserver] = [killer]
         report = anyio.run(_pull, db, strategies, observers)
         if killer.timer is not None:
             killer.timer.join()
-        rows = anyio.run(registry_rows, f"sqlite://{db}")
+        rows = source_rows(anyio.run(records_of, f"sqlite://{db}"))
         return report, rows
     finally:
         peers.close()
 
 
 def _hub_fallback(tmp: Path, quiet: bool) -> tuple[LoadReport, list[dict[str, Any]]]:
-    from strategies.hf_download import HfDownload
-    from strategies.rdma_region import RdmaRegion
-
-    from .hubserver import HubServer
+    from .testing.hub import HubServer
 
     db = tmp / "registry.db"
     peers = Peers(f"sqlite://{db}")
@@ -151,12 +148,12 @@ def _hub_fallback(tmp: Path, quiet: bool) -> tuple[LoadReport, list[dict[str, An
             )
             dead.kill()
             _say("SIGKILL src-dead", quiet)
-            strategies: list[Any] = [
-                RdmaRegion(),
-                HfDownload(repo_id=MODEL_ID, endpoint=hub.endpoint, cache_dir=tmp / "hf-cache"),
-            ]
+            options = StrategyOptions(
+                repo_id=MODEL_ID, hub_endpoint=hub.endpoint, hub_cache_dir=tmp / "hf-cache"
+            )
+            strategies = [load_strategy("rdma_region"), load_strategy("hf_download", options)]
             report = anyio.run(_pull, db, strategies, list[LoadObserver]())
-        rows = anyio.run(registry_rows, f"sqlite://{db}")
+        rows = source_rows(anyio.run(records_of, f"sqlite://{db}"))
         return report, rows
     finally:
         peers.close()

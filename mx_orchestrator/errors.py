@@ -8,6 +8,7 @@ sent garbage" apart from everything else with one ``except``.
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "ManifestError",
     "MxoError",
@@ -34,3 +35,7 @@ class RegistryError(MxoError):
 
 class RegistryUnavailable(RegistryError):
     """The registry could not be reached (connection refused, timed out, locked)."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint on disk cannot be read (truncated file, bad header, broken index); names the file."""

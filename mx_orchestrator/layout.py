@@ -5,15 +5,17 @@ Three layouts, named as on the command line:
 ``arena``
     one contiguous buffer, one region, tensors packed in manifest order;
 ``tensor``
-    each tensor its own allocation; the regions are whatever runs of adjacent
-    tensors the allocator happened to produce (so two processes rarely agree:
-    the situation ModelExpress PR #246 was about);
+    each tensor its own allocation and its own region (what GPU memory needs:
+    a CUDA IPC handle covers one allocation);
 ``chunked:SIZE``
     tensors packed in order into regions of at most SIZE bytes (a tensor larger
     than SIZE gets a region of its own).
 
 Offsets are aligned to :data:`ALIGNMENT` so every tensor can be viewed with its
-own dtype.
+own dtype. Memory that somebody else allocated (an engine's parameters) is
+described as it lies by :func:`regions_from_addresses`: there the regions are
+whatever runs of adjacent tensors the allocator happened to produce, so two
+processes rarely agree (the situation ModelExpress PR #246 was about).
 """
 
 from __future__ import annotations
@@ -91,11 +93,7 @@ def plan_layout(
     tensors: Iterable[TensorShape | TensorSpec],
     layout: LayoutSpec,
 ) -> Manifest:
-    """Place ``(name, dtype, shape)`` tensors for ``arena`` or ``chunked`` layouts.
-
-    ``tensor`` layouts depend on where an allocator puts each tensor; build
-    those with :func:`regions_from_addresses` once the memory exists.
-    """
+    """Place ``(name, dtype, shape)`` tensors in regions as ``layout`` says (pure: no memory exists yet)."""
     items: list[tuple[str, str, tuple[int, ...], str | None]] = []
     for t in tensors:
         if isinstance(t, TensorSpec):
@@ -103,7 +101,11 @@ def plan_layout(
         else:
             items.append((t[0], t[1], tuple(t[2]), None))
     if layout.kind == "tensor":
-        raise ConfigError("a 'tensor' layout is decided by the allocator: use regions_from_addresses")
+        return Manifest(
+            identity,
+            tuple(TensorSpec(n, d, s, i, 0, c) for i, (n, d, s, c) in enumerate(items)),
+            tuple(Region(_nbytes(d, s)) for _, d, s, _ in items) or (Region(0),),
+        )
     limit = layout.chunk_bytes if layout.kind == "chunked" else None
     specs: list[TensorSpec] = []
     regions: list[int] = []

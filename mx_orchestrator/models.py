@@ -21,6 +21,7 @@ from typing import Any
 from .errors import ManifestError
 
 __all__ = [
+    "DTYPES",
     "DTYPE_SIZES",
     "MAX_MANIFEST_BYTES",
     "MAX_REGIONS",
@@ -34,24 +35,26 @@ __all__ = [
     "TensorSpec",
 ]
 
-#: Element sizes of the dtypes a manifest may name (safetensors' spelling).
-DTYPE_SIZES: Mapping[str, int] = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
+#: The one dtype table: safetensors' name -> (element size in bytes, torch dtype attribute).
+DTYPES: Mapping[str, tuple[int, str]] = {
+    "BOOL": (1, "bool"),
+    "U8": (1, "uint8"),
+    "I8": (1, "int8"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "I16": (2, "int16"),
+    "U16": (2, "uint16"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I32": (4, "int32"),
+    "U32": (4, "uint32"),
+    "F32": (4, "float32"),
+    "I64": (8, "int64"),
+    "U64": (8, "uint64"),
+    "F64": (8, "float64"),
 }
+#: Element sizes of the dtypes a manifest may name, derived from :data:`DTYPES`.
+DTYPE_SIZES: Mapping[str, int] = {name: size for name, (size, _) in DTYPES.items()}
 
 # Bounds on untrusted manifests. Generous for real checkpoints (a 405B model has
 # a few thousand tensors per shard) and small enough that a hostile peer cannot
@@ -296,10 +299,6 @@ class Manifest:
         return sum(spec.nbytes for spec in self.tensors)
 
     @property
-    def region_bytes(self) -> int:
-        return sum(region.nbytes for region in self.regions)
-
-    @property
     def manifest_fingerprint(self) -> str:
         """Hash of what the weights *are*: names, dtypes, shapes (order-insensitive)."""
         return _digest(
@@ -317,12 +316,6 @@ class Manifest:
             for s in sorted(self.tensors, key=lambda s: (s.region, s.offset, s.name))
         )
         return _digest(parts)
-
-    def tensor(self, name: str) -> TensorSpec:
-        for spec in self.tensors:
-            if spec.name == name:
-                return spec
-        raise KeyError(name)
 
     def by_name(self) -> dict[str, TensorSpec]:
         return {spec.name: spec for spec in self.tensors}
@@ -463,7 +456,6 @@ class Candidate:
 
     record: SourceRecord
     manifest: Manifest | None = None
-    probe_seconds: float = 0.0
 
     @property
     def source_id(self) -> str:

@@ -1,16 +1,21 @@
 """The load pipeline: discover -> evaluate (concurrently) -> attempt -> report.
 
-This is the only module that drives I/O on the orchestrator's behalf; every
-decision it carries out comes from pure code (:class:`~mx_orchestrator.plan.Planner`,
-:class:`~mx_orchestrator.policy.Policy`, the selection key). It runs on anyio,
-so under asyncio and trio alike.
+:class:`Orchestrator` is configuration plus :meth:`Orchestrator.load`; each
+load is driven by a private :class:`_Load`, which holds everything that lives
+for one load (identity, target, run id, deadline, planner, log, attempts,
+evaluation). This is the only module that drives I/O on the orchestrator's
+behalf; every decision it carries out comes from pure code
+(:class:`~mx_orchestrator.plan.Planner`, :class:`~mx_orchestrator.policy.Policy`,
+the selection key). It runs on anyio, so under asyncio and trio alike.
 
 Evaluation runs in the background for the whole load: the first attempt starts
 as soon as one candidate is known, while slower probes continue (the
 happy-eyeballs shape). Each attempt runs under its own deadline, enforced here
 by cancellation, so a wedged strategy ends as ``TimedOut``. When the caller
 cancels, every task the load started is cancelled and awaited before the
-cancellation propagates.
+cancellation propagates. The registry is called through one helper,
+:meth:`_Load.registry_call`: bounded in time, its failures logged and returned,
+never raised into the load.
 """
 
 from __future__ import annotations
@@ -18,19 +23,19 @@ from __future__ import annotations
 import contextlib
 import math
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import anyio
 import structlog
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .errors import ConfigError, ManifestError, RegistryError
-from .models import Candidate, ModelIdentity, SourceState
+from .models import Candidate, ModelIdentity, SourceRecord, SourceState
 from .outcomes import Cancelled, LocalFailure, Outcome, TimedOut
 from .plan import EXHAUSTED, Attempt, Done, Planner, StrategySlot, Wait
-from .policy import DEFAULT_POLICY, Action, DecisionState, Policy
+from .policy import DEFAULT_POLICY, Action, Policy
 from .registry.base import SourceRegistry
 from .report import AttemptRecord, LoadReport, ProbeRecord
 from .selection import SelectionPolicy, rendezvous
@@ -40,9 +45,12 @@ __all__ = ["LoadObserver", "Orchestrator"]
 
 _log = structlog.get_logger("mx_orchestrator")
 
-# How long carrying out an action against the registry may take; a registry
-# outage must not stall (or crash) a load that already has its candidates.
+T = TypeVar("T")
+
+# How long one registry call may take; a registry outage must not stall (or
+# crash) a load that already has its candidates.
 _REGISTRY_CALL_TIMEOUT = 2.0
+_READER_ACCOUNTING_TIMEOUT = 0.5
 
 
 class LoadObserver:
@@ -59,12 +67,6 @@ class LoadObserver:
 
     def load_done(self, report: LoadReport) -> None:
         """Called once per load."""
-
-
-@dataclass
-class _Evaluation:
-    probes: list[ProbeRecord]
-    finished_at: float | None = None
 
 
 class Orchestrator:
@@ -116,6 +118,10 @@ class Orchestrator:
         self.target_id = target_id or f"target-{uuid.uuid4().hex[:12]}"
         self.observers = tuple(observers)
 
+    @property
+    def uses_peers(self) -> bool:
+        return any(s.uses_peers for s in self.strategies)
+
     async def load(
         self,
         identity: ModelIdentity,
@@ -123,194 +129,238 @@ class Orchestrator:
         *,
         progress: ProgressCallback | None = None,
     ) -> LoadReport:
-        run_id = uuid.uuid4().hex[:12]
-        log = _log.bind(run_id=run_id, model=identity.key)
-        started = anyio.current_time()
-        load_deadline = started + self.load_timeout if self.load_timeout is not None else math.inf
-        planner = Planner(
-            [StrategySlot(s.name, s.uses_peers) for s in self.strategies],
-            self.selection(self.target_id),
-            max_attempts=self.policy.max_attempts,
-        )
-        evaluation = _Evaluation(probes=[])
-        attempts: list[AttemptRecord] = []
-        log.info("load.start", strategies=[s.name for s in self.strategies])
+        return await _Load(self, identity, target, progress).run()
 
-        send, receive = anyio.create_memory_object_stream[Candidate | None](math.inf)
+
+@dataclass
+class _Evaluation:
+    """What evaluation found: a probe record per candidate, and a registry outage if there was one."""
+
+    probes: list[ProbeRecord] = field(default_factory=list)
+    registry_error: RegistryError | None = None
+    finished_at: float | None = None
+
+
+class _Load:
+    """One load: per-load state and the driver that carries out what the pure core decides."""
+
+    def __init__(
+        self,
+        config: Orchestrator,
+        identity: ModelIdentity,
+        target: Any,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.target = target
+        self.progress = progress
+        self.run_id = uuid.uuid4().hex[:12]
+        self.log = _log.bind(run_id=self.run_id, model=identity.key)
+        self.started = anyio.current_time()
+        self.deadline = self.started + config.load_timeout if config.load_timeout is not None else math.inf
+        self.planner = Planner(
+            [StrategySlot(s.name, s.uses_peers) for s in config.strategies],
+            config.selection(config.target_id),
+            max_attempts=config.policy.max_attempts,
+        )
+        self.evaluation = _Evaluation()
+        self.attempts: list[AttemptRecord] = []
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - anyio.current_time())
+
+    async def run(self) -> LoadReport:
+        config = self.config
+        self.log.info("load.start", strategies=[s.name for s in config.strategies])
+        send, receive = anyio.create_memory_object_stream[Candidate](math.inf)
         done: Done
         async with anyio.create_task_group() as tg:
-            if any(s.uses_peers for s in self.strategies):
-                tg.start_soon(self._evaluate, identity, send, evaluation, log)
+            if config.uses_peers:
+                tg.start_soon(self.evaluate, send)
             else:
                 send.close()
-                evaluation.finished_at = started
+                self.evaluation.finished_at = self.started
             try:
-                done = await self._attempt_loop(
-                    identity, target, planner, receive, attempts, load_deadline, run_id, progress, log
-                )
+                done = await self.attempt_loop(receive)
             finally:
                 tg.cancel_scope.cancel()
                 receive.close()
+        return self.report(done)
 
+    def report(self, done: Done) -> LoadReport:
         finished = anyio.current_time()
-        if not done.loaded and not attempts and done.reason == EXHAUSTED:
-            outage = next((p for p in evaluation.probes if p.source == "<registry>"), None)
-            if outage is not None:
-                done = Done(False, f"the registry is unavailable: {outage.detail}")
+        evaluation = self.evaluation
+        if not done.loaded and not self.attempts and done.reason == EXHAUSTED:
+            if evaluation.registry_error is not None:
+                done = Done(False, f"the registry is unavailable: {evaluation.registry_error}")
             elif not any(p.ok for p in evaluation.probes):
-                done = Done(False, f"no READY source of {identity.key} was found")
+                done = Done(False, f"no READY source of {self.identity.key} was found")
         report = LoadReport(
-            run_id=run_id,
-            identity=identity,
+            run_id=self.run_id,
+            identity=self.identity,
             loaded=done.loaded,
-            seconds=finished - started,
-            evaluation_seconds=(evaluation.finished_at or finished) - started,
-            attempts=attempts,
+            seconds=finished - self.started,
+            evaluation_seconds=(evaluation.finished_at or finished) - self.started,
+            attempts=self.attempts,
             probes=evaluation.probes,
             reason=done.reason,
+            registry_error=str(evaluation.registry_error) if evaluation.registry_error is not None else None,
         )
-        log.info(
+        self.log.info(
             "load.done",
             outcome=report.outcome,
             reason=done.reason,
             seconds=round(report.seconds, 4),
-            attempts=len(attempts),
+            attempts=len(self.attempts),
         )
-        for observer in self.observers:
+        for observer in self.config.observers:
             observer.load_done(report)
         return report
 
-    # -- evaluation -----------------------------------------------------------
+    # -- the registry -----------------------------------------------------------
 
-    async def _evaluate(
+    async def registry_call(
         self,
-        identity: ModelIdentity,
-        send: MemoryObjectSendStream[Candidate | None],
-        evaluation: _Evaluation,
-        log: Any,
-    ) -> None:
-        assert self.prober is not None
-        prober = self.prober
+        call: Callable[[], Awaitable[T]],
+        event: str,
+        *,
+        within: float = _REGISTRY_CALL_TIMEOUT,
+        **fields: Any,
+    ) -> T | RegistryError:
+        """``await call()`` within ``within`` seconds; a failure is logged as ``event`` and returned."""
+        try:
+            with anyio.fail_after(within):
+                return await call()
+        except (RegistryError, OSError, TimeoutError) as exc:
+            error = exc if isinstance(exc, RegistryError) else RegistryError(str(exc) or type(exc).__name__)
+            self.log.warning(event, error=str(error), **fields)
+            return error
+
+    # -- evaluation -------------------------------------------------------------
+
+    async def evaluate(self, send: MemoryObjectSendStream[Candidate]) -> None:
+        config = self.config
+        registry = config.registry
         async with send:
-            started = anyio.current_time()
-            records = []
-            if self.registry is not None:
-                try:
-                    with anyio.fail_after(_REGISTRY_CALL_TIMEOUT):
-                        records = await self.registry.list(identity.key, SourceState.READY)
-                except (RegistryError, OSError, TimeoutError) as exc:
-                    log.warning("evaluate.registry_unavailable", error=str(exc))
-                    evaluation.probes.append(ProbeRecord("<registry>", False, 0.0, str(exc)))
-            limiter = anyio.CapacityLimiter(self.probe_concurrency)
-
-            async def probe_one(record: Any) -> None:
-                async with limiter:
-                    probe_started = anyio.current_time()
-                    result: Candidate | ProbeFailure | None = None
-                    try:
-                        with anyio.move_on_after(self.probe_timeout):
-                            try:
-                                result = await prober.probe(record)
-                            except (RegistryError, ManifestError, OSError) as exc:
-                                result = ProbeFailure(record.source_id, f"probe failed: {exc}")
-                    except anyio.get_cancelled_exc_class():
-                        seconds = anyio.current_time() - probe_started
-                        evaluation.probes.append(
-                            ProbeRecord(record.source_id, False, seconds, "not finished when the load ended")
-                        )
-                        raise
-                    seconds = anyio.current_time() - probe_started
-                    if result is None:
-                        result = ProbeFailure(
-                            record.source_id, f"probe timed out after {self.probe_timeout:.3g}s"
-                        )
-                    if isinstance(result, ProbeFailure):
-                        probe = ProbeRecord(record.source_id, False, seconds, result.detail)
-                        log.info("probe.failed", source=record.source_id, detail=result.detail)
-                    else:
-                        probe = ProbeRecord(record.source_id, True, seconds)
-                    # recorded before the candidate is handed over: the load may end
-                    # (and cancel this task) as soon as the attempt loop sees it
-                    evaluation.probes.append(probe)
-                    for observer in self.observers:
-                        observer.probe_done(probe)
-                    if isinstance(result, Candidate):
-                        with contextlib.suppress(anyio.BrokenResourceError):  # the load already ended
-                            send.send_nowait(result)
-
+            began = anyio.current_time()
+            records: list[SourceRecord] = []
+            if registry is not None:
+                listed = await self.registry_call(
+                    lambda: registry.list(self.identity.key, SourceState.READY),
+                    "evaluate.registry_unavailable",
+                )
+                if isinstance(listed, RegistryError):
+                    self.evaluation.registry_error = listed
+                else:
+                    records = listed
+            limiter = anyio.CapacityLimiter(config.probe_concurrency)
             async with anyio.create_task_group() as tg:
                 for record in records:
-                    tg.start_soon(probe_one, record)
-            evaluation.finished_at = anyio.current_time()
-            log.info(
+                    tg.start_soon(self.probe_one, record, limiter, send)
+            self.evaluation.finished_at = anyio.current_time()
+            self.log.info(
                 "evaluate.done",
                 candidates=len(records),
-                usable=sum(p.ok for p in evaluation.probes),
-                seconds=round(evaluation.finished_at - started, 4),
+                usable=sum(p.ok for p in self.evaluation.probes),
+                seconds=round(self.evaluation.finished_at - began, 4),
             )
 
-    # -- attempts -------------------------------------------------------------
+    async def probe_one(
+        self, record: SourceRecord, limiter: anyio.CapacityLimiter, send: MemoryObjectSendStream[Candidate]
+    ) -> None:
+        prober = self.config.prober
+        assert prober is not None  # a peer strategy without a prober is refused at construction
+        timeout = self.config.probe_timeout
+        async with limiter:
+            began = anyio.current_time()
+            result: Candidate | ProbeFailure | None = None
+            try:
+                with anyio.move_on_after(timeout):
+                    try:
+                        result = await prober.probe(record)
+                    except (RegistryError, ManifestError, OSError) as exc:
+                        result = ProbeFailure(record.source_id, f"probe failed: {exc}")
+            except anyio.get_cancelled_exc_class():
+                seconds = anyio.current_time() - began
+                self.evaluation.probes.append(
+                    ProbeRecord(record.source_id, False, seconds, "not finished when the load ended")
+                )
+                raise
+            seconds = anyio.current_time() - began
+            if result is None:
+                result = ProbeFailure(record.source_id, f"probe timed out after {timeout:.3g}s")
+            if isinstance(result, ProbeFailure):
+                probe = ProbeRecord(record.source_id, False, seconds, result.detail)
+                self.log.info("probe.failed", source=record.source_id, detail=result.detail)
+            else:
+                probe = ProbeRecord(record.source_id, True, seconds)
+            # recorded before the candidate is handed over: the load may end
+            # (and cancel this task) as soon as the attempt loop sees it
+            self.evaluation.probes.append(probe)
+            for observer in self.config.observers:
+                observer.probe_done(probe)
+            if isinstance(result, Candidate):
+                with contextlib.suppress(anyio.BrokenResourceError):  # the load already ended
+                    send.send_nowait(result)
 
-    async def _attempt_loop(
-        self,
-        identity: ModelIdentity,
-        target: Any,
-        planner: Planner,
-        receive: Any,
-        attempts: list[AttemptRecord],
-        load_deadline: float,
-        run_id: str,
-        progress: ProgressCallback | None,
-        log: Any,
-    ) -> Done:
-        first_try_at: dict[tuple[str, str | None], float] = {}
-        ranked_window_used = False
+    # -- taking in candidates ---------------------------------------------------
+
+    def take(self, receive: MemoryObjectReceiveStream[Candidate], *, wait: bool) -> Awaitable[None] | None:
+        """Hand every candidate found so far to the planner; with ``wait``, also an awaitable for the next."""
+        while self.planner.evaluating:
+            try:
+                self.planner.add_candidate(receive.receive_nowait())
+            except anyio.WouldBlock:
+                break
+            except anyio.EndOfStream:
+                self.planner.evaluation_finished()
+        return self._receive_one(receive) if wait and self.planner.evaluating else None
+
+    async def _receive_one(self, receive: MemoryObjectReceiveStream[Candidate]) -> None:
+        try:
+            self.planner.add_candidate(await receive.receive())
+        except anyio.EndOfStream:
+            self.planner.evaluation_finished()
+
+    async def rank_window(self, receive: MemoryObjectReceiveStream[Candidate]) -> None:
+        """Happy eyeballs with a short grace: once one candidate is known, give the other probes
+        ``rank_window`` seconds so the first attempt goes to the best-ranked source, not merely the
+        fastest probe."""
+        with anyio.move_on_after(min(self.config.rank_window, self.remaining())):
+            while (next_one := self.take(receive, wait=True)) is not None:
+                await next_one
+
+    # -- attempts ---------------------------------------------------------------
+
+    async def attempt_loop(self, receive: MemoryObjectReceiveStream[Candidate]) -> Done:
+        window_used = False
         while True:
-            self._drain(receive, planner)
-            if not ranked_window_used and planner.candidates_known and planner.evaluating:
-                # Happy eyeballs with a short grace: once one candidate is known,
-                # give the other probes rank_window seconds so the first attempt
-                # goes to the best-ranked source, not merely the fastest probe.
-                ranked_window_used = True
-                with anyio.move_on_after(min(self.rank_window, load_deadline - anyio.current_time())):
-                    while planner.evaluating:
-                        try:
-                            candidate = await receive.receive()
-                        except anyio.EndOfStream:
-                            planner.evaluation_finished()
-                        else:
-                            if candidate is not None:
-                                planner.add_candidate(candidate)
-            step = planner.next_step()
+            self.take(receive, wait=False)
+            if not window_used and self.planner.candidates_known and self.planner.evaluating:
+                window_used = True
+                await self.rank_window(receive)
+            step = self.planner.next_step(anyio.current_time())
             if isinstance(step, Done):
                 return step
             if isinstance(step, Wait):
-                with anyio.move_on_after(load_deadline - anyio.current_time()):
-                    try:
-                        candidate = await receive.receive()
-                        if candidate is not None:
-                            planner.add_candidate(candidate)
-                    except anyio.EndOfStream:
-                        planner.evaluation_finished()
-                    continue
-                return Done(False, "load deadline passed while waiting for candidates")
+                next_one = self.take(receive, wait=True)
+                if next_one is not None:
+                    with anyio.move_on_after(self.remaining()) as scope:
+                        await next_one
+                    if scope.cancelled_caught:
+                        return Done(False, "load deadline passed while waiting for candidates")
+                continue
             assert isinstance(step, Attempt)
             if step.delay > 0:
-                await anyio.sleep(min(step.delay, max(0.0, load_deadline - anyio.current_time())))
-            key = (step.strategy, step.source_id)
-            first_try_at.setdefault(key, anyio.current_time())
-            outcome = await self._run_attempt(identity, target, step, load_deadline, run_id, progress, log)
-            state = DecisionState(
-                attempt_number=step.attempt_number,
-                attempts_total=planner.attempts_total + 1,
-                elapsed=anyio.current_time() - first_try_at[key],
-            )
-            action = self.policy.decide(outcome, state)
-            marked = await self._carry_out(action, step, outcome, log)
-            planner.record(action)
+                await anyio.sleep(min(step.delay, self.remaining()))
+            outcome = await self.run_attempt(step)
+            action = self.config.policy.decide(outcome, self.planner.decision_state(anyio.current_time()))
+            marked = await self.carry_out(action, step, outcome)
+            self.planner.record(action)
             record = AttemptRecord(outcome, action, marked, step.attempt_number)
-            attempts.append(record)
-            log.info(
+            self.attempts.append(record)
+            self.log.info(
                 "attempt.done",
                 strategy=step.strategy,
                 source=step.source_id,
@@ -321,60 +371,39 @@ class Orchestrator:
                 marked_stale=marked,
                 detail=outcome.detail,
             )
-            for observer in self.observers:
+            for observer in self.config.observers:
                 observer.attempt_done(record)
 
-    @staticmethod
-    def _drain(receive: Any, planner: Planner) -> None:
-        while planner.evaluating:
-            try:
-                candidate = receive.receive_nowait()
-            except anyio.WouldBlock:
-                return
-            except anyio.EndOfStream:
-                planner.evaluation_finished()
-                return
-            if candidate is not None:
-                planner.add_candidate(candidate)
-
-    async def _run_attempt(
-        self,
-        identity: ModelIdentity,
-        target: Any,
-        step: Attempt,
-        load_deadline: float,
-        run_id: str,
-        progress: ProgressCallback | None,
-        log: Any,
-    ) -> Outcome:
-        strategy = self.strategies[step.strategy_index]
+    async def run_attempt(self, step: Attempt) -> Outcome:
+        config = self.config
+        strategy = config.strategies[step.strategy_index]
         began = anyio.current_time()
-        deadline = min(began + self.attempt_timeout, load_deadline)
+        deadline = min(began + config.attempt_timeout, self.deadline)
         ctx = AttemptContext(
-            identity=identity,
-            target=target,
+            identity=self.identity,
+            target=self.target,
             candidate=step.candidate,
             deadline=deadline,
             attempt_number=step.attempt_number,
-            run_id=run_id,
-            registry=self.registry,
-            progress=progress,
+            run_id=self.run_id,
+            registry=config.registry,
+            progress=self.progress,
         )
-        log.debug("attempt.start", strategy=strategy.name, source=step.source_id)
-        for observer in self.observers:
+        self.log.debug("attempt.start", strategy=strategy.name, source=step.source_id)
+        for observer in config.observers:
             observer.attempt_start(strategy.name, step.source_id)
         outcome: Outcome | None = None
-        counted = await self._count_reader(step, +1, log)
+        counted = await self.count_reader(step, +1)
         try:
-            outcome = await self._attempt_within(strategy, ctx, deadline - began, step, log)
+            outcome = await self.attempt_within(strategy, ctx, deadline - began, step)
         finally:
             if counted:
                 with anyio.CancelScope(shield=True):
-                    await self._count_reader(step, -1, log)
+                    await self.count_reader(step, -1)
         if outcome is not None:
             return outcome
         seconds = anyio.current_time() - began
-        if deadline >= load_deadline:
+        if deadline >= self.deadline:
             return Cancelled(
                 strategy=strategy.name,
                 source_id=step.source_id,
@@ -385,25 +414,26 @@ class Orchestrator:
             strategy=strategy.name,
             source_id=step.source_id,
             seconds=seconds,
-            deadline=self.attempt_timeout,
-            detail=f"no completion within the attempt deadline of {self.attempt_timeout:.3g}s",
+            deadline=config.attempt_timeout,
+            detail=f"no completion within the attempt deadline of {config.attempt_timeout:.3g}s",
         )
 
-    async def _count_reader(self, step: Attempt, delta: int, log: Any) -> bool:
+    async def count_reader(self, step: Attempt, delta: int) -> bool:
         """Best-effort reader accounting for least-loaded selection; never fails an attempt."""
-        if step.candidate is None or self.registry is None:
+        registry = self.config.registry
+        if step.candidate is None or registry is None:
             return False
         record = step.candidate.record
-        try:
-            with anyio.fail_after(0.5):
-                await self.registry.add_load(record.source_id, record.generation, delta)
-        except (RegistryError, OSError, TimeoutError) as exc:
-            log.debug("source.load_accounting_failed", source=record.source_id, error=str(exc))
-            return False
-        return True
+        result = await self.registry_call(
+            lambda: registry.add_load(record.source_id, record.generation, delta),
+            "source.load_accounting_failed",
+            within=_READER_ACCOUNTING_TIMEOUT,
+            source=record.source_id,
+        )
+        return not isinstance(result, RegistryError)
 
-    async def _attempt_within(
-        self, strategy: Strategy, ctx: AttemptContext, budget: float, step: Attempt, log: Any
+    async def attempt_within(
+        self, strategy: Strategy, ctx: AttemptContext, budget: float, step: Attempt
     ) -> Outcome | None:
         """The strategy's outcome, or ``None`` when ``budget`` ran out first."""
         began = anyio.current_time()
@@ -412,7 +442,7 @@ class Orchestrator:
             try:
                 outcome = await strategy.attempt(ctx)
             except Exception as exc:  # a buggy strategy must not take the load down
-                log.exception("attempt.strategy_raised", strategy=strategy.name)
+                self.log.exception("attempt.strategy_raised", strategy=strategy.name)
                 outcome = LocalFailure(
                     strategy=strategy.name,
                     source_id=step.source_id,
@@ -421,26 +451,22 @@ class Orchestrator:
                 )
         return outcome
 
-    async def _carry_out(self, action: Action, step: Attempt, outcome: Outcome, log: Any) -> bool:
+    async def carry_out(self, action: Action, step: Attempt, outcome: Outcome) -> bool:
         """Apply the action's side effects on the registry; True when the source was marked STALE."""
+        registry = self.config.registry
         wanted = action.mark_stale or action.report_unreachable
-        if not wanted or step.candidate is None or self.registry is None:
+        if not wanted or step.candidate is None or registry is None:
             return False
         record = step.candidate.record
         reason = f"{outcome.name}: {outcome.detail}"[:500]
-        try:
-            with anyio.fail_after(_REGISTRY_CALL_TIMEOUT):
-                if action.mark_stale:
-                    marked = await self.registry.mark_stale(
-                        record.source_id, record.generation, reason=reason, reporter=self.target_id
-                    )
-                else:
-                    marked = await self.registry.report_unreachable(
-                        record.source_id, record.generation, reason=reason, reporter=self.target_id
-                    )
-        except (RegistryError, OSError, TimeoutError) as exc:
-            log.warning("source.mark_stale_failed", source=record.source_id, error=str(exc))
-            return False
-        if marked:
-            log.warning("source.marked_stale", source=record.source_id, reason=reason)
-        return marked
+        reporter = self.config.target_id
+        report = registry.mark_stale if action.mark_stale else registry.report_unreachable
+        marked = await self.registry_call(
+            lambda: report(record.source_id, record.generation, reason=reason, reporter=reporter),
+            "source.mark_stale_failed",
+            source=record.source_id,
+        )
+        if marked is True:
+            self.log.warning("source.marked_stale", source=record.source_id, reason=reason)
+            return True
+        return False

@@ -2,7 +2,11 @@
 
 The pipeline feeds it candidates as evaluation finds them and the policy's
 action after each attempt; it answers with the next :class:`Attempt`, a
-:class:`Wait` (more candidates may still come), or :class:`Done`. Strategies are
+:class:`Wait` (more candidates may still come), or :class:`Done`, and with the
+:class:`~mx_orchestrator.policy.DecisionState` the policy decides the pending
+attempt's outcome in (the planner keeps the bookkeeping behind it; the
+caller passes the time in, so the planner stays pure). How each kind of
+action changes the plan is one table, :data:`TRANSITIONS`. Strategies are
 tried in order; within a strategy, candidates in rank order; a strategy that
 does not use peers (the Hub) gets one pseudo-candidate, ``None``.
 
@@ -15,14 +19,14 @@ this class with arbitrary outcomes to pin that.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .models import Candidate
-from .policy import Action, ActionKind
+from .policy import Action, ActionKind, DecisionState
 from .selection import RankKey
 
-__all__ = ["EXHAUSTED", "Attempt", "Done", "Planner", "StrategySlot", "Wait"]
+__all__ = ["EXHAUSTED", "TRANSITIONS", "Attempt", "Done", "Planner", "StrategySlot", "Wait"]
 
 #: The reason a plan ends when nothing is left to try.
 EXHAUSTED = "every strategy and candidate was tried"
@@ -87,6 +91,7 @@ class Planner:
         self._pending: Attempt | None = None
         self._retry: Attempt | None = None
         self._done: Done | None = None
+        self._first_try: dict[tuple[int, str | None], float] = {}
         self.attempts_total = 0
 
     # -- inputs ---------------------------------------------------------------
@@ -121,27 +126,55 @@ class Planner:
         self._tried.add((attempt.strategy_index, attempt.source_id))
         if action.forget_source and attempt.source_id is not None:
             self._forgotten.add(attempt.source_id)
-        kind = action.kind
-        if kind is ActionKind.FINISH:
-            self._done = Done(True, "loaded")
-        elif kind is ActionKind.ABORT:
-            self._done = Done(False, action.reason or "aborted")
-        elif kind is ActionKind.RETRY:
-            self._retry = Attempt(
-                attempt.strategy,
-                attempt.strategy_index,
-                attempt.candidate,
-                attempt.attempt_number + 1,
-                action.delay,
-            )
-        elif kind is ActionKind.NEXT_STRATEGY:
-            self._index = max(self._index, attempt.strategy_index + 1)
+        TRANSITIONS[action.kind](self, attempt, action)
         if self._done is None and self.attempts_total >= self._max_attempts:
             self._done = Done(False, f"attempt limit {self._max_attempts} reached")
 
+    def decision_state(self, now: float) -> DecisionState:
+        """What the policy may know about the pending attempt, ``now`` being the caller's clock."""
+        attempt = self._pending
+        if attempt is None:
+            raise RuntimeError("decision_state() called without an attempt in progress")
+        first = self._first_try.get((attempt.strategy_index, attempt.source_id), now)
+        return DecisionState(
+            attempt_number=attempt.attempt_number,
+            attempts_total=self.attempts_total + 1,
+            elapsed=max(0.0, now - first),
+        )
+
+    # -- transitions (one per action kind) --------------------------------------
+
+    def _finish(self, attempt: Attempt, action: Action) -> None:
+        self._done = Done(True, "loaded")
+
+    def _abort(self, attempt: Attempt, action: Action) -> None:
+        self._done = Done(False, action.reason or "aborted")
+
+    def _retry_same(self, attempt: Attempt, action: Action) -> None:
+        self._retry = Attempt(
+            attempt.strategy,
+            attempt.strategy_index,
+            attempt.candidate,
+            attempt.attempt_number + 1,
+            action.delay,
+        )
+
+    def _next_strategy(self, attempt: Attempt, action: Action) -> None:
+        self._index = max(self._index, attempt.strategy_index + 1)
+
+    def _next_candidate(self, attempt: Attempt, action: Action) -> None:
+        """Nothing to change: the pair is marked tried, the next pop skips it."""
+
     # -- output ---------------------------------------------------------------
 
-    def next_step(self) -> Step:
+    def next_step(self, now: float = 0.0) -> Step:
+        """The next step; ``now`` (the caller's clock) starts the elapsed time of a new pair."""
+        step = self._next_step()
+        if isinstance(step, Attempt):
+            self._first_try.setdefault((step.strategy_index, step.source_id), now)
+        return step
+
+    def _next_step(self) -> Step:
         if self._done is not None:
             return self._done
         if self._pending is not None:
@@ -176,3 +209,13 @@ class Planner:
             if sid not in self._forgotten and (self._index, sid) not in self._tried:
                 return self._known[sid]
         return None
+
+
+#: How each kind of action changes the plan.
+TRANSITIONS: Mapping[ActionKind, Callable[[Planner, Attempt, Action], None]] = {
+    ActionKind.FINISH: Planner._finish,
+    ActionKind.ABORT: Planner._abort,
+    ActionKind.RETRY: Planner._retry_same,
+    ActionKind.NEXT_STRATEGY: Planner._next_strategy,
+    ActionKind.NEXT_CANDIDATE: Planner._next_candidate,
+}

@@ -71,6 +71,8 @@ class LoadReport:
     attempts: list[AttemptRecord] = field(default_factory=list)
     probes: list[ProbeRecord] = field(default_factory=list)
     reason: str = ""
+    #: why the registry could not be listed, when it could not (the load may still reach the Hub)
+    registry_error: str | None = None
 
     @property
     def final(self) -> Loaded | None:
@@ -104,6 +106,7 @@ class LoadReport:
             "candidates_evaluated": len(self.probes),
             "attempts": [a.to_dict() for a in self.attempts],
             "probes": [p.to_dict() for p in self.probes],
+            "registry_error": self.registry_error,
         }
 
     def to_json(self, *, indent: int | None = None) -> str:

@@ -1,8 +1,9 @@
 """The serving side: hold weights in memory in a chosen layout and offer them to peers.
 
 :func:`load_weights` reads a directory of safetensors (or takes an engine's
-tensors) into memory as ``arena``, ``tensor`` or ``chunked:SIZE`` and builds the
-manifest, with a per-tensor xxh3 checksum computed once. :class:`WeightSource`
+tensors) into memory as ``arena``, ``tensor`` or ``chunked:SIZE`` through the
+one buffer allocator and builds the manifest, with a per-tensor checksum
+computed once. :class:`WeightSource`
 registers that memory with NIXL, publishes the record and manifest to the
 registry, keeps UCX progressing for readers, heartbeats, and unpublishes on
 shutdown (cancellation, SIGTERM/SIGINT through :func:`serve_until_signal`).
@@ -18,94 +19,30 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
 
+from ._backends.rdma import RdmaAgent
+from .buffers import Buffers, allocate, dtype_name
+from .checkpoint import read_tensors, safetensors_files
 from .errors import ConfigError
-from .layout import LayoutSpec, parse_layout, plan_layout, regions_from_addresses
-from .models import Manifest, ModelIdentity, SourceRecord
+from .layout import LayoutSpec, parse_layout, plan_layout
+from .models import ModelIdentity, SourceRecord
 from .registry.base import SourceRegistry
-from .target import Target, checksum_tensor, dtype_name, torch_dtype
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ServedWeights", "WeightSource", "load_weights", "safetensors_files", "serve_until_signal"]
+__all__ = ["ServedWeights", "WeightSource", "load_weights", "serve_until_signal"]
 
 _log = structlog.get_logger("mx_orchestrator.source")
 
 
-@dataclass
-class ServedWeights:
-    """Weights in memory: the manifest, each region's (address, size), and the owning tensors."""
-
-    manifest: Manifest
-    spans: list[tuple[int, int]]
-    device: str
-    owners: list[torch.Tensor] = field(repr=False)
-    tensors: dict[str, torch.Tensor] = field(repr=False)
-
-    @property
-    def mem_type(self) -> str:
-        return "DRAM" if self.device == "cpu" else "VRAM"
-
-    @classmethod
-    def from_target(cls, target: Target) -> ServedWeights:
-        """Offer what a target loaded (fan-out): same memory, no copy.
-
-        Checksums come from the manifest the target was loaded from; tensors
-        without one (an engine's own tensors) are hashed here, once.
-        """
-        if target.manifest is None:
-            raise ConfigError("the target holds no weights yet")
-        tensors = target.tensors()
-        specs = tuple(
-            s if s.checksum is not None else replace(s, checksum=checksum_tensor(tensors[s.name]))
-            for s in target.manifest.tensors
-        )
-        manifest = Manifest(target.manifest.identity, specs, target.manifest.regions)
-        return cls(manifest, target.region_spans(), target.device, [], tensors)
-
-    @property
-    def device_id(self) -> int:
-        return 0 if self.device == "cpu" else int(self.device.partition(":")[2] or 0)
-
-
-def safetensors_files(directory: Path) -> list[Path]:
-    """The checkpoint's files in order: from ``model.safetensors.index.json`` when present."""
-    if not directory.is_dir():
-        raise ConfigError(f"weights directory {str(directory)!r} does not exist")
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        names = list(dict.fromkeys(weight_map.values()))
-        files = []
-        for name in names:
-            path = (directory / name).resolve()
-            if directory.resolve() not in path.parents:
-                raise ConfigError(f"index names a file outside the checkpoint: {name!r}")
-            files.append(path)
-        return files
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise ConfigError(f"no *.safetensors files in {str(directory)!r}")
-    return files
-
-
-def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    for path in safetensors_files(directory):
-        for name, tensor in load_file(str(path)).items():
-            if name in tensors:
-                raise ConfigError(f"tensor {name!r} appears in more than one file")
-            tensors[name] = tensor
-    return tensors
+#: Weights a source serves: the one buffer type of targets and sources.
+ServedWeights = Buffers
 
 
 def load_weights(
@@ -113,40 +50,24 @@ def load_weights(
     weights: str | Path | Mapping[str, torch.Tensor],
     layout: str | LayoutSpec = "arena",
     device: str = "cpu",
-) -> ServedWeights:
-    """Copy weights into memory laid out as ``layout`` on ``device``; checksums are computed here, once."""
-    import torch
+) -> Buffers:
+    """Copy weights into memory laid out as ``layout`` on ``device``; checksums are computed here, once.
 
+    ``weights`` is a checkpoint directory (read with the rules of
+    :mod:`~mx_orchestrator.checkpoint`) or an engine's tensors.
+    """
     spec = parse_layout(layout) if isinstance(layout, str) else layout
-    tensors = _read_safetensors(Path(weights)) if isinstance(weights, (str, Path)) else dict(weights)
+    if isinstance(weights, (str, Path)):
+        tensors = dict(read_tensors(safetensors_files(Path(weights))))
+    else:
+        tensors = dict(weights)
     if not tensors:
         raise ConfigError("no tensors to serve")
-    sums = {name: checksum_tensor(t) for name, t in tensors.items()}
     rows = [(name, dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors.items()]
-    dev = torch.device(device)
-    if spec.kind == "tensor":
-        placed = {name: t.detach().to(dev, copy=True).contiguous() for name, t in tensors.items()}
-        manifest, bases = regions_from_addresses(
-            identity,
-            [(n, d, s, placed[n].data_ptr(), sums[n]) for n, d, s in rows],
-            merge_adjacent=dev.type == "cpu",
-        )
-        spans = [(b, r.nbytes) for b, r in zip(bases, manifest.regions, strict=True)]
-        return ServedWeights(manifest, spans, device, list(placed.values()), placed)
-    planned = plan_layout(identity, rows, spec)
-    owners = [torch.empty(r.nbytes, dtype=torch.uint8, device=dev) for r in planned.regions]
-    views: dict[str, torch.Tensor] = {}
-    for s in planned.tensors:
-        view = owners[s.region][s.offset : s.end].view(torch_dtype(s.dtype)).view(s.shape)
-        view.copy_(tensors[s.name])
-        views[s.name] = view
-    manifest = Manifest(
-        identity,
-        tuple(type(s)(s.name, s.dtype, s.shape, s.region, s.offset, sums[s.name]) for s in planned.tensors),
-        planned.regions,
-    )
-    spans = [(int(o.data_ptr()), r.nbytes) for o, r in zip(owners, manifest.regions, strict=True)]
-    return ServedWeights(manifest, spans, device, owners, views)
+    buffers = allocate(plan_layout(identity, rows, spec), device, prefault=False)
+    for name, tensor in tensors.items():
+        buffers.tensors[name].copy_(tensor)
+    return buffers.with_checksums()
 
 
 class WeightSource:
@@ -160,12 +81,12 @@ class WeightSource:
     def __init__(
         self,
         registry: SourceRegistry,
-        weights: ServedWeights,
+        weights: Buffers,
         *,
         source_id: str | None = None,
         ttl: float = 15.0,
         labels: Mapping[str, str] | None = None,
-        agent: Any = None,
+        agent: RdmaAgent | None = None,
         poll_interval: float = 0.001,
         metrics: Any = None,
         drain_timeout: float = 5.0,
@@ -182,7 +103,7 @@ class WeightSource:
         self.drain_timeout = drain_timeout
         self.record: SourceRecord | None = None
 
-    def _build_record(self, agent: Any) -> SourceRecord:
+    def _build_record(self, agent: RdmaAgent) -> SourceRecord:
         w = self.weights
         return SourceRecord(
             source_id=self.source_id,
@@ -203,9 +124,12 @@ class WeightSource:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[SourceRecord] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        from strategies._nixl import get_agent
+        if self._agent is not None:
+            agent = self._agent
+        else:
+            from ._backends.nixl import get_agent
 
-        agent = self._agent or get_agent()
+            agent = get_agent()
         w = self.weights
         deregister = agent.register([(a, n, w.device_id) for a, n in w.spans], w.mem_type)
         log = _log.bind(source=self.source_id, model=w.manifest.identity.key)
@@ -234,7 +158,7 @@ class WeightSource:
                 if self._metrics is not None:
                     self._metrics.published.set(0)
 
-    async def _drain(self, agent: Any, log: Any) -> None:
+    async def _drain(self, agent: RdmaAgent, log: Any) -> None:
         """DRAINING: no new readers are sent here; wait (bounded) for the ones reading now, driving UCX."""
         if self.record is None:
             return
@@ -267,7 +191,7 @@ class WeightSource:
                 if self._metrics is not None:
                     self._metrics.heartbeats.labels(ok="false").inc()
 
-    async def _progress(self, agent: Any) -> None:
+    async def _progress(self, agent: RdmaAgent) -> None:
         # readers hang unless the source side drives UCX (no NIXL progress thread)
         while True:
             arrived = agent.poll_notifications()

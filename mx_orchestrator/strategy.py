@@ -8,28 +8,42 @@ released in ``finally`` blocks.
 
 A prober is what evaluation runs against each registry record: fetch what the
 source publishes (its manifest) so strategies can decide before moving bytes.
+
+Strategies are found by name through the ``mx_orchestrator.strategies``
+entry-point group (:func:`load_strategy`): the built-in ones and third-party
+ones alike. An entry point names a factory; when it has a ``from_options``
+classmethod, that is called with the caller's :class:`StrategyOptions`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
+from .errors import ConfigError
 from .models import Candidate, ModelIdentity, SourceRecord
 from .outcomes import Outcome
 from .registry.base import SourceRegistry
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "AttemptContext",
     "ProbeFailure",
     "Prober",
     "ProgressCallback",
     "RegistryProber",
     "Strategy",
+    "StrategyOptions",
+    "available_strategies",
+    "load_strategy",
 ]
+
+ENTRY_POINT_GROUP = "mx_orchestrator.strategies"
 
 #: Called with (bytes_done, bytes_total) as a transfer progresses.
 ProgressCallback = Callable[[int, int], None]
@@ -84,8 +98,46 @@ class RegistryProber:
         self._registry = registry
 
     async def probe(self, record: SourceRecord) -> Candidate | ProbeFailure:
-        started = anyio.current_time()
         manifest = await self._registry.get_manifest(record.source_id, record.generation)
         if manifest is None:
             return ProbeFailure(record.source_id, "the source published no manifest")
-        return Candidate(record, manifest, anyio.current_time() - started)
+        return Candidate(record, manifest)
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """What a caller (the CLI, an embedding) may tell every strategy; each uses what concerns it."""
+
+    repo_id: str | None = None
+    revision: str | None = None
+    hub_endpoint: str | None = None
+    hub_cache_dir: Path | None = None
+
+
+def available_strategies() -> dict[str, str]:
+    """Strategy name -> ``module:attribute`` of every registered strategy factory."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_strategy(name: str, options: StrategyOptions | None = None, **arguments: Any) -> Strategy:
+    """Instantiate the strategy registered as ``name``.
+
+    With ``arguments``, the factory is called with them; otherwise its
+    ``from_options`` (when it has one) gets ``options``, else it is called bare.
+    """
+    matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not matches:
+        known = ", ".join(sorted(available_strategies())) or "none"
+        raise ConfigError(f"unknown strategy {name!r} (registered: {known})")
+    try:
+        factory = matches[0].load()
+    except ImportError as exc:
+        raise ConfigError(f"strategy {name!r} cannot be imported: {exc}") from exc
+    from_options = getattr(factory, "from_options", None)
+    if arguments or from_options is None:
+        strategy = factory(**arguments)
+    else:
+        strategy = from_options(options or StrategyOptions())
+    if not isinstance(strategy, Strategy):
+        raise ConfigError(f"entry point {name!r} did not produce a Strategy")
+    return strategy

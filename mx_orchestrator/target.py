@@ -1,14 +1,15 @@
-"""Target buffers: where loaded bytes land, on CPU ("DRAM") or a CUDA device ("VRAM").
+"""Targets: where loaded bytes land, on CPU ("DRAM") or a CUDA device ("VRAM").
 
 A target is either *preallocated* (an engine hands over its own parameter
-tensors, which are filled in place) or *allocated* by the orchestrator from the
-first usable source manifest, in a chosen layout. Either way it exposes its own
-manifest (names, dtypes, shapes, regions, offsets) and the base address of each
-region; descriptor planning reads only those, so no transfer can be aimed
-outside memory the target owns, whatever a source claims.
+tensors, which are filled in place) or *allocated* by the orchestrator, in a
+chosen layout, for the first source manifest an attempt commits to. Either way
+its memory is a :class:`~mx_orchestrator.buffers.Buffers` value; descriptor
+planning reads only its manifest and spans, so no transfer can be aimed outside
+memory the target owns, whatever a source claims.
 
-Allocated buffers are pre-faulted (written once) so that the first transfer
-does not pay for page faults inside the timed copy.
+:meth:`Target.plan_for` says, without allocating, which manifest the target will
+have for a source (or why the source cannot land here); the peer attempt's
+pure check uses it to decide everything before any I/O.
 """
 
 from __future__ import annotations
@@ -16,66 +17,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import xxhash
-
+from .buffers import Buffers, allocate, device_index, wrap
 from .errors import ConfigError
-from .layout import LayoutSpec, parse_layout, plan_layout, regions_from_addresses
+from .integrity import bad_tensors
+from .layout import LayoutSpec, parse_layout, plan_layout
 from .models import Manifest, ModelIdentity
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = [
-    "SAFETENSORS_DTYPES",
-    "Target",
-    "TargetMismatch",
-    "checksum_tensor",
-    "dtype_name",
-    "torch_dtype",
-]
-
-#: safetensors dtype name -> torch dtype attribute name
-SAFETENSORS_DTYPES: Mapping[str, str] = {
-    "BOOL": "bool",
-    "U8": "uint8",
-    "I8": "int8",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "I16": "int16",
-    "U16": "uint16",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I32": "int32",
-    "U32": "uint32",
-    "F32": "float32",
-    "I64": "int64",
-    "U64": "uint64",
-    "F64": "float64",
-}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return getattr(torch, SAFETENSORS_DTYPES[name])  # type: ignore[no-any-return]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    wanted = str(dtype).removeprefix("torch.")
-    for name, attr in SAFETENSORS_DTYPES.items():
-        if attr == wanted:
-            return name
-    raise ConfigError(f"unsupported tensor dtype {dtype}")
-
-
-def checksum_tensor(tensor: torch.Tensor) -> str:
-    """xxh3-64 of a tensor's bytes (copied to the host first if it lives on a GPU)."""
-    import torch
-
-    flat = tensor.detach().reshape(-1).view(torch.uint8)
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    return xxhash.xxh3_64_hexdigest(flat.numpy().data)
+__all__ = ["Target", "TargetMismatch", "describe_manifest_difference"]
 
 
 class TargetMismatch(Exception):
@@ -83,6 +34,8 @@ class TargetMismatch(Exception):
 
 
 class Target:
+    """``verify``: check every landed tensor against the source's checksums (and files against the Hub's)."""
+
     def __init__(
         self,
         layout: str | LayoutSpec = "arena",
@@ -95,13 +48,7 @@ class Target:
         self.device = device
         self.verify = verify
         self.prefault = prefault
-        self.manifest: Manifest | None = None
-        # (base address, size) of each region; the memory is owned by _owners or,
-        # when preallocated, by the engine's tensors in _tensors
-        self._spans: list[tuple[int, int]] = []
-        self._owners: list[torch.Tensor] = []
-        self._tensors: dict[str, torch.Tensor] = {}
-        self._preallocated = False
+        self._buffers: Buffers | None = None
 
     @classmethod
     def from_tensors(
@@ -110,25 +57,20 @@ class Target:
         """Fill an engine's own tensors in place; each tensor must be contiguous, all on one device."""
         if not tensors:
             raise ConfigError("a preallocated target needs at least one tensor")
-        devices = {t.device for t in tensors.values()}
-        if len(devices) != 1:
-            raise ConfigError(f"preallocated tensors span several devices: {sorted(map(str, devices))}")
-        for name, t in tensors.items():
-            if not t.is_contiguous():
-                raise ConfigError(f"preallocated tensor {name!r} is not contiguous")
-        target = cls(LayoutSpec("tensor"), str(next(iter(devices))), verify=verify, prefault=False)
-        rows = [
-            (name, dtype_name(t.dtype), tuple(t.shape), t.data_ptr(), None) for name, t in tensors.items()
-        ]
-        device = next(iter(devices))
-        manifest, bases = regions_from_addresses(identity, rows, merge_adjacent=device.type == "cpu")
-        target.manifest = manifest
-        target._tensors = dict(tensors)
-        target._spans = [(b, r.nbytes) for b, r in zip(bases, manifest.regions, strict=True)]
-        target._preallocated = True
+        buffers = wrap(identity, tensors)
+        target = cls(LayoutSpec("tensor"), buffers.device, verify=verify, prefault=False)
+        target._buffers = buffers
         return target
 
     # -- facts ----------------------------------------------------------------
+
+    @property
+    def buffers(self) -> Buffers | None:
+        return self._buffers
+
+    @property
+    def manifest(self) -> Manifest | None:
+        return self._buffers.manifest if self._buffers is not None else None
 
     @property
     def mem_type(self) -> str:
@@ -136,112 +78,56 @@ class Target:
 
     @property
     def device_id(self) -> int:
-        if self.device == "cpu":
-            return 0
-        _, _, index = self.device.partition(":")
-        return int(index or 0)
-
-    @property
-    def prepared(self) -> bool:
-        return self.manifest is not None
+        return device_index(self.device)
 
     def region_spans(self) -> list[tuple[int, int]]:
-        """``(base address, nbytes)`` of every region, in manifest order."""
-        return list(self._spans)
+        """``(base address, nbytes)`` of every region, in manifest order (empty before allocation)."""
+        return list(self._buffers.spans) if self._buffers is not None else []
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Typed views of every loaded tensor, by name."""
-        return dict(self._tensors)
+        return dict(self._buffers.tensors) if self._buffers is not None else {}
 
     @property
     def nbytes(self) -> int:
-        return self.manifest.total_bytes if self.manifest else 0
+        return self._buffers.manifest.total_bytes if self._buffers is not None else 0
 
     # -- preparation ----------------------------------------------------------
 
-    def preview(self, source: Manifest) -> Manifest | None:
-        """The manifest this target will have for ``source``, without allocating anything.
+    def plan_for(self, source: Manifest) -> Manifest:
+        """The manifest this target has (or will have) for ``source``; allocates nothing.
 
-        ``None`` when only allocation can tell (the ``tensor`` layout). Raises
-        :class:`TargetMismatch` when the tensor sets differ.
+        Raises :class:`TargetMismatch` when ``source`` holds other tensors than a
+        target that already has its memory.
         """
-        if self.manifest is not None:
-            if self.manifest.manifest_fingerprint != source.manifest_fingerprint:
-                raise TargetMismatch(_describe_manifest_difference(source, self.manifest))
-            return self.manifest
-        if self.layout.kind == "tensor":
-            return None
+        if self._buffers is not None:
+            mine = self._buffers.manifest
+            if mine.manifest_fingerprint != source.manifest_fingerprint:
+                raise TargetMismatch(describe_manifest_difference(source, mine))
+            return mine
         return plan_layout(source.identity, source.tensors, self.layout)
 
-    def prepare(self, source: Manifest) -> Manifest:
-        """Make the target ready for ``source``'s tensors; allocate on first use.
+    def prepare(self, planned: Manifest) -> Buffers:
+        """Make the memory for ``planned`` (from :meth:`plan_for`) exist; allocates on first use.
 
-        Raises :class:`TargetMismatch` when the tensor sets differ, ``MemoryError``
-        (or torch's OOM error) when allocation fails.
+        Raises ``MemoryError`` (or torch's out-of-memory ``RuntimeError``) when
+        allocation fails.
         """
-        planned = self.preview(source)  # checks the tensor sets of a prepared target
-        if self.manifest is None:
-            self._allocate(source, planned)
-        assert self.manifest is not None
-        return self.manifest
+        if self._buffers is None:
+            self._buffers = self._allocate(planned)
+        return self._buffers
 
-    def _allocate(self, source: Manifest, planned: Manifest | None) -> None:
-        """Allocate for ``source``; ``planned`` is the arena/chunked placement :meth:`preview` made."""
-        import torch
-
-        device = torch.device(self.device)
-        if self.layout.kind == "tensor":
-            tensors = {
-                s.name: _empty(tuple(s.shape), torch_dtype(s.dtype), device, self.prefault)
-                for s in source.tensors
-            }
-            rows = [
-                (s.name, s.dtype, s.shape, tensors[s.name].data_ptr(), s.checksum) for s in source.tensors
-            ]
-            manifest, bases = regions_from_addresses(
-                source.identity, rows, merge_adjacent=device.type == "cpu"
-            )
-            self._spans = [(b, r.nbytes) for b, r in zip(bases, manifest.regions, strict=True)]
-            self._owners = list(tensors.values())
-            self._tensors = tensors
-        else:
-            assert planned is not None
-            manifest = planned
-            self._owners = [_empty((r.nbytes,), torch.uint8, device, self.prefault) for r in manifest.regions]
-            self._spans = [
-                (int(o.data_ptr()), r.nbytes) for o, r in zip(self._owners, manifest.regions, strict=True)
-            ]
-            self._tensors = {
-                s.name: self._owners[s.region][s.offset : s.end].view(torch_dtype(s.dtype)).view(s.shape)
-                for s in manifest.tensors
-            }
-        self.manifest = manifest
+    def _allocate(self, planned: Manifest) -> Buffers:
+        return allocate(planned, self.device, prefault=self.prefault)
 
     # -- verification ---------------------------------------------------------
 
     def verify_against(self, source: Manifest) -> list[str]:
         """Names of tensors whose checksum differs from ``source``'s (empty: all good)."""
-        bad = []
-        for spec in source.tensors:
-            if spec.checksum is None:
-                continue
-            if checksum_tensor(self._tensors[spec.name]) != spec.checksum:
-                bad.append(spec.name)
-        return bad
+        return bad_tensors(self.tensors(), source)
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, prefault: bool) -> torch.Tensor:
-    import torch
-
-    tensor = torch.empty(shape, dtype=dtype, device=device)
-    if prefault and tensor.numel():
-        tensor.view(-1).view(torch.uint8).fill_(0)  # touch every page now, not inside a timed copy
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the fill must be done before another engine writes
-    return tensor
-
-
-def _describe_manifest_difference(source: Manifest, target: Manifest) -> str:
+def describe_manifest_difference(source: Manifest, target: Manifest) -> str:
     src, dst = source.by_name(), target.by_name()
     missing = sorted(set(dst) - set(src))
     extra = sorted(set(src) - set(dst))

@@ -9,8 +9,7 @@ bytes and leaves the source READY (ModelExpress PR #246).
 from __future__ import annotations
 
 from mx_orchestrator.layout import plan_region_reads
-
-from ._peer import PeerStrategy
+from mx_orchestrator.peer import PeerStrategy
 
 __all__ = ["RdmaRegion"]
 

@@ -9,8 +9,7 @@ a descriptor.
 from __future__ import annotations
 
 from mx_orchestrator.layout import plan_tensor_reads
-
-from ._peer import PeerStrategy
+from mx_orchestrator.peer import PeerStrategy
 
 __all__ = ["RdmaTensor"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mx_orchestrator import ModelIdentity
-from mx_orchestrator.localpeers import Peers
+from mx_orchestrator.testing.peers import Peers
 
 
 @pytest.fixture

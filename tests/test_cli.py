@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mx_orchestrator.localpeers import MODEL_ID, Peers, minilm_dir
+from mx_orchestrator.testing.peers import MODEL_ID, Peers, minilm_dir
 
 pytestmark = pytest.mark.nixl
 

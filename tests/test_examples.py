@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from mx_orchestrator import ModelIdentity, Orchestrator
-from mx_orchestrator.hubserver import HubServer
-from mx_orchestrator.localpeers import MODEL_ID, minilm_dir
 from mx_orchestrator.target import Target
+from mx_orchestrator.testing.hub import HubServer
+from mx_orchestrator.testing.peers import MODEL_ID, minilm_dir
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -34,15 +34,16 @@ from mx_orchestrator import (
     SourceState,
     TensorSpec,
 )
-from mx_orchestrator.hubserver import HubServer
+from mx_orchestrator._backends.nixl import get_agent
+from mx_orchestrator.buffers import Buffers
 from mx_orchestrator.layout import parse_layout, plan_layout, plan_region_reads, plan_tensor_reads
-from mx_orchestrator.localpeers import MODEL_ID, Peers, minilm_dir
 from mx_orchestrator.models import MAX_TENSORS, SourceRecord
+from mx_orchestrator.peer import parse_advert
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.target import Target
 from mx_orchestrator.testing import FakeProber, FakeStrategy, make_manifest, make_record, scenario, succeed
-from strategies._nixl import get_agent
-from strategies._peer import parse_advert
+from mx_orchestrator.testing.hub import HubServer
+from mx_orchestrator.testing.peers import MODEL_ID, Peers, minilm_dir
 from strategies.hf_download import HfDownload
 from strategies.rdma_region import RdmaRegion
 from strategies.rdma_tensor import RdmaTensor
@@ -130,7 +131,7 @@ async def test_nixl_metadata_that_is_not_nixl_metadata_is_unreachable(
 
 
 class OutOfMemoryTarget(Target):
-    def _allocate(self, source: Manifest, planned: Manifest | None) -> None:
+    def _allocate(self, planned: Manifest) -> Buffers:
         raise MemoryError("simulated: cannot allocate 90 MB")
 
 

@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from mx_orchestrator import ModelIdentity, Orchestrator, SourceState
-from mx_orchestrator.hubserver import HubServer
-from mx_orchestrator.localpeers import MODEL_ID, minilm_dir
 from mx_orchestrator.outcomes import LayoutMismatch, SourceFailed
 from mx_orchestrator.report import LoadReport
 from mx_orchestrator.target import Target
 from mx_orchestrator.testing import FakeStrategy, fail, scenario
+from mx_orchestrator.testing.hub import HubServer
+from mx_orchestrator.testing.peers import MODEL_ID, minilm_dir
 from strategies.hf_download import HfDownload, safe_relative_path
 
 pytestmark = pytest.mark.hub

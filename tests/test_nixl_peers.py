@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from mx_orchestrator import ModelIdentity, Orchestrator, SourceState
-from mx_orchestrator.cli import write_safetensors
-from mx_orchestrator.localpeers import MODEL_ID, Peers, minilm_dir
+from mx_orchestrator._backends.nixl import get_agent
+from mx_orchestrator.checkpoint import save_checkpoint
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.report import LoadReport
 from mx_orchestrator.target import Target
-from strategies._nixl import get_agent
+from mx_orchestrator.testing.peers import MODEL_ID, Peers, minilm_dir
 from strategies.rdma_region import RdmaRegion
 from strategies.rdma_tensor import RdmaTensor
 
@@ -76,7 +76,7 @@ async def test_same_layout_pulls_by_region_and_bytes_equal_the_file(
     assert [a["outcome"] for a in data["attempts"]] == ["Loaded"]
     assert data["bytes"] == sum(t.numel() * t.element_size() for t in original().values())
     assert_same_weights(target)
-    write_safetensors(target, tmp_path / "out" / "model.safetensors")
+    save_checkpoint(target.tensors(), tmp_path / "out" / "model.safetensors")
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
         minilm_dir() / "model.safetensors"
     ).read_bytes()

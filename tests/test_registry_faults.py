@@ -11,7 +11,6 @@ import anyio
 import pytest
 
 from mx_orchestrator import ModelIdentity, Orchestrator, RegistryUnavailable, SourceState
-from mx_orchestrator.localpeers import MODEL_ID, Peers
 from mx_orchestrator.outcomes import LayoutMismatch, ManifestMismatch
 from mx_orchestrator.registry import open_registry
 from mx_orchestrator.registry.redis import RedisRegistry
@@ -24,6 +23,7 @@ from mx_orchestrator.testing import (
     scenario,
     succeed,
 )
+from mx_orchestrator.testing.peers import MODEL_ID, Peers
 
 from .conftest import RedisServer
 
@@ -110,7 +110,7 @@ async def test_redis_outage_is_typed_and_publishing_resumes_after_restart(
         peer = FakeStrategy("rdma_region", default=succeed())
         report = await Orchestrator(reg, [peer, hub]).load(IDENTITY)
         assert report.loaded and report.final is not None and report.final.strategy == "hf_download"
-        assert report.probes[0].source == "<registry>" and "unreachable" in report.probes[0].detail
+        assert report.registry_error is not None and "unreachable" in report.registry_error
     finally:
         redis_server.start()
     after = make_record(IDENTITY, "after")

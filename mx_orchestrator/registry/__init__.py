@@ -8,6 +8,7 @@ processes on one machine) and ``redis://host:port/db``.
 from __future__ import annotations
 
 from ..errors import ConfigError
+from ..models import SourceRecord
 from .base import (
     EjectionPolicy,
     SourceRegistry,
@@ -31,6 +32,7 @@ __all__ = [
     "is_expired",
     "is_listed",
     "open_registry",
+    "records_of",
 ]
 
 
@@ -50,3 +52,15 @@ def open_registry(url: str) -> SourceRegistry:
 
         return RedisRegistry.from_url(url)
     raise ConfigError(f"unknown registry scheme {scheme!r} in {url!r}")
+
+
+async def records_of(url: str, model_id: str | None = None) -> list[SourceRecord]:
+    """Every record the registry at ``url`` holds, in any state; only ``model_id``'s when given."""
+    registry = open_registry(url)
+    try:
+        records = await registry.list(None, None)
+    finally:
+        await registry.aclose()
+    if model_id:
+        records = [r for r in records if r.identity_key.split("@", 1)[0] == model_id]
+    return records

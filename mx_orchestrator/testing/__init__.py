@@ -4,7 +4,14 @@
   can wedge (never return until cancelled);
 * :class:`FakeProber` answers evaluation probes with scripted latencies and failures;
 * :class:`FakeRegistry` is the in-memory registry plus a call log and fault switches;
+* :class:`FakeRdmaAgent` (on a :class:`FakeRdmaNetwork`) is the RDMA agent contract
+  in one process, with real byte copies and scriptable faults (:class:`RdmaFaults`);
 * :func:`make_manifest`, :func:`make_record` and :func:`scenario` build inputs.
+
+Real components for integration tests, imported from their submodules:
+:mod:`mx_orchestrator.testing.hub` (a loopback HuggingFace Hub with fault
+switches) and :mod:`mx_orchestrator.testing.peers` (``mxo serve`` processes,
+started, frozen, killed and always reaped).
 
 Example::
 
@@ -23,17 +30,21 @@ from typing import Any
 
 import anyio
 
-from .errors import RegistryUnavailable
-from .layout import LayoutSpec, TensorShape, plan_layout
-from .models import Candidate, Manifest, ModelIdentity, SourceRecord, SourceState
-from .outcomes import Loaded, NotApplicable, Outcome
-from .registry.memory import MemoryRegistry
-from .strategy import AttemptContext, ProbeFailure
+from ..errors import RegistryUnavailable
+from ..layout import LayoutSpec, TensorShape, plan_layout
+from ..models import Candidate, Manifest, ModelIdentity, SourceRecord, SourceState
+from ..outcomes import Loaded, NotApplicable, Outcome
+from ..registry.memory import MemoryRegistry
+from ..strategy import AttemptContext, ProbeFailure
+from .rdma import FakeRdmaAgent, FakeRdmaNetwork, RdmaFaults
 
 __all__ = [
     "FakeProber",
+    "FakeRdmaAgent",
+    "FakeRdmaNetwork",
     "FakeRegistry",
     "FakeStrategy",
+    "RdmaFaults",
     "Step",
     "fail",
     "make_manifest",
@@ -160,7 +171,7 @@ class FakeProber:
             self.running -= 1
         if record.source_id in self._failures:
             return ProbeFailure(record.source_id, "scripted probe failure")
-        return Candidate(record, self._manifests.get(record.source_id, self._default), delay)
+        return Candidate(record, self._manifests.get(record.source_id, self._default))
 
 
 class FakeRegistry(MemoryRegistry):
@@ -226,7 +237,7 @@ def make_manifest(
     layout: str | LayoutSpec = "arena",
 ) -> Manifest:
     """A manifest for ``tensors`` (or that many small F32 tensors) in an arena or chunked layout."""
-    from .layout import parse_layout
+    from ..layout import parse_layout
 
     spec = parse_layout(layout) if isinstance(layout, str) else layout
     if isinstance(tensors, int):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["MODEL_ID", "Peers", "SourceProcess", "minilm_dir"]
 

@@ -1,0 +1,143 @@
+"""The one allocator of weight memory, for targets and sources alike.
+
+A :class:`Buffers` value is weights in memory: the manifest (names, dtypes,
+shapes, regions, offsets), each region's ``(base address, size)``, the device,
+the allocations that own the memory and a typed view of every tensor. It is
+built in exactly two ways:
+
+* :func:`allocate`: fresh memory for a planned manifest, one allocation per
+  region (so a ``tensor`` layout is one allocation per tensor, as GPU memory
+  needs: a CUDA IPC handle covers one allocation), optionally pre-faulted so the
+  first transfer does not pay for page faults inside the timed copy;
+* :func:`wrap`: memory somebody else owns (an engine's parameters), described
+  as it lies; adjacent host tensors share a region.
+
+Descriptor planning reads only the manifest and the spans, so no transfer can be
+aimed outside memory these buffers own, whatever a source claims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Protocol
+
+from .errors import ConfigError
+from .integrity import checksum_tensor
+from .layout import regions_from_addresses
+from .models import DTYPES, Manifest, ModelIdentity
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Buffers", "HoldsBuffers", "allocate", "device_index", "dtype_name", "torch_dtype", "wrap"]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (``F32`` -> ``torch.float32``)."""
+    import torch
+
+    return getattr(torch, DTYPES[name][1])  # type: ignore[no-any-return]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype; :class:`ConfigError` for one a manifest cannot carry."""
+    wanted = str(dtype).removeprefix("torch.")
+    for name, (_, attr) in DTYPES.items():
+        if attr == wanted:
+            return name
+    raise ConfigError(f"unsupported tensor dtype {dtype}")
+
+
+def device_index(device: str) -> int:
+    """``cpu`` -> 0, ``cuda`` -> 0, ``cuda:3`` -> 3 (the id NIXL descriptors carry)."""
+    return 0 if device == "cpu" else int(device.partition(":")[2] or 0)
+
+
+@dataclass
+class Buffers:
+    """Weights in memory: manifest, region spans, device, owning allocations and tensor views."""
+
+    manifest: Manifest
+    spans: list[tuple[int, int]]
+    device: str
+    owners: list[torch.Tensor] = field(repr=False)
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+
+    @property
+    def mem_type(self) -> str:
+        return "DRAM" if self.device == "cpu" else "VRAM"
+
+    @property
+    def device_id(self) -> int:
+        return device_index(self.device)
+
+    def with_checksums(self) -> Buffers:
+        """The same memory, with a checksum for every tensor (those missing one are hashed once)."""
+        specs = tuple(
+            s if s.checksum is not None else replace(s, checksum=checksum_tensor(self.tensors[s.name]))
+            for s in self.manifest.tensors
+        )
+        manifest = Manifest(self.manifest.identity, specs, self.manifest.regions)
+        return replace(self, manifest=manifest)
+
+    @classmethod
+    def from_target(cls, target: HoldsBuffers) -> Buffers:
+        """Offer what a target loaded (fan-out): the same memory, no copy, checksums filled in."""
+        if target.buffers is None:
+            raise ConfigError("the target holds no weights yet")
+        return target.buffers.with_checksums()
+
+
+class HoldsBuffers(Protocol):
+    @property
+    def buffers(self) -> Buffers | None: ...
+
+
+def allocate(manifest: Manifest, device: str, *, prefault: bool = True) -> Buffers:
+    """Fresh memory for ``manifest``: one allocation per region, a typed view per tensor.
+
+    Raises ``MemoryError`` (or torch's out-of-memory error, a ``RuntimeError``)
+    when the memory is not there.
+    """
+    import torch
+
+    dev = torch.device(device)
+    owners = [torch.empty(r.nbytes, dtype=torch.uint8, device=dev) for r in manifest.regions]
+    if prefault:
+        for owner in owners:
+            owner.fill_(0)  # touch every page now, not inside a timed copy
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # the fill must be done before another engine writes
+    tensors = {
+        s.name: owners[s.region][s.offset : s.end].view(torch_dtype(s.dtype)).view(s.shape)
+        for s in manifest.tensors
+    }
+    spans = [(int(o.data_ptr()), r.nbytes) for o, r in zip(owners, manifest.regions, strict=True)]
+    return Buffers(manifest, spans, str(dev), owners, tensors)
+
+
+def wrap(
+    identity: ModelIdentity,
+    tensors: Mapping[str, torch.Tensor],
+    checksums: Mapping[str, str] | None = None,
+) -> Buffers:
+    """Describe memory an engine owns; every tensor contiguous, all on one device."""
+    if not tensors:
+        raise ConfigError("no tensors to describe")
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ConfigError(f"tensors span several devices: {sorted(map(str, devices))}")
+    for name, t in tensors.items():
+        if not t.is_contiguous():
+            raise ConfigError(f"tensor {name!r} is not contiguous")
+    (device,) = devices
+    sums = checksums or {}
+    rows = [
+        (name, dtype_name(t.dtype), tuple(t.shape), t.data_ptr(), sums.get(name))
+        for name, t in tensors.items()
+    ]
+    # host memory can be read across adjacent allocations; GPU memory cannot
+    manifest, bases = regions_from_addresses(identity, rows, merge_adjacent=device.type == "cpu")
+    spans = [(b, r.nbytes) for b, r in zip(bases, manifest.regions, strict=True)]
+    return Buffers(manifest, spans, str(device), [], dict(tensors))

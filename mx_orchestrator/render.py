@@ -1,0 +1,93 @@
+"""What people read: the load report as a table, the registry's records as rows and a table.
+
+Pure functions over the public JSON shapes (:meth:`LoadReport.to_dict`,
+:func:`source_row`); the CLI and the demo both print through here.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+from .models import SourceRecord
+from .registry.base import is_expired
+from .report import LoadReport
+
+__all__ = ["print_report", "print_sources", "source_row", "source_rows"]
+
+
+def _console(out: TextIO) -> Any:
+    from rich.console import Console
+
+    return Console(file=out, highlight=False, width=None if out.isatty() else 200)
+
+
+def print_report(report: LoadReport, *, file: TextIO | None = None) -> None:
+    from rich.table import Table
+
+    console = _console(file or sys.stdout)
+    data = report.to_dict()
+    table = Table(title=f"load of {data['identity']} (run {data['run_id']})")
+    columns = ("#", "strategy", "source", "outcome", "bytes", "seconds", "GB/s", "action", "STALE", "detail")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for i, a in enumerate(data["attempts"], 1):
+        table.add_row(
+            str(i),
+            a["strategy"],
+            str(a["source"] or "-"),
+            a["outcome"],
+            f"{a['bytes']:,}",
+            f"{a['seconds']:.3f}",
+            f"{a['gbps']:.2f}",
+            a["action"],
+            "yes" if a["marked_stale"] else "",
+            a["detail"][:120],
+        )
+    console.print(table)
+    if report.loaded:
+        console.print(
+            f"[bold green]loaded[/] {data['bytes']:,} bytes via {data['strategy']} from "
+            f"{data['source'] or 'the hub'} in {data['seconds']:.3f}s (transfer "
+            f"{data['transfer_gbps']:.2f} GB/s, verified: {data['verified']})"
+        )
+    else:
+        console.print(f"[bold red]failed[/]: {data['reason']}")
+
+
+def source_row(record: SourceRecord, now: float) -> dict[str, Any]:
+    """A record as ``mxo sources --json`` shows it: no transport data, ages and the effective state."""
+    data = record.to_dict()
+    data.pop("transport", None)
+    data["heartbeat_age_s"] = round(now - record.heartbeat_at, 3)
+    data["ejected_for_s"] = round(max(0.0, record.ejected_until - now), 3)
+    data["effective_state"] = "EXPIRED" if is_expired(record, now) else record.state.value
+    return data
+
+
+def source_rows(records: Iterable[SourceRecord], now: float | None = None) -> list[dict[str, Any]]:
+    """Every record as a row, sorted by model then source id."""
+    at = time.time() if now is None else now
+    return [source_row(r, at) for r in sorted(records, key=lambda r: (r.identity_key, r.source_id))]
+
+
+def print_sources(rows: list[dict[str, Any]], *, file: TextIO | None = None) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} sources")
+    for column in ("source", "model", "state", "generation", "load", "heartbeat age", "ejections", "reason"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(
+            r["source_id"],
+            r["identity_key"],
+            r["effective_state"],
+            r["generation"][:8],
+            str(r["load"]),
+            f"{r['heartbeat_age_s']:.1f}s",
+            str(r["times_ejected"]),
+            r["stale_reason"][:60],
+        )
+    _console(file or sys.stdout).print(table)
