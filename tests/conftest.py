@@ -6,13 +6,38 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from mx_orchestrator import ModelIdentity
 from mx_orchestrator.testing.peers import Peers
+
+#: Runs one async test body to completion on some event loop.
+Runner = Callable[[Callable[[], Awaitable[None]]], None]
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def backend(request: pytest.FixtureRequest) -> Runner:
+    """Run the test body under asyncio, then (a second test) under trio."""
+
+    def run(main: Callable[[], Awaitable[None]]) -> None:
+        anyio.run(main, backend=request.param)
+
+    return run
+
+
+@pytest.fixture
+def virtual_clock() -> Runner:
+    """Run the test body on trio with a virtual clock that jumps whenever every task waits."""
+    from trio.testing import MockClock
+
+    def run(main: Callable[[], Awaitable[None]]) -> None:
+        anyio.run(main, backend="trio", backend_options={"clock": MockClock(autojump_threshold=0)})
+
+    return run
 
 
 @pytest.fixture

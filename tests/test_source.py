@@ -1,4 +1,4 @@
-"""The serving side's lifecycle, with a stand-in NIXL agent: publish, heartbeat, drain, unpublish."""
+"""The serving side's lifecycle, with the public fake RDMA agent: publish, heartbeat, drain, unpublish."""
 
 from __future__ import annotations
 
@@ -7,30 +7,7 @@ import torch
 
 from mx_orchestrator import ModelIdentity, SourceState
 from mx_orchestrator.source import WeightSource, load_weights
-from mx_orchestrator.testing import FakeRegistry
-
-
-class StandInAgent:
-    name = "stand-in"
-
-    def __init__(self) -> None:
-        self.registered = 0
-        self.polls = 0
-
-    def metadata(self) -> bytes:
-        return b"metadata"
-
-    def register(self, descs: object, mem_type: str):  # type: ignore[no-untyped-def]
-        self.registered += 1
-
-        def deregister() -> None:
-            self.registered -= 1
-
-        return deregister
-
-    def poll_notifications(self) -> int:
-        self.polls += 1
-        return 0
+from mx_orchestrator.testing import FakeRdmaAgent, FakeRegistry
 
 
 def test_layouts_build_valid_manifests_with_checksums(identity: ModelIdentity) -> None:
@@ -48,12 +25,12 @@ def test_layouts_build_valid_manifests_with_checksums(identity: ModelIdentity) -
 
 async def test_shutdown_drains_in_flight_readers_then_unpublishes(identity: ModelIdentity) -> None:
     registry = FakeRegistry()
-    agent = StandInAgent()
+    agent = FakeRdmaAgent("src-agent")
     weights = load_weights(identity, {"w": torch.ones(16)}, "arena")
     source = WeightSource(registry, weights, source_id="src", ttl=30, agent=agent, drain_timeout=5)
     async with anyio.create_task_group() as tg:
         record = await tg.start(source.run)
-        assert agent.registered == 1 and (await registry.list(identity.key))[0].source_id == "src"
+        assert agent.stats.registrations == 1 and (await registry.list(identity.key))[0].source_id == "src"
         await registry.add_load("src", record.generation, +1)  # a reader is mid-transfer
         tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
@@ -64,5 +41,5 @@ async def test_shutdown_drains_in_flight_readers_then_unpublishes(identity: Mode
             with anyio.fail_after(2):
                 while await registry.get("src") is not None:  # noqa: ASYNC110 - polling the registry is the point
                     await anyio.sleep(0.02)
-    assert agent.registered == 0
+    assert agent.stats.registrations == 0 and agent.polls > 0
     assert ("drain", "src") in registry.calls

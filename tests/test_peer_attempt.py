@@ -1,0 +1,327 @@
+"""The peer attempt through the public FakeRdmaAgent: every outcome it can produce, in milliseconds, without nixl.
+
+The serving side is the real :class:`WeightSource` (on a fake agent and the
+in-memory registry), the target the real :class:`Target`, the strategies the
+real ``rdma_region`` / ``rdma_tensor``; only the transport is the fake, which
+really copies bytes between the two sides' registered memory. After every
+test both agents hold nothing (handles, remote agents, registrations).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+from mx_orchestrator import LoadReport, ModelIdentity, Orchestrator, SourceState
+from mx_orchestrator.buffers import Buffers
+from mx_orchestrator.models import Candidate, Manifest
+from mx_orchestrator.outcomes import (
+    Corrupt,
+    LayoutMismatch,
+    Loaded,
+    LocalFailure,
+    NotApplicable,
+    SourceFailed,
+    SourceUnreachable,
+    TimedOut,
+)
+from mx_orchestrator.peer import PullPlan, check
+from mx_orchestrator.source import WeightSource, load_weights
+from mx_orchestrator.target import Target
+from mx_orchestrator.testing import FakeRdmaAgent, FakeRdmaNetwork, FakeRegistry
+from strategies.rdma_region import RdmaRegion
+from strategies.rdma_tensor import RdmaTensor
+
+IDENTITY = ModelIdentity("acme/fake-peer")
+
+
+def weights() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return {
+        "embed.weight": torch.randn(64, 32, generator=g),
+        "layer.0.weight": torch.randn(32, 32, generator=g).to(torch.bfloat16),
+        "layer.0.bias": torch.randn(32, generator=g),
+        "position_ids": torch.arange(128, dtype=torch.int64),
+    }
+
+
+class Fabric:
+    """One fake network, one registry, the sources started on them and the target's agent."""
+
+    def __init__(self) -> None:
+        self.network = FakeRdmaNetwork()
+        self.registry = FakeRegistry()
+        self.agent = self.network.agent("target")
+        self.sources: dict[str, tuple[FakeRdmaAgent, Buffers]] = {}
+
+    async def load(self, target: Any, *strategies: Any, attempt_timeout: float = 5.0) -> LoadReport:
+        chosen = list(strategies) or [RdmaRegion(agent=self.agent), RdmaTensor(agent=self.agent)]
+        order = {sid: float(i) for i, sid in enumerate(self.sources)}
+        return await Orchestrator(
+            self.registry,
+            chosen,
+            attempt_timeout=attempt_timeout,
+            rank_window=0.05,
+            selection=lambda _t: lambda c: (order.get(c.source_id, 99.0),),
+        ).load(IDENTITY, target)
+
+    def assert_nothing_held(self) -> None:
+        for agent in self.network.agents.values():
+            stats = agent.stats
+            assert (stats.handles_open, stats.remote_agents) == (0, 0), agent.name
+        assert self.agent.stats.registrations == 0
+
+
+@asynccontextmanager
+async def fabric(*specs: tuple[str, str], **faults: dict[str, bool]) -> AsyncIterator[Fabric]:
+    """Sources ``(source_id, layout)`` serving :func:`weights`, in rank order; ``faults[sid]`` for their agents."""
+    f = Fabric()
+    async with anyio.create_task_group() as tg:
+        for sid, layout in specs:
+            agent = f.network.agent(sid, **faults.get(sid, {}))
+            served = load_weights(IDENTITY, weights(), layout)
+            f.sources[sid] = (agent, served)
+            await tg.start(
+                WeightSource(f.registry, served, source_id=sid, agent=agent, poll_interval=0.01).run
+            )
+        yield f
+        tg.cancel_scope.cancel()
+    f.assert_nothing_held()
+
+
+def assert_equal_weights(target: Target) -> None:
+    for name, tensor in weights().items():
+        assert torch.equal(target.tensors()[name], tensor), name
+
+
+async def test_region_pull_between_matching_layouts_is_loaded_and_verified() -> None:
+    async with fabric(("src", "arena")) as f:
+        target = Target("arena")
+        report = await f.load(target)
+    (attempt,) = report.attempts
+    assert isinstance(attempt.outcome, Loaded) and attempt.outcome.verified
+    assert attempt.outcome.strategy == "rdma_region" and attempt.outcome.detail.startswith("1 descriptors")
+    assert attempt.outcome.bytes_moved == target.nbytes
+    assert_equal_weights(target)
+
+
+async def test_unverified_target_loads_without_checking() -> None:
+    async with fabric(("src", "arena")) as f:
+        target = Target("arena", verify=False)
+        report = await f.load(target)
+    assert isinstance(report.final, Loaded) and not report.final.verified
+    assert_equal_weights(target)
+
+
+async def test_layout_mismatch_moves_nothing_and_the_tensor_strategy_then_loads() -> None:
+    async with fabric(("chunked", "chunked:4KiB")) as f:
+        target = Target("arena")
+        report = await f.load(target)
+        record = await f.registry.get("chunked")
+    first, second = report.attempts
+    assert isinstance(first.outcome, LayoutMismatch) and first.outcome.bytes_moved == 0
+    assert first.outcome.source_regions > 1 and first.outcome.target_regions == 1
+    assert not first.marked_stale and record is not None and record.state is SourceState.READY
+    assert isinstance(second.outcome, Loaded) and second.outcome.strategy == "rdma_tensor"
+    assert f.agent.bytes_read == target.nbytes  # the mismatch read nothing
+    assert_equal_weights(target)
+
+
+async def test_a_target_of_other_shapes_is_a_manifest_mismatch_before_any_byte() -> None:
+    engine = {name: torch.zeros_like(t) for name, t in weights().items()}
+    engine["layer.0.bias"] = torch.zeros(33)
+    async with fabric(("src", "tensor")) as f:
+        report = await f.load(Target.from_tensors(IDENTITY, engine))
+    assert {a.outcome.name for a in report.attempts} == {"ManifestMismatch"}
+    assert all(not a.marked_stale for a in report.attempts)
+    assert f.agent.bytes_read == 0
+
+
+async def test_preallocated_engine_tensors_are_filled_in_place() -> None:
+    engine = {name: torch.zeros_like(t) for name, t in weights().items()}
+    pointers = {name: t.data_ptr() for name, t in engine.items()}
+    async with fabric(("src", "tensor")) as f:
+        report = await f.load(Target.from_tensors(IDENTITY, engine))
+    assert report.loaded and {n: t.data_ptr() for n, t in engine.items()} == pointers
+    for name, tensor in weights().items():
+        assert torch.equal(engine[name], tensor)
+
+
+async def test_a_dead_source_is_unreachable_and_counted_toward_ejection_not_stale() -> None:
+    async with fabric(("dead", "arena"), ("ok", "arena"), dead={"dead": True}) as f:
+        report = await f.load(Target("arena"))
+        record = await f.registry.get("dead")
+    first = report.attempts[0].outcome
+    assert isinstance(first, SourceUnreachable) and "connect failed" in first.detail
+    assert not report.attempts[0].marked_stale
+    assert record is not None and record.state is SourceState.READY and record.unreachable_reports == 1
+    assert report.final is not None and report.final.source_id == "ok"
+
+
+async def test_a_source_dying_mid_read_is_source_failed_and_stale() -> None:
+    async with fabric(("dying", "arena"), ("ok", "arena"), dying={"die_mid_read": True}) as f:
+        report = await f.load(Target("arena"))
+        record = await f.registry.get("dying")
+    first = report.attempts[0]
+    assert isinstance(first.outcome, SourceFailed) and "mid-read" in first.outcome.detail
+    assert first.marked_stale and record is not None and record.state is SourceState.STALE
+    assert report.final is not None and report.final.source_id == "ok"
+
+
+async def test_a_frozen_source_times_out_at_the_attempt_deadline_and_releases_everything() -> None:
+    async with fabric(("frozen", "arena"), ("ok", "arena"), frozen={"frozen": True}) as f:
+        began = anyio.current_time()
+        report = await f.load(Target("arena"), attempt_timeout=0.3)
+        elapsed = anyio.current_time() - began
+    first = report.attempts[0]
+    assert isinstance(first.outcome, TimedOut) and first.marked_stale
+    assert 0.25 <= first.outcome.seconds < 1.0 and elapsed < 2.0
+    assert report.final is not None and report.final.source_id == "ok"
+
+
+async def test_bytes_that_differ_from_the_checksums_are_corrupt_and_stale() -> None:
+    async with fabric(("liar", "arena"), ("ok", "arena")) as f:
+        _, served = f.sources["liar"]
+        served.tensors["layer.0.bias"][3] += 1.0  # after the checksums were published
+        target = Target("arena")
+        report = await f.load(target)
+    first = report.attempts[0]
+    assert isinstance(first.outcome, Corrupt) and first.outcome.bad_tensors == ("layer.0.bias",)
+    assert first.marked_stale
+    assert report.final is not None and report.final.source_id == "ok"
+    assert_equal_weights(target)
+
+
+async def test_a_registration_failure_is_local_and_never_blames_the_source() -> None:
+    async with fabric(("src", "arena")) as f:
+        f.agent.faults.fail_register = True
+        report = await f.load(Target("arena"))
+        record = await f.registry.get("src")
+    assert report.attempts and all(isinstance(a.outcome, LocalFailure) for a in report.attempts)
+    assert not any(a.marked_stale for a in report.attempts)
+    assert record is not None and record.state is SourceState.READY
+
+
+async def test_an_allocation_failure_is_local() -> None:
+    class NoMemory(Target):
+        def _allocate(self, planned: Manifest) -> Buffers:
+            raise MemoryError("simulated")
+
+    async with fabric(("src", "arena")) as f:
+        report = await f.load(NoMemory("arena"), RdmaRegion(agent=f.agent))
+    (attempt,) = report.attempts
+    assert isinstance(attempt.outcome, LocalFailure) and "allocation failed" in attempt.outcome.detail
+
+
+async def test_a_record_whose_metadata_names_another_agent_is_unreachable() -> None:
+    async with fabric(("src", "arena"), ("other", "arena")) as f:
+        record = await f.registry.get("src")
+        other = await f.registry.get("other")
+        assert record is not None and other is not None
+        transport = dict(record.transport, nixl_metadata=other.transport["nixl_metadata"])
+        manifest = await f.registry.get_manifest("src", record.generation)
+        candidate = Candidate(type(record).from_dict({**record.to_dict(), "transport": transport}), manifest)
+        outcome = await attempt_once(RdmaRegion(agent=f.agent), candidate, Target("arena"))
+    assert isinstance(outcome, SourceUnreachable) and "record says" in outcome.detail
+
+
+async def attempt_once(strategy: Any, candidate: Candidate, target: Any) -> Any:
+    from mx_orchestrator.strategy import AttemptContext
+
+    ctx = AttemptContext(IDENTITY, target, candidate, anyio.current_time() + 5)
+    return await strategy.attempt(ctx)
+
+
+async def test_check_decides_without_io_and_refuses_malformed_adverts() -> None:
+    async with fabric(("src", "chunked:4KiB")) as f:
+        record = await f.registry.get("src")
+        assert record is not None
+        manifest = await f.registry.get_manifest("src", record.generation)
+        good = Candidate(record, manifest)
+        target = Target("arena")
+        region = check(good, target, RdmaRegion.plan, strategy="rdma_region", refusal_is_layout=True)
+        tensor = check(good, target, RdmaTensor.plan, strategy="rdma_tensor", refusal_is_layout=False)
+        assert isinstance(region, LayoutMismatch)
+        assert isinstance(tensor, PullPlan) and tensor.nbytes == sum(t.nbytes for t in manifest.tensors)
+        assert target.buffers is None  # check allocated nothing
+        for broken in ({}, {"nixl_agent": "x"}, dict(record.transport, nixl_regions="[[1, 2]]")):
+            bad = Candidate(type(record).from_dict({**record.to_dict(), "transport": broken}), manifest)
+            outcome = check(bad, target, RdmaTensor.plan, strategy="rdma_tensor", refusal_is_layout=False)
+            assert isinstance(outcome, SourceUnreachable), broken
+        assert isinstance(
+            check(None, target, RdmaTensor.plan, strategy="rdma_tensor", refusal_is_layout=False),
+            SourceUnreachable,
+        )
+        not_a_target = check(good, object(), RdmaTensor.plan, strategy="rdma_tensor", refusal_is_layout=False)
+        assert isinstance(not_a_target, NotApplicable)
+    assert isinstance(check(good, target, RdmaTensor.plan, strategy="t", refusal_is_layout=False), PullPlan)
+
+
+async def test_cancelling_mid_read_releases_the_handle_the_remote_and_the_registration() -> None:
+    async with fabric(("frozen", "arena"), frozen={"frozen": True}) as f:
+        with anyio.move_on_after(0.2) as scope:
+            await f.load(Target("arena"), attempt_timeout=30)
+        assert scope.cancelled_caught
+        f.assert_nothing_held()
+
+
+async def test_manifest_mismatch_between_sources_never_marks_stale() -> None:
+    async with fabric(("src", "arena")) as f:
+        target = Target("arena")
+        assert (await f.load(target)).loaded
+        other = {**weights(), "extra.weight": torch.ones(4)}
+        served = load_weights(IDENTITY, other, "arena")
+        agent = f.network.agent("other")
+        async with anyio.create_task_group() as tg:
+            await tg.start(WeightSource(f.registry, served, source_id="other", agent=agent).run)
+            await f.registry.remove("src")
+            report = await f.load(target)
+            tg.cancel_scope.cancel()
+    assert {a.outcome.name for a in report.attempts} == {"ManifestMismatch"}
+    assert not any(a.marked_stale for a in report.attempts)
+
+
+def test_the_peer_attempt_runs_without_nixl_imported(tmp_path: Path) -> None:
+    """This module again, in a fresh interpreter that fails if anything imported nixl."""
+    if os.environ.get("MXO_ASSERT_NO_NIXL"):
+        pytest.skip("already inside the nixl-free run")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(Path(__file__)),
+            "-k",
+            "not without_nixl",
+        ],
+        cwd=root,
+        env=dict(os.environ, MXO_ASSERT_NO_NIXL=str(tmp_path / "verdict")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "verdict").exists(), result.stdout[-3000:]
+    assert (tmp_path / "verdict").read_text() == "no nixl module was imported"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_nixl_when_asked() -> Any:
+    yield
+    verdict = os.environ.get("MXO_ASSERT_NO_NIXL")
+    if verdict:
+        loaded = sorted(m for m in sys.modules if m == "nixl" or m.startswith(("nixl.", "nixl_")))
+        Path(verdict).write_text(f"imported: {loaded}" if loaded else "no nixl module was imported")
