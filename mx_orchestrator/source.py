@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
+from ._backends import EdgeFailure
 from ._backends.rdma import RdmaAgent
 from .buffers import Buffers, allocate, dtype_name
 from .checkpoint import read_tensors, safetensors_files
@@ -131,7 +132,10 @@ class WeightSource:
 
             agent = get_agent()
         w = self.weights
-        deregister = agent.register([(a, n, w.device_id) for a, n in w.spans], w.mem_type)
+        try:
+            deregister = agent.register([(a, n, w.device_id) for a, n in w.spans], w.mem_type)
+        except EdgeFailure as exc:  # nothing was published: the weights cannot be offered at all
+            raise ConfigError(f"cannot offer the weights: {exc.detail}") from exc
         log = _log.bind(source=self.source_id, model=w.manifest.identity.key)
         try:
             self.record = self._build_record(agent)

@@ -8,10 +8,13 @@ LFS files), ``Content-Length`` and ``Range``. Used by ``mxo demo
 --scenario hub-fallback``, by the tests and by ``bench/hf.py``; useful for
 testing an integration offline.
 
-Faults (set on :attr:`HubServer.faults`, a :class:`HubFaults`): 404s with the
-hub's error codes, 401 (gated), 500 for the next N requests, a truncated body,
-a corrupted file of the right size, slow responses, a slow-loris body and a
-redirect loop. Every request is logged in :attr:`HubServer.requests`.
+Three parts, kept apart: :func:`route` answers a request from the repos alone
+(pure: a :class:`Reply`); :class:`HubFaults` holds the switches and decides,
+per request, whether a fault answers instead (404s with the hub's error codes,
+401 for a gated repo, 500 for the next N requests, a redirect loop) and how a
+body is damaged (truncated, corrupted at the same size, trickled one byte every
+0.5 s); the handler only moves bytes. Every request is logged in
+:attr:`HubServer.requests`.
 """
 
 from __future__ import annotations
@@ -26,9 +29,169 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-__all__ = ["HubFaults", "HubServer"]
+__all__ = ["HubFaults", "HubServer", "Reply", "parse_range", "route"]
 
 _LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".h5", ".msgpack", ".onnx")
+
+
+@dataclass
+class _File:
+    path: str
+    size: int
+    sha256: str
+    git_sha1: str
+    lfs: bool
+
+    @property
+    def etag(self) -> str:
+        return self.sha256 if self.lfs else self.git_sha1
+
+    def sibling(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"rfilename": self.path, "size": self.size, "blobId": self.etag}
+        if self.lfs:
+            entry["lfs"] = {"sha256": self.sha256, "size": self.size, "pointerSize": 134}
+        return entry
+
+    def tree_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"type": "file", "path": self.path, "size": self.size, "oid": self.git_sha1}
+        if self.lfs:
+            entry["lfs"] = {"oid": self.sha256, "size": self.size, "pointerSize": 134}
+        return entry
+
+
+class _Repo:
+    def __init__(self, repo_id: str, root: Path) -> None:
+        self.repo_id = repo_id
+        self.root = root
+        self.files: dict[str, _File] = {}
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            rel = path.relative_to(root).as_posix()
+            data = path.read_bytes()
+            git_sha1 = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+            self.files[rel] = _File(
+                rel, len(data), hashlib.sha256(data).hexdigest(), git_sha1, rel.endswith(_LFS_SUFFIXES)
+            )
+        digest = hashlib.sha1()
+        for f in self.files.values():
+            digest.update(f"{f.path}:{f.sha256}".encode())
+        self.sha = digest.hexdigest()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    #: the repo file a 200/206 body comes from (fault switches are keyed by it)
+    file: str | None = None
+
+    @classmethod
+    def json(cls, data: Any) -> Reply:
+        return cls(200, {"Content-Type": "application/json"}, json.dumps(data).encode())
+
+    @classmethod
+    def error(cls, status: int, code: str | None, message: str) -> Reply:
+        headers = {"Content-Type": "application/json"}
+        if code:
+            headers |= {"X-Error-Code": code, "X-Error-Message": message}
+        return cls(status, headers, json.dumps({"error": message}).encode())
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | Reply | None:
+    """One ``bytes=`` range (RFC 9110 14.1.2) as ``(start, end)``, end exclusive.
+
+    ``None`` means "send the whole body" (no header, another unit, several
+    ranges); an unsatisfiable range is a 416 :class:`Reply`.
+    """
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first, sep, last = header.removeprefix("bytes=").strip().partition("-")
+    if (
+        not sep
+        or not (first or last)
+        or not (first.isdigit() or not first)
+        or not (last.isdigit() or not last)
+    ):
+        return None  # malformed: ignored, as servers do
+    if not first:  # suffix: the last N bytes
+        start, end = max(0, size - int(last)), size
+    else:
+        start, end = int(first), min(size, int(last) + 1) if last else size
+    if start >= size or start >= end:
+        return Reply(416, {"Content-Range": f"bytes */{size}"})
+    return start, end
+
+
+def route(repos: dict[str, _Repo], method: str, path: str, range_header: str | None) -> Reply:
+    """What the Hub would answer, from the repos alone (no faults)."""
+    if path.startswith("/api/models/"):
+        return _api(repos, path.removeprefix("/api/models/"))
+    parts = path.lstrip("/").split("/")
+    if "resolve" in parts:
+        i = parts.index("resolve")
+        rest = parts[i + 1 :]
+        if len(rest) >= 2:
+            return _resolve(repos, "/".join(parts[:i]), rest[0], "/".join(rest[1:]), range_header)
+    return Reply.error(404, None, "not found")
+
+
+def _repo(repos: dict[str, _Repo], repo_id: str, revision: str | None = None) -> _Repo | Reply:
+    repo = repos.get(repo_id)
+    if repo is None:
+        return Reply.error(404, "RepoNotFound", f"repository {repo_id} not found")
+    if revision is not None and revision not in ("main", repo.sha):
+        return Reply.error(404, "RevisionNotFound", f"revision {revision} not found")
+    return repo
+
+
+def _api(repos: dict[str, _Repo], rest: str) -> Reply:
+    for marker in ("/revision/", "/tree/"):
+        if marker in rest:
+            repo_id, _, tail = rest.partition(marker)
+            repo = _repo(repos, repo_id, tail.split("/")[0] or "main")
+            if isinstance(repo, Reply):
+                return repo
+            if marker == "/revision/":
+                siblings = [f.sibling() for f in repo.files.values()]
+                return Reply.json(
+                    {
+                        "id": repo.repo_id,
+                        "modelId": repo.repo_id,
+                        "sha": repo.sha,
+                        "private": False,
+                        "siblings": siblings,
+                    }
+                )
+            return Reply.json([f.tree_entry() for f in repo.files.values()])
+    repo = _repo(repos, rest.rstrip("/"))
+    if isinstance(repo, Reply):
+        return repo
+    return Reply.json(
+        {"id": repo.repo_id, "sha": repo.sha, "siblings": [{"rfilename": f} for f in repo.files]}
+    )
+
+
+def _resolve(
+    repos: dict[str, _Repo], repo_id: str, revision: str, filename: str, range_header: str | None
+) -> Reply:
+    repo = _repo(repos, repo_id, revision)
+    if isinstance(repo, Reply):
+        return repo
+    f = repo.files.get(filename)
+    if f is None:
+        return Reply.error(404, "EntryNotFound", f"{filename} not found in {repo_id}")
+    headers = {"X-Repo-Commit": repo.sha, "ETag": f'"{f.etag}"', "Accept-Ranges": "bytes"}
+    if f.lfs:
+        headers |= {"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size)}
+    span = parse_range(range_header, f.size)
+    if isinstance(span, Reply):
+        return span
+    data = (repo.root / f.path).read_bytes()
+    if span is None:
+        return Reply(200, headers, data, file=filename)
+    start, end = span
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{f.size}"
+    return Reply(206, headers, data[start:end], file=filename)
 
 
 @dataclass
@@ -43,44 +206,104 @@ class HubFaults:
     delay: float = 0.0  # seconds before every response
     slow_body: set[str] = field(default_factory=set)  # one byte every 0.5 s
     redirect_loop: set[str] = field(default_factory=set)
-    extra_tree_paths: list[str] = field(default_factory=list)  # hostile names added to the tree listing
+    extra_tree_paths: list[str] = field(default_factory=list)  # hostile names added to the listings
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
+    def instead(self, path: str, request_path: str) -> Reply | None:
+        """The fault that answers this request instead of the router, if any."""
+        if self.delay:
+            time.sleep(self.delay)
+        with self._lock:
+            if self.server_errors > 0:
+                self.server_errors -= 1
+                return Reply.error(500, None, "injected server error")
+        if self.gated:
+            return Reply.error(401, "GatedRepo", "access to this repo is restricted")
+        if self.repo_not_found:
+            return Reply.error(404, "RepoNotFound", "repository not found")
+        if self.revision_not_found:
+            return Reply.error(404, "RevisionNotFound", "revision not found")
+        name = path.partition("/resolve/")[2].partition("/")[2]
+        if name in self.redirect_loop:
+            return Reply(302, {"Location": request_path})
+        if name in self.entry_not_found:
+            return Reply.error(404, "EntryNotFound", f"{name} not found")
+        return None
 
-@dataclass
-class _File:
-    path: str
-    size: int
-    sha256: str
-    git_sha1: str
-    lfs: bool
-
-
-def _git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-class _Repo:
-    def __init__(self, repo_id: str, root: Path) -> None:
-        self.repo_id = repo_id
-        self.root = root
-        self.files: dict[str, _File] = {}
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            rel = path.relative_to(root).as_posix()
-            data = path.read_bytes()
-            self.files[rel] = _File(
-                rel,
-                len(data),
-                hashlib.sha256(data).hexdigest(),
-                _git_blob_sha1(data),
-                rel.endswith(_LFS_SUFFIXES),
+    def damage(self, path: str, reply: Reply) -> Reply:
+        """Hostile listing entries and corrupted bodies."""
+        if self.extra_tree_paths and path.startswith("/api/models/") and reply.status == 200:
+            data = json.loads(reply.body)
+            lfs = {"size": 4, "pointerSize": 134}
+            if isinstance(data, list):
+                data += [
+                    {"type": "file", "path": p, "size": 4, "oid": "0" * 40, "lfs": {"oid": "0" * 64, **lfs}}
+                    for p in self.extra_tree_paths
+                ]
+            elif "siblings" in data:
+                data["siblings"] += [
+                    {"rfilename": p, "size": 4, "lfs": {"sha256": "0" * 64, **lfs}}
+                    for p in self.extra_tree_paths
+                ]
+            return Reply(reply.status, reply.headers, json.dumps(data).encode())
+        if reply.file in self.corrupt and reply.body:
+            body = reply.body
+            return Reply(
+                reply.status, reply.headers, bytes([body[0] ^ 0xFF]) + body[1:-1] + bytes([body[-1] ^ 0xFF])
             )
-        digest = hashlib.sha1()
-        for f in self.files.values():
-            digest.update(f"{f.path}:{f.sha256}".encode())
-        self.sha = digest.hexdigest()
+        return reply
 
-    def etag(self, f: _File) -> str:
-        return f.sha256 if f.lfs else f.git_sha1
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _HubHTTPServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        return
+
+    def do_HEAD(self) -> None:
+        self._answer()
+
+    def do_GET(self) -> None:
+        self._answer()
+
+    def _answer(self) -> None:
+        hub = self.server.hub
+        path = unquote(urlsplit(self.path).path)
+        hub._log(self.command, path)
+        faults = hub.faults
+        reply = faults.instead(path, self.path) or route(
+            hub.repos, self.command, path, self.headers.get("Range")
+        )
+        reply = faults.damage(path, reply)
+        self.send_response(reply.status)
+        for key, value in reply.headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(reply.body)))
+        self.end_headers()
+        if self.command == "HEAD" or not reply.body:
+            return
+        if reply.file in faults.truncate:
+            self.wfile.write(reply.body[: len(reply.body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+        elif reply.file in faults.slow_body:
+            for i in range(len(reply.body)):
+                if hub._stopping.wait(0.5):
+                    self.close_connection = True
+                    return
+                self.wfile.write(reply.body[i : i + 1])
+                self.wfile.flush()
+        else:
+            self.wfile.write(reply.body)
+
+
+class _HubHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, hub: HubServer) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.hub = hub
 
 
 class HubServer:
@@ -92,14 +315,13 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def endpoint(self) -> str:
         assert self._server is not None, "server not started"
-        port = self._server.server_address[1]
-        return f"http://127.0.0.1:{port}"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def file_gets(self) -> list[str]:
         """Paths of every GET of a file body (``/resolve/``) so far."""
@@ -107,10 +329,8 @@ class HubServer:
 
     def start(self) -> HubServer:
         self._stopping.clear()
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        server.daemon_threads = True
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="hubserver", daemon=True)
+        self._server = _HubHTTPServer(self)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="hubserver", daemon=True)
         self._thread.start()
         return self
 
@@ -133,195 +353,3 @@ class HubServer:
     def _log(self, method: str, path: str) -> None:
         with self._lock:
             self.requests.append((method, path))
-
-    def _take_server_error(self) -> bool:
-        with self._lock:
-            if self.faults.server_errors > 0:
-                self.faults.server_errors -= 1
-                return True
-            return False
-
-
-def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:  # quiet
-            return
-
-        def _error(self, status: int, code: str | None, message: str) -> None:
-            body = json.dumps({"error": message}).encode()
-            self.send_response(status)
-            if code:
-                self.send_header("X-Error-Code", code)
-                self.send_header("X-Error-Message", message)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        def _json(self, data: Any) -> None:
-            body = json.dumps(data).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_HEAD(self) -> None:
-            self._dispatch()
-
-        def do_GET(self) -> None:
-            self._dispatch()
-
-        def _dispatch(self) -> None:
-            path = unquote(urlsplit(self.path).path)
-            hub._log(self.command, path)
-            faults = hub.faults
-            if faults.delay:
-                time.sleep(faults.delay)
-            if hub._take_server_error():
-                return self._error(500, None, "injected server error")
-            if path.startswith("/api/models/"):
-                return self._api(path.removeprefix("/api/models/"))
-            parts = path.lstrip("/").split("/")
-            if "resolve" in parts:
-                i = parts.index("resolve")
-                repo_id, rest = "/".join(parts[:i]), parts[i + 1 :]
-                if len(rest) >= 2:
-                    return self._resolve(repo_id, rest[0], "/".join(rest[1:]))
-            return self._error(404, None, "not found")
-
-        def _repo(self, repo_id: str) -> _Repo | None:
-            if hub.faults.gated:
-                self._error(401, "GatedRepo", f"access to {repo_id} is restricted")
-                return None
-            repo = hub.repos.get(repo_id)
-            if repo is None or hub.faults.repo_not_found:
-                self._error(404, "RepoNotFound", f"repository {repo_id} not found")
-                return None
-            return repo
-
-        def _revision_ok(self, repo: _Repo, revision: str) -> bool:
-            if hub.faults.revision_not_found or revision not in ("main", repo.sha):
-                self._error(404, "RevisionNotFound", f"revision {revision} not found")
-                return False
-            return True
-
-        def _api(self, rest: str) -> None:
-            for marker in ("/revision/", "/tree/"):
-                if marker in rest:
-                    repo_id, _, tail = rest.partition(marker)
-                    repo = self._repo(repo_id)
-                    if repo is None:
-                        return
-                    revision = tail.split("/")[0] or "main"
-                    if not self._revision_ok(repo, revision):
-                        return
-                    if marker == "/revision/":
-                        return self._json(
-                            {
-                                "id": repo.repo_id,
-                                "modelId": repo.repo_id,
-                                "sha": repo.sha,
-                                "private": False,
-                                "siblings": [self._sibling(repo, f) for f in repo.files.values()]
-                                + [
-                                    {
-                                        "rfilename": p,
-                                        "size": 4,
-                                        "lfs": {"sha256": "0" * 64, "size": 4, "pointerSize": 134},
-                                    }
-                                    for p in hub.faults.extra_tree_paths
-                                ],
-                            }
-                        )
-                    tree = [self._tree_entry(repo, f) for f in repo.files.values()]
-                    tree += [
-                        {
-                            "type": "file",
-                            "path": p,
-                            "size": 4,
-                            "oid": "0" * 40,
-                            "lfs": {"oid": "0" * 64, "size": 4, "pointerSize": 134},
-                        }
-                        for p in hub.faults.extra_tree_paths
-                    ]
-                    return self._json(tree)
-            repo = self._repo(rest.rstrip("/"))
-            if repo is not None:
-                self._json(
-                    {
-                        "id": repo.repo_id,
-                        "sha": repo.sha,
-                        "siblings": [{"rfilename": f.path} for f in repo.files.values()],
-                    }
-                )
-
-        def _sibling(self, repo: _Repo, f: _File) -> dict[str, Any]:
-            entry: dict[str, Any] = {"rfilename": f.path, "size": f.size, "blobId": repo.etag(f)}
-            if f.lfs:
-                entry["lfs"] = {"sha256": f.sha256, "size": f.size, "pointerSize": 134}
-            return entry
-
-        @staticmethod
-        def _tree_entry(repo: _Repo, f: _File) -> dict[str, Any]:
-            entry: dict[str, Any] = {"type": "file", "path": f.path, "size": f.size, "oid": f.git_sha1}
-            if f.lfs:
-                entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": 134}
-            return entry
-
-        def _resolve(self, repo_id: str, revision: str, filename: str) -> None:
-            faults = hub.faults
-            repo = self._repo(repo_id)
-            if repo is None or not self._revision_ok(repo, revision):
-                return
-            if filename in faults.redirect_loop:
-                self.send_response(302)
-                self.send_header("Location", self.path)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            f = repo.files.get(filename)
-            if f is None or filename in faults.entry_not_found:
-                return self._error(404, "EntryNotFound", f"{filename} not found in {repo_id}")
-            data = (repo.root / f.path).read_bytes()
-            if filename in faults.corrupt and data:
-                data = bytes([data[0] ^ 0xFF]) + data[1:-1] + bytes([data[-1] ^ 0xFF])
-            start, end = 0, len(data)
-            ranged = self.headers.get("Range")
-            if ranged and ranged.startswith("bytes="):
-                first, _, last = ranged.removeprefix("bytes=").partition("-")
-                start = int(first or 0)
-                end = int(last) + 1 if last else len(data)
-            self.send_response(206 if ranged else 200)
-            self.send_header("X-Repo-Commit", repo.sha)
-            self.send_header("ETag", f'"{repo.etag(f)}"')
-            if f.lfs:
-                self.send_header("X-Linked-Etag", f'"{f.sha256}"')
-                self.send_header("X-Linked-Size", str(f.size))
-            self.send_header("Content-Length", str(end - start))
-            self.send_header("Accept-Ranges", "bytes")
-            if ranged:
-                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
-            self.end_headers()
-            if self.command == "HEAD":
-                return
-            body = data[start:end]
-            if filename in faults.truncate:
-                self.wfile.write(body[: len(body) // 2])
-                self.wfile.flush()
-                self.close_connection = True
-                return
-            if filename in faults.slow_body:
-                for i in range(len(body)):
-                    if hub._stopping.wait(0.5):
-                        self.close_connection = True
-                        return
-                    self.wfile.write(body[i : i + 1])
-                    self.wfile.flush()
-                return
-            self.wfile.write(body)
-
-    return Handler
