@@ -30,7 +30,16 @@ from .models import DTYPES, Manifest, ModelIdentity
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Buffers", "HoldsBuffers", "allocate", "device_index", "dtype_name", "torch_dtype", "wrap"]
+__all__ = [
+    "Buffers",
+    "HoldsBuffers",
+    "OnDevice",
+    "allocate",
+    "device_index",
+    "dtype_name",
+    "torch_dtype",
+    "wrap",
+]
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -54,15 +63,10 @@ def device_index(device: str) -> int:
     return 0 if device == "cpu" else int(device.partition(":")[2] or 0)
 
 
-@dataclass
-class Buffers:
-    """Weights in memory: manifest, region spans, device, owning allocations and tensor views."""
+class OnDevice:
+    """What a transport needs to know of memory on ``device`` (``cpu``, ``cuda:N``)."""
 
-    manifest: Manifest
-    spans: list[tuple[int, int]]
     device: str
-    owners: list[torch.Tensor] = field(repr=False)
-    tensors: dict[str, torch.Tensor] = field(repr=False)
 
     @property
     def mem_type(self) -> str:
@@ -71,6 +75,17 @@ class Buffers:
     @property
     def device_id(self) -> int:
         return device_index(self.device)
+
+
+@dataclass
+class Buffers(OnDevice):
+    """Weights in memory: manifest, region spans, device, owning allocations and tensor views."""
+
+    manifest: Manifest
+    spans: list[tuple[int, int]]
+    device: str
+    owners: list[torch.Tensor] = field(repr=False)
+    tensors: dict[str, torch.Tensor] = field(repr=False)
 
     def with_checksums(self) -> Buffers:
         """The same memory, with a checksum for every tensor (those missing one are hashed once)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from .buffers import Buffers, allocate, device_index, wrap
+from .buffers import Buffers, OnDevice, allocate, wrap
 from .errors import ConfigError
 from .integrity import bad_tensors
 from .layout import LayoutSpec, parse_layout, plan_layout
@@ -33,7 +33,7 @@ class TargetMismatch(Exception):
     """The source's manifest cannot land in this target (other tensors, dtypes or shapes)."""
 
 
-class Target:
+class Target(OnDevice):
     """``verify``: check every landed tensor against the source's checksums (and files against the Hub's)."""
 
     def __init__(
@@ -71,14 +71,6 @@ class Target:
     @property
     def manifest(self) -> Manifest | None:
         return self._buffers.manifest if self._buffers is not None else None
-
-    @property
-    def mem_type(self) -> str:
-        return "DRAM" if self.device == "cpu" else "VRAM"
-
-    @property
-    def device_id(self) -> int:
-        return device_index(self.device)
 
     def region_spans(self) -> list[tuple[int, int]]:
         """``(base address, nbytes)`` of every region, in manifest order (empty before allocation)."""

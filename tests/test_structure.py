@@ -96,4 +96,6 @@ def test_range_headers_are_parsed_as_rfc_9110_says(header: str | None, expected:
 @pytest.mark.parametrize("header", ["bytes=100-", "bytes=150-200", "bytes=9-5"])
 def test_unsatisfiable_ranges_are_416(header: str) -> None:
     reply = parse_range(header, 100)
-    assert isinstance(reply, Reply) and reply.status == 416 and reply.headers["Content-Range"] == "bytes */100"
+    assert (
+        isinstance(reply, Reply) and reply.status == 416 and reply.headers["Content-Range"] == "bytes */100"
+    )
