@@ -7,8 +7,9 @@ built in exactly two ways:
 
 * :func:`allocate`: fresh memory for a planned manifest, one allocation per
   region (so a ``tensor`` layout is one allocation per tensor, as GPU memory
-  needs: a CUDA IPC handle covers one allocation), optionally pre-faulted so the
-  first transfer does not pay for page faults inside the timed copy;
+  needs: a CUDA IPC handle covers one allocation), hugepage-backed on the host,
+  optionally pre-faulted so the first transfer does not pay for page faults
+  inside the timed copy;
 * :func:`wrap`: memory somebody else owns (an engine's parameters), described
   as it lies; adjacent host tensors share a region.
 
@@ -18,12 +19,15 @@ aimed outside memory these buffers own, whatever a source claims.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import mmap
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import ConfigError
-from .integrity import checksum_tensor
+from .integrity import checksums, serving_algorithms
 from .layout import regions_from_addresses
 from .models import DTYPES, Manifest, ModelIdentity
 
@@ -88,12 +92,18 @@ class Buffers(OnDevice):
     tensors: dict[str, torch.Tensor] = field(repr=False)
 
     def with_checksums(self) -> Buffers:
-        """The same memory, with a checksum for every tensor (those missing one are hashed once)."""
-        specs = tuple(
-            s if s.checksum is not None else replace(s, checksum=checksum_tensor(self.tensors[s.name]))
-            for s in self.manifest.tensors
-        )
-        manifest = Manifest(self.manifest.identity, specs, self.manifest.regions)
+        """The same memory, with checksums for every tensor, computed here, on this device, once.
+
+        Kept as they are when every tensor already has one (a target republishing
+        what it loaded and verified); else every tensor gets the algorithms of
+        :func:`~mx_orchestrator.integrity.serving_algorithms` for this device.
+        """
+        if all(s.checksum is not None for s in self.manifest.tensors):
+            return self
+        algorithms = serving_algorithms(self.device)
+        values = checksums(self.tensors, algorithms)
+        specs = tuple(replace(s, checksum=values[s.name]) for s in self.manifest.tensors)
+        manifest = Manifest(self.manifest.identity, specs, self.manifest.regions, "+".join(algorithms))
         return replace(self, manifest=manifest)
 
     @classmethod
@@ -118,7 +128,7 @@ def allocate(manifest: Manifest, device: str, *, prefault: bool = True) -> Buffe
     import torch
 
     dev = torch.device(device)
-    owners = [torch.empty(r.nbytes, dtype=torch.uint8, device=dev) for r in manifest.regions]
+    owners = [_empty_bytes(r.nbytes, dev) for r in manifest.regions]
     if prefault:
         for owner in owners:
             owner.fill_(0)  # touch every page now, not inside a timed copy
@@ -130,6 +140,33 @@ def allocate(manifest: Manifest, device: str, *, prefault: bool = True) -> Buffe
     }
     spans = [(int(o.data_ptr()), r.nbytes) for o, r in zip(owners, manifest.regions, strict=True)]
     return Buffers(manifest, spans, str(dev), owners, tensors)
+
+
+_HUGEPAGE = 2 << 20
+
+
+def _empty_bytes(nbytes: int, device: torch.device) -> torch.Tensor:
+    """``nbytes`` of uninitialised memory on ``device``; host memory of 2 MiB or more is hugepage-backed.
+
+    Anonymous memory advised ``MADV_HUGEPAGE`` (and 2 MiB aligned, which THP
+    needs) is read by another process at about memcpy speed and first-touched
+    several times faster than 4 KiB pages (../shared/NOTES.md). Where THP is off
+    or madvise is refused, the same memory simply has small pages.
+    """
+    import torch
+
+    if device.type != "cpu" or nbytes < _HUGEPAGE:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    size = nbytes + _HUGEPAGE
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = ctypes.c_char.from_buffer(memory)
+    base = ctypes.addressof(view)
+    del view  # the export must end before the memory can ever be unmapped
+    offset = (-base) % _HUGEPAGE
+    with contextlib.suppress(OSError, AttributeError):  # THP off, or a platform without MADV_HUGEPAGE
+        memory.madvise(mmap.MADV_HUGEPAGE, offset, size - offset)
+    # the tensor holds the mapping alive; it is unmapped when the last view goes
+    return torch.frombuffer(memory, dtype=torch.uint8, count=nbytes, offset=offset)
 
 
 def wrap(

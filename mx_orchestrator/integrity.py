@@ -1,14 +1,37 @@
-"""Integrity of landed bytes: the per-tensor checksum a source publishes and a target checks.
+"""Integrity of landed bytes: the per-tensor checksums a source publishes and a target checks.
 
-Checksums catch faults in transit and in memory; they are computed by the
-source over its own bytes, so they say nothing about whether a source serves
-the right weights (that needs a digest pinned by the caller).
+Two algorithms, named and versioned in the manifest (``Manifest.checksum_algorithm``
+lists what each tensor's ``checksum`` carries, ``+``-separated in that order):
+
+``xxh3_64``
+    xxHash3 over the bytes, on the host (GPU tensors are copied off first):
+    the fastest choice between two CPU processes.
+``mxsum1``
+    defined over the tensor's bytes read as little-endian int32 words in 4 KiB
+    blocks (the tail zero-padded to a block), computed with integer reductions
+    on whatever device holds the bytes (CUDA tensors on the GPU, host tensors on
+    the CPU), so a CPU source and a GPU target agree to the bit. With ``s_b`` the
+    sum of block ``b`` and ``c_j`` the sum of column ``j`` over all blocks (all
+    arithmetic mod 2**64), it hashes ``(n bytes, sum (2b+1) s_b, sum (2j+1) c_j,
+    sum s_b, sum c_j**2, sum s_b**2)`` with SHA-256. Any single bit flip and any
+    swap of two different 4-byte words inside one block or across blocks less
+    than 8 TiB apart change it by construction (odd weights, small differences);
+    a truncated tail changes the length; a zeroed page changes the sums and the
+    squares unless its words already sum to zero in all of them (random data:
+    about 2**-64).
+
+Checksums come from the source, computed over its own bytes: they catch faults
+in transit and in memory, not a source that serves the wrong weights (that
+needs a pinned digest).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 
@@ -17,7 +40,29 @@ from .models import Manifest
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["bad_tensors", "checksum_tensor"]
+__all__ = [
+    "ALGORITHMS",
+    "DEVICE_CHECKSUM",
+    "HOST_CHECKSUM",
+    "bad_tensors",
+    "best_shared",
+    "checksum_tensor",
+    "checksums",
+    "mxsum",
+    "mxsum_many",
+    "serving_algorithms",
+]
+
+HOST_CHECKSUM = "xxh3_64"
+DEVICE_CHECKSUM = "mxsum1"
+#: Every algorithm this version computes, best first for a target on ``cpu`` / on a GPU.
+ALGORITHMS = (HOST_CHECKSUM, DEVICE_CHECKSUM)
+
+_BLOCK = 4096
+_WORDS = _BLOCK // 4
+_MASK = (1 << 64) - 1
+_HOST_CHUNK_ROWS = 256  # 1 MiB of int32 rows: summed twice while it is still in cache
+_HOST_THREADS = min(4, os.cpu_count() or 1)
 
 
 def checksum_tensor(tensor: torch.Tensor) -> str:
@@ -30,10 +75,183 @@ def checksum_tensor(tensor: torch.Tensor) -> str:
     return xxhash.xxh3_64_hexdigest(flat.numpy().data)
 
 
-def bad_tensors(tensors: Mapping[str, torch.Tensor], expected: Manifest) -> list[str]:
-    """Names of tensors whose checksum differs from ``expected``'s (empty: all good)."""
-    return [
-        spec.name
-        for spec in expected.tensors
-        if spec.checksum is not None and checksum_tensor(tensors[spec.name]) != spec.checksum
-    ]
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+def _host_terms(tensor: torch.Tensor) -> list[int]:
+    """The five sums of :func:`mxsum` for a host tensor: numpy, chunks that stay in cache, two threads.
+
+    Equal to :func:`_device_terms` by construction (the same integer sums, in
+    another order; wrapping addition does not care) and pinned by a test.
+    """
+    import numpy as np
+
+    data = _bytes(tensor).numpy()
+    n = data.size
+    full = n // _BLOCK
+    main = data[: full * _BLOCK]
+    if main.ctypes.data % 4:
+        main = main.copy()
+    rows = main.view("<i4").reshape(full, _WORDS)
+    has_tail = n > full * _BLOCK or not full
+    sums = np.empty(full + has_tail, dtype=np.int64)
+
+    def part(start: int, stop: int) -> np.ndarray[Any, Any]:
+        columns = np.zeros(_WORDS, dtype=np.int64)
+        for i in range(start, stop, _HOST_CHUNK_ROWS):
+            chunk = rows[i : min(stop, i + _HOST_CHUNK_ROWS)]
+            np.add.reduce(chunk, axis=1, dtype=np.int64, out=sums[i : i + chunk.shape[0]])
+            columns += np.add.reduce(chunk, axis=0, dtype=np.int64)
+        return columns
+
+    workers = max(1, min(_HOST_THREADS, full // _HOST_CHUNK_ROWS))
+    if workers == 1:
+        columns = part(0, full)
+    else:
+        bounds = [full * k // workers for k in range(workers + 1)]
+        with ThreadPoolExecutor(workers, thread_name_prefix="mxo-mxsum") as pool:
+            columns = sum(pool.map(part, bounds[:-1], bounds[1:]), np.zeros(_WORDS, dtype=np.int64))
+    if has_tail:
+        tail = np.zeros(_BLOCK, dtype=np.uint8)
+        tail[: n - full * _BLOCK] = data[full * _BLOCK :]
+        words = tail.view("<i4").astype(np.int64)
+        sums[-1] = words.sum()
+        columns = columns + words
+    count = sums.size
+    with np.errstate(over="ignore"):
+        block_weights = np.arange(count, dtype=np.int64) * 2 + 1
+        column_weights = np.arange(_WORDS, dtype=np.int64) * 2 + 1
+        return [
+            int(np.sum(sums * block_weights, dtype=np.int64)),
+            int(np.sum(columns * column_weights, dtype=np.int64)),
+            int(np.sum(sums, dtype=np.int64)),
+            int(np.sum(columns * columns, dtype=np.int64)),
+            int(np.sum(sums * sums, dtype=np.int64)),
+        ]
+
+
+def _device_terms(tensor: torch.Tensor) -> torch.Tensor:
+    """The five wrapped int64 sums of :func:`mxsum`, on the tensor's own device (no sync)."""
+    import torch
+
+    data = _bytes(tensor)
+    n = data.numel()
+    device = data.device
+    full = n // _BLOCK
+    block_sums = []
+    columns = torch.zeros(_WORDS, dtype=torch.int64, device=device)
+    if full:
+        main = data[: full * _BLOCK]
+        try:
+            words = main.view(torch.int32).view(full, _WORDS)
+        except RuntimeError:  # a storage offset that is not a multiple of 4: realign by copying
+            words = main.clone().view(torch.int32).view(full, _WORDS)
+        block_sums.append(words.sum(dim=1, dtype=torch.int64))
+        columns += words.sum(dim=0, dtype=torch.int64)
+    if n > full * _BLOCK or not full:
+        tail = torch.zeros(_BLOCK, dtype=torch.uint8, device=device)
+        tail[: n - full * _BLOCK] = data[full * _BLOCK :]
+        tail_words = tail.view(torch.int32).to(torch.int64)
+        block_sums.append(tail_words.sum().reshape(1))
+        columns += tail_words
+    sums = torch.cat(block_sums)
+    block_weights = torch.arange(sums.numel(), dtype=torch.int64, device=device) * 2 + 1
+    column_weights = torch.arange(_WORDS, dtype=torch.int64, device=device) * 2 + 1
+    return torch.stack(
+        [
+            (sums * block_weights).sum(),
+            (columns * column_weights).sum(),
+            sums.sum(),
+            (columns * columns).sum(),
+            (sums * sums).sum(),
+        ]
+    )
+
+
+def _finish(n: int, terms: Sequence[int]) -> str:
+    text = ":".join(str(v & _MASK) for v in (n, *terms))
+    return hashlib.sha256(f"{DEVICE_CHECKSUM}:{text}".encode()).hexdigest()[:32]
+
+
+def mxsum(tensor: torch.Tensor) -> str:
+    """The ``mxsum1`` checksum of one tensor, computed where it lives."""
+    return mxsum_many([tensor])[0]
+
+
+def mxsum_many(tensors: Sequence[torch.Tensor]) -> list[str]:
+    """``mxsum1`` of many tensors, with one device-to-host transfer for all of them."""
+    import torch
+
+    if not tensors:
+        return []
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    out: list[str] = [""] * len(tensors)
+    for device, indices in by_device.items():
+        if device.type == "cpu":
+            terms = [_host_terms(tensors[i]) for i in indices]
+        else:
+            terms = torch.stack([_device_terms(tensors[i]) for i in indices]).cpu().tolist()
+        for i, row in zip(indices, terms, strict=True):
+            out[i] = _finish(_bytes(tensors[i]).numel(), row)
+    return out
+
+
+def checksums(tensors: Mapping[str, torch.Tensor], algorithms: Sequence[str]) -> dict[str, str]:
+    """Each tensor's checksum field for ``algorithms`` (values joined by ``+`` in that order)."""
+    names = list(tensors)
+    columns: list[list[str]] = []
+    for algorithm in algorithms:
+        if algorithm == HOST_CHECKSUM:
+            columns.append([checksum_tensor(tensors[n]) for n in names])
+        elif algorithm == DEVICE_CHECKSUM:
+            columns.append(mxsum_many([tensors[n] for n in names]))
+        else:
+            raise ValueError(f"unknown checksum algorithm {algorithm!r}")
+    return {n: "+".join(col[i] for col in columns) for i, n in enumerate(names)}
+
+
+def serving_algorithms(device: str) -> tuple[str, ...]:
+    """What a source on ``device`` publishes: both on the host; on a GPU only the device checksum
+    (the host one would copy every tensor off the GPU)."""
+    return ALGORITHMS if device == "cpu" else (DEVICE_CHECKSUM,)
+
+
+def best_shared(published: str, device: str) -> tuple[int, str] | None:
+    """Which of a manifest's algorithms (``published``, ``+``-separated) a target on ``device`` uses.
+
+    The host checksum on the CPU, the device one on a GPU, else whichever is
+    shared; ``None`` when none is known to this version (the load is then
+    reported unverified, never wrongly verified).
+    """
+    offered = published.split("+")
+    preference = ALGORITHMS if device == "cpu" else tuple(reversed(ALGORITHMS))
+    for algorithm in preference:
+        if algorithm in offered:
+            return offered.index(algorithm), algorithm
+    return None
+
+
+def bad_tensors(tensors: Mapping[str, torch.Tensor], expected: Manifest) -> list[str] | None:
+    """Names of tensors whose checksum differs from ``expected``'s (empty: all good).
+
+    ``None`` when the bytes cannot be verified: no algorithm shared with this
+    version, or a tensor without a value for it. Never a partial verdict.
+    """
+    device = str(next(iter(tensors.values())).device) if tensors else "cpu"
+    choice = best_shared(expected.checksum_algorithm, device)
+    if choice is None:
+        return None
+    index, algorithm = choice
+    wanted = {}
+    for spec in expected.tensors:
+        parts = (spec.checksum or "").split("+")
+        if spec.checksum is None or index >= len(parts) or not parts[index]:
+            return None
+        wanted[spec.name] = parts[index]
+    got = checksums({n: tensors[n] for n in wanted}, [algorithm])
+    return [n for n, value in wanted.items() if got[n] != value]

@@ -19,8 +19,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import hashlib
 import json
-from collections.abc import Callable
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +44,25 @@ from .outcomes import (
     ManifestMismatch,
     NotApplicable,
     Outcome,
+    SourceFailed,
     SourceUnreachable,
+    TimedOut,
 )
 from .strategy import AttemptContext
 from .target import Target, TargetMismatch
 
-__all__ = ["PeerAdvert", "PeerStrategy", "PullPlan", "ReadPlanner", "check", "parse_advert", "transfer"]
+__all__ = [
+    "ConnectionPool",
+    "PeerAdvert",
+    "PeerStrategy",
+    "PullPlan",
+    "ReadPlanner",
+    "check",
+    "parse_advert",
+    "pool_for",
+    "release_connections",
+    "transfer",
+]
 
 _MAX_METADATA_BYTES = 1 << 20
 
@@ -177,18 +195,110 @@ def check(
     )
 
 
+class ConnectionPool:
+    """Remote agents kept across attempts and loads, so a second pull from a source skips the connect.
+
+    Keyed by the source's id, process generation and metadata: a source that
+    restarts or re-publishes is a new key, and connecting to it drops the old
+    generation's entry. An entry is dropped when an attempt through it fails
+    (the caller says so), when it sat unused for ``idle_seconds`` (the source
+    may have expired), and the least recently used one goes when more than
+    ``limit`` are held. :meth:`close` drops them all.
+    """
+
+    def __init__(self, agent: RdmaAgent, *, limit: int = 64, idle_seconds: float = 120.0) -> None:
+        self.agent = agent
+        self.limit = limit
+        self.idle_seconds = idle_seconds
+        self._entries: OrderedDict[tuple[str, str, bytes], tuple[str, float]] = OrderedDict()
+        self._in_use: dict[tuple[str, str, bytes], int] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def acquire(self, source_id: str, generation: str, metadata: bytes) -> tuple[tuple[str, str, bytes], str]:
+        """The remote agent's name for this source, connecting only when none is held (EdgeFailure)."""
+        key = (source_id, generation, hashlib.sha256(metadata).digest())
+        now = time.monotonic()
+        for other in [k for k in self._entries if k[0] == source_id and k != key]:
+            self._disconnect(other)  # an older generation, or metadata that changed
+        for other, (_, used) in list(self._entries.items()):
+            if now - used > self.idle_seconds and not self._in_use.get(other):
+                self._disconnect(other)
+        if key in self._entries:
+            name, _ = self._entries.pop(key)
+        else:
+            name = self.agent.connect(metadata)
+        self._entries[key] = (name, now)
+        self._in_use[key] = self._in_use.get(key, 0) + 1
+        while len(self._entries) > self.limit:
+            oldest = next((k for k in self._entries if not self._in_use.get(k)), None)
+            if oldest is None:
+                break
+            self._disconnect(oldest)
+        return key, name
+
+    def release(self, key: tuple[str, str, bytes], *, failed: bool) -> None:
+        """Done with ``key``; ``failed`` drops the connection (the source failed or lied)."""
+        count = self._in_use.get(key, 0) - 1
+        if count <= 0:
+            self._in_use.pop(key, None)
+        else:
+            self._in_use[key] = count
+        if failed:
+            self._disconnect(key)
+
+    def _disconnect(self, key: tuple[str, str, bytes]) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.agent.disconnect(entry[0])
+
+    def close(self) -> None:
+        for key in list(self._entries):
+            self._disconnect(key)
+
+
+_pools: weakref.WeakKeyDictionary[Any, ConnectionPool] = weakref.WeakKeyDictionary()
+
+
+def pool_for(agent: RdmaAgent) -> ConnectionPool:
+    """The one connection pool of ``agent`` (shared by every strategy that uses it)."""
+    pool = _pools.get(agent)
+    if pool is None:
+        pool = _pools[agent] = ConnectionPool(agent)
+    return pool
+
+
+def release_connections() -> None:
+    """Drop every pooled remote agent of this process (shutdown, tests asserting no leaks)."""
+    for pool in list(_pools.values()):
+        pool.close()
+
+
+#: Gives the transfer its agent once the target's memory exists (raises EdgeFailure when there is none).
+AgentSource = Callable[[], Awaitable[RdmaAgent]]
+
+_FAILED = (SourceFailed, TimedOut, SourceUnreachable)
+
+
 async def transfer(
-    plan: PullPlan, target: Target, agent: RdmaAgent, ctx: AttemptContext, strategy: str
+    plan: PullPlan, target: Target, agent_source: AgentSource, ctx: AttemptContext, strategy: str
 ) -> Outcome:
-    """Allocate, register, connect, READ, verify; every acquired resource released on every path."""
+    """Allocate, get the agent, register, connect, READ, verify; each phase timed into ``ctx.phases``.
+
+    Allocation comes first so that it overlaps the agent's creation when that is
+    still under way; every acquired resource is released on every path.
+    """
     began = anyio.current_time()
     sid = ctx.source_id
+    phases = ctx.phases
 
     def failed(exc: EdgeFailure) -> Outcome:
         return exc.outcome(strategy, sid, anyio.current_time() - began)
 
     try:
-        buffers = target.prepare(plan.local_manifest)
+        with phases.timed("allocate"):
+            buffers = target.prepare(plan.local_manifest)
     except (MemoryError, RuntimeError) as exc:  # torch's out-of-memory error is a RuntimeError
         return LocalFailure(
             strategy=strategy,
@@ -196,43 +306,66 @@ async def transfer(
             seconds=anyio.current_time() - began,
             detail=f"allocation failed: {exc}",
         )
-    spans = buffers.spans
     try:
-        release = agent.register([(a, n, buffers.device_id) for a, n in spans], buffers.mem_type)
+        with phases.timed("agent"):
+            agent = await agent_source()
+        with phases.timed("register"):
+            release = agent.register([(a, n, buffers.device_id) for a, n in buffers.spans], buffers.mem_type)
     except EdgeFailure as exc:
         return failed(exc)
-    remote_name: str | None = None
+    pool = pool_for(agent)
+    record = ctx.candidate.record if ctx.candidate is not None else None
+    key: tuple[str, str, bytes] | None = None
+    outcome: Outcome | None = None
     try:
-        remote_name = agent.connect(plan.advert.metadata)
+        with phases.timed("connect"):
+            key, remote_name = pool.acquire(
+                sid or "", record.generation if record else "", plan.advert.metadata
+            )
         if remote_name != plan.advert.agent_name:
-            return SourceUnreachable(
+            outcome = SourceUnreachable(
                 strategy=strategy,
                 source_id=sid,
                 seconds=anyio.current_time() - began,
                 detail=f"metadata names agent {remote_name!r}, record says {plan.advert.agent_name!r}",
             )
-        seconds = await agent.read(
-            remote_name,
-            descriptor_rows(plan.local_blocks(spans), buffers.device_id),
-            descriptor_rows(list(plan.remote), plan.advert.device_id),
-            local_mem=buffers.mem_type,
-            remote_mem=plan.advert.mem_type,
-            deadline=ctx.deadline,
-        )
+            return outcome
+        with phases.timed("transfer"):
+            seconds = await agent.read(
+                remote_name,
+                descriptor_rows(plan.local_blocks(buffers.spans), buffers.device_id),
+                descriptor_rows(list(plan.remote), plan.advert.device_id),
+                local_mem=buffers.mem_type,
+                remote_mem=plan.advert.mem_type,
+                deadline=ctx.deadline,
+            )
+        outcome = await _verified(plan, target, ctx, strategy, seconds, began)
+        return outcome
     except EdgeFailure as exc:
-        return failed(exc)
+        outcome = failed(exc)
+        return outcome
     finally:
-        if remote_name is not None:
-            agent.disconnect(remote_name)
+        if key is not None:
+            # cancelled (outcome None) or failed: the connection is not trusted again
+            pool.release(key, failed=outcome is None or isinstance(outcome, (*_FAILED, Corrupt)))
         release()
+
+
+async def _verified(
+    plan: PullPlan, target: Target, ctx: AttemptContext, strategy: str, seconds: float, began: float
+) -> Outcome:
+    sid = ctx.source_id
     total = plan.nbytes
     if ctx.progress is not None:
         ctx.progress(total, total)
     detail = f"{len(plan.local)} descriptors"
     if not target.verify:
         return Loaded(strategy=strategy, source_id=sid, bytes_moved=total, seconds=seconds, detail=detail)
-    verify_began = anyio.current_time()
-    bad = await anyio.to_thread.run_sync(target.verify_against, plan.source)
+    with ctx.phases.timed("verify"):
+        bad = await anyio.to_thread.run_sync(target.verify_against, plan.source)
+    if bad is None:
+        detail += f"; unverified: no checksum shared with the source ({plan.source.checksum_algorithm})"
+        return Loaded(strategy=strategy, source_id=sid, bytes_moved=total, seconds=seconds, detail=detail)
     if bad:
         return Corrupt(
             strategy=strategy,
@@ -242,7 +375,7 @@ async def transfer(
             bad_tensors=tuple(bad[:32]),
             detail=f"{len(bad)} tensors failed their checksum, e.g. {bad[:3]}",
         )
-    detail += f"; checksums verified in {anyio.current_time() - verify_began:.3f}s"
+    detail += f"; checksums verified in {ctx.phases.seconds.get('verify', 0.0):.3f}s"
     return Loaded(
         strategy=strategy, source_id=sid, bytes_moved=total, seconds=seconds, verified=True, detail=detail
     )
@@ -264,21 +397,37 @@ class PeerStrategy:
 
     def __init__(self, *, agent: RdmaAgent | None = None) -> None:
         self.agent = agent
+        if agent is None:
+            from ._backends.nixl import start_agent
+
+            start_agent()  # created in the background while the caller gets on with its start-up
 
     @classmethod
     def from_options(cls, options: Any) -> PeerStrategy:
         """Entry-point factory: the CLI's options do not concern peer strategies."""
         return cls()
 
-    def _agent(self) -> RdmaAgent | str:
+    async def _agent(self) -> RdmaAgent:
         if self.agent is not None:
             return self.agent
-        from ._backends.nixl import get_agent
+        from ._backends.nixl import agent_ready
 
         try:
-            return get_agent()
+            return await agent_ready()
         except ConfigError as exc:
-            return str(exc)
+            raise EdgeFailure(NotApplicable, str(exc)) from exc
+
+    async def prewarm(self) -> None:
+        """Wait until the transport's agent exists (frameworks call this during their own start-up)."""
+        with contextlib.suppress(EdgeFailure):  # no transport: the attempts will say NotApplicable
+            await self._agent()
+
+    async def aclose(self) -> None:
+        """Drop the connections this strategy's agent keeps (shared with other strategies on it)."""
+        if self.agent is not None:
+            pool_for(self.agent).close()
+        else:
+            release_connections()
 
     async def attempt(self, ctx: AttemptContext) -> Outcome:
         plan = check(
@@ -290,8 +439,5 @@ class PeerStrategy:
         )
         if not isinstance(plan, PullPlan):
             return plan
-        agent = self._agent()
-        if isinstance(agent, str):
-            return NotApplicable(strategy=self.name, source_id=ctx.source_id, detail=agent)
         assert isinstance(ctx.target, Target)  # check() returned a plan only for a Target
-        return await transfer(plan, ctx.target, agent, ctx, self.name)
+        return await transfer(plan, ctx.target, self._agent, ctx, self.name)

@@ -39,7 +39,7 @@ from .policy import DEFAULT_POLICY, Action, Policy
 from .registry.base import SourceRegistry
 from .report import AttemptRecord, LoadReport, ProbeRecord
 from .selection import SelectionPolicy, rendezvous
-from .strategy import AttemptContext, ProbeFailure, Prober, ProgressCallback, RegistryProber, Strategy
+from .strategy import AttemptContext, Phases, ProbeFailure, Prober, ProgressCallback, RegistryProber, Strategy
 
 __all__ = ["LoadObserver", "Orchestrator"]
 
@@ -354,11 +354,14 @@ class _Load:
             assert isinstance(step, Attempt)
             if step.delay > 0:
                 await anyio.sleep(min(step.delay, self.remaining()))
-            outcome = await self.run_attempt(step)
+            began = anyio.current_time()
+            phases = Phases()
+            outcome = await self.run_attempt(step, phases)
+            wall = anyio.current_time() - began
             action = self.config.policy.decide(outcome, self.planner.decision_state(anyio.current_time()))
             marked = await self.carry_out(action, step, outcome)
             self.planner.record(action)
-            record = AttemptRecord(outcome, action, marked, step.attempt_number)
+            record = AttemptRecord(outcome, action, marked, step.attempt_number, wall, phases.as_dict())
             self.attempts.append(record)
             self.log.info(
                 "attempt.done",
@@ -374,7 +377,7 @@ class _Load:
             for observer in self.config.observers:
                 observer.attempt_done(record)
 
-    async def run_attempt(self, step: Attempt) -> Outcome:
+    async def run_attempt(self, step: Attempt, phases: Phases) -> Outcome:
         config = self.config
         strategy = config.strategies[step.strategy_index]
         began = anyio.current_time()
@@ -388,6 +391,7 @@ class _Load:
             run_id=self.run_id,
             registry=config.registry,
             progress=self.progress,
+            phases=phases,
         )
         self.log.debug("attempt.start", strategy=strategy.name, source=step.source_id)
         for observer in config.observers:

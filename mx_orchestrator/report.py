@@ -7,12 +7,14 @@ keys are only ever added, never renamed.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .models import ModelIdentity
 from .outcomes import Loaded, Outcome
 from .policy import Action
+from .strategy import PHASES
 
 __all__ = ["AttemptRecord", "LoadReport", "ProbeRecord", "gbps"]
 
@@ -23,10 +25,27 @@ def gbps(nbytes: int, seconds: float) -> float:
 
 @dataclass(frozen=True)
 class AttemptRecord:
+    """One attempt: its outcome, what the policy made of it, and where its time went.
+
+    ``seconds`` is the attempt's whole wall time (``None``: the outcome's own
+    figure); ``phases`` the seconds of each phase the strategy timed.
+    """
+
     outcome: Outcome
     action: Action
     marked_stale: bool
     attempt_number: int = 1
+    seconds: float | None = None
+    phases: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.outcome.seconds if self.seconds is None else self.seconds
+
+    @property
+    def transfer_seconds(self) -> float:
+        """The transfer phase when the strategy timed it, else the outcome's own figure."""
+        return self.phases.get("transfer") or self.outcome.seconds
 
     def to_dict(self) -> dict[str, Any]:
         o = self.outcome
@@ -35,8 +54,9 @@ class AttemptRecord:
             "source": o.source_id,
             "outcome": o.name,
             "bytes": o.bytes_moved,
-            "seconds": round(o.seconds, 6),
-            "gbps": gbps(o.bytes_moved, o.seconds),
+            "seconds": round(self.wall_seconds, 6),
+            "gbps": gbps(o.bytes_moved, self.transfer_seconds),
+            "phases": {**{p: 0.0 for p in PHASES}, **self.phases},
             "action": self.action.label,
             "marked_stale": self.marked_stale,
             "attempt_number": self.attempt_number,
@@ -76,10 +96,20 @@ class LoadReport:
 
     @property
     def final(self) -> Loaded | None:
+        record = self.final_record
+        return record.outcome if record is not None and isinstance(record.outcome, Loaded) else None
+
+    @property
+    def final_record(self) -> AttemptRecord | None:
         for record in reversed(self.attempts):
             if isinstance(record.outcome, Loaded):
-                return record.outcome
+                return record
         return None
+
+    @property
+    def agent_wait_seconds(self) -> float:
+        """Time the load's attempts spent waiting for the transport's agent to exist."""
+        return sum(a.phases.get("agent", 0.0) for a in self.attempts)
 
     @property
     def outcome(self) -> str:
@@ -87,7 +117,9 @@ class LoadReport:
 
     def to_dict(self) -> dict[str, Any]:
         final = self.final
+        record = self.final_record
         nbytes = final.bytes_moved if final else 0
+        transfer = record.transfer_seconds if record is not None else 0.0
         return {
             "run_id": self.run_id,
             "model": self.identity.model_id,
@@ -99,8 +131,9 @@ class LoadReport:
             "bytes": nbytes,
             "seconds": round(self.seconds, 6),
             "gbps": gbps(nbytes, self.seconds),
-            "transfer_seconds": round(final.seconds, 6) if final else 0.0,
-            "transfer_gbps": gbps(nbytes, final.seconds) if final else 0.0,
+            "transfer_seconds": round(transfer, 6),
+            "transfer_gbps": gbps(nbytes, transfer),
+            "agent_wait_seconds": round(self.agent_wait_seconds, 6),
             "verified": bool(final and final.verified),
             "evaluation_seconds": round(self.evaluation_seconds, 6),
             "candidates_evaluated": len(self.probes),

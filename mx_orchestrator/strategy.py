@@ -17,8 +17,10 @@ classmethod, that is called with the caller's :class:`StrategyOptions`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -32,7 +34,9 @@ from .registry.base import SourceRegistry
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "PHASES",
     "AttemptContext",
+    "Phases",
     "ProbeFailure",
     "Prober",
     "ProgressCallback",
@@ -49,6 +53,34 @@ ENTRY_POINT_GROUP = "mx_orchestrator.strategies"
 ProgressCallback = Callable[[int, int], None]
 
 
+#: The phases an attempt reports, in the order they happen (0 where one did not happen).
+PHASES = ("agent", "connect", "allocate", "register", "transfer", "verify")
+
+
+class Phases:
+    """Where an attempt's time went: a strategy times each phase (``with ctx.phases.timed("verify")``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - began)
+
+    def as_dict(self) -> dict[str, float]:
+        """Every phase of :data:`PHASES` (0 when it did not happen), then any a strategy added."""
+        return {
+            p: round(self.seconds.get(p, 0.0), 6) for p in (*PHASES, *sorted(set(self.seconds) - set(PHASES)))
+        }
+
+
 @dataclass(frozen=True)
 class AttemptContext:
     identity: ModelIdentity
@@ -59,6 +91,7 @@ class AttemptContext:
     run_id: str = ""
     registry: SourceRegistry | None = None
     progress: ProgressCallback | None = None
+    phases: Phases = field(default_factory=Phases)
 
     @property
     def remaining(self) -> float:

@@ -114,8 +114,8 @@ class Target(OnDevice):
 
     # -- verification ---------------------------------------------------------
 
-    def verify_against(self, source: Manifest) -> list[str]:
-        """Names of tensors whose checksum differs from ``source``'s (empty: all good)."""
+    def verify_against(self, source: Manifest) -> list[str] | None:
+        """Tensors whose checksum differs from ``source``'s (empty: all good; ``None``: cannot tell)."""
         return bad_tensors(self.tensors(), source)
 
 

@@ -38,7 +38,7 @@ from mx_orchestrator._backends.nixl import get_agent
 from mx_orchestrator.buffers import Buffers
 from mx_orchestrator.layout import parse_layout, plan_layout, plan_region_reads, plan_tensor_reads
 from mx_orchestrator.models import MAX_TENSORS, SourceRecord
-from mx_orchestrator.peer import parse_advert
+from mx_orchestrator.peer import parse_advert, release_connections
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.target import Target
 from mx_orchestrator.testing import FakeProber, FakeStrategy, make_manifest, make_record, scenario, succeed
@@ -56,9 +56,11 @@ IDENTITY = ModelIdentity(MODEL_ID)
 @pytest.fixture
 def no_leaks() -> Iterator[None]:
     agent = get_agent()
+    release_connections()  # pooled connections of earlier tests are not this test's
     before = (agent.stats.handles_open, agent.stats.remote_agents, agent.stats.registrations)
     threads = threading.active_count()
     yield
+    release_connections()  # kept on purpose across loads; what must not leak is everything else
     assert (agent.stats.handles_open, agent.stats.remote_agents, agent.stats.registrations) == before
     deadline = time.monotonic() + 5  # worker threads wind down on their own
     while threading.active_count() > threads + 2 and time.monotonic() < deadline:

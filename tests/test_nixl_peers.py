@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from mx_orchestrator import ModelIdentity, Orchestrator, SourceState
 from mx_orchestrator._backends.nixl import get_agent
 from mx_orchestrator.checkpoint import save_checkpoint
+from mx_orchestrator.peer import release_connections
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.report import LoadReport
 from mx_orchestrator.target import Target
@@ -30,8 +31,10 @@ IDENTITY = ModelIdentity(MODEL_ID)
 def no_nixl_leaks() -> Iterator[None]:
     """After every test: no open transfer handles, remote agents or registrations in this process."""
     agent = get_agent()
+    release_connections()  # pooled connections of earlier tests are not this test's
     before = (agent.stats.handles_open, agent.stats.remote_agents, agent.stats.registrations)
     yield
+    release_connections()  # kept on purpose across loads; what must not leak is everything else
     assert (agent.stats.handles_open, agent.stats.remote_agents, agent.stats.registrations) == before
 
 

@@ -34,7 +34,7 @@ from mx_orchestrator.outcomes import (
     SourceUnreachable,
     TimedOut,
 )
-from mx_orchestrator.peer import PullPlan, check
+from mx_orchestrator.peer import PullPlan, check, pool_for
 from mx_orchestrator.source import WeightSource, load_weights
 from mx_orchestrator.target import Target
 from mx_orchestrator.testing import FakeRdmaAgent, FakeRdmaNetwork, FakeRegistry
@@ -74,7 +74,10 @@ class Fabric:
             selection=lambda _t: lambda c: (order.get(c.source_id, 99.0),),
         ).load(IDENTITY, target)
 
-    def assert_nothing_held(self) -> None:
+    def assert_nothing_held(self, *, after_closing_the_pool: bool = True) -> None:
+        """Nothing held by any agent; pooled connections are dropped first unless told otherwise."""
+        if after_closing_the_pool:
+            pool_for(self.agent).close()
         for agent in self.network.agents.values():
             stats = agent.stats
             assert (stats.handles_open, stats.remote_agents) == (0, 0), agent.name
@@ -271,7 +274,7 @@ async def test_cancelling_mid_read_releases_the_handle_the_remote_and_the_regist
         with anyio.move_on_after(0.2) as scope:
             await f.load(Target("arena"), attempt_timeout=30)
         assert scope.cancelled_caught
-        f.assert_nothing_held()
+        f.assert_nothing_held(after_closing_the_pool=False)  # a cancelled read's connection is dropped
 
 
 async def test_manifest_mismatch_between_sources_never_marks_stale() -> None:
@@ -288,6 +291,45 @@ async def test_manifest_mismatch_between_sources_never_marks_stale() -> None:
             tg.cancel_scope.cancel()
     assert {a.outcome.name for a in report.attempts} == {"ManifestMismatch"}
     assert not any(a.marked_stale for a in report.attempts)
+
+
+async def test_a_second_load_reuses_the_connection_and_reports_its_phases() -> None:
+    async with fabric(("src", "arena")) as f:
+        first = await f.load(Target("arena"))
+        second = await f.load(Target("arena"))
+        assert f.agent.connects == 1 and len(pool_for(f.agent)) == 1
+    for report in (first, second):
+        (attempt,) = report.attempts
+        data = attempt.to_dict()
+        assert set(data["phases"]) >= {"agent", "connect", "allocate", "register", "transfer", "verify"}
+        assert data["phases"]["transfer"] > 0 and data["phases"]["verify"] > 0
+        assert sum(data["phases"].values()) <= data["seconds"] + 1e-3
+        assert report.to_dict()["transfer_seconds"] == data["phases"]["transfer"]
+
+
+async def test_a_restarted_source_is_a_new_connection_and_the_old_one_is_dropped() -> None:
+    async with fabric(("src", "arena")) as f:
+        assert (await f.load(Target("arena"))).loaded
+        _, served = f.sources["src"]
+        async with anyio.create_task_group() as tg:
+            # the same source id, a new process generation (and a new agent)
+            await tg.start(
+                WeightSource(f.registry, served, source_id="src", agent=f.network.agent("src-2")).run
+            )
+            assert (await f.load(Target("arena"))).loaded
+            assert f.agent.connects == 2 and len(pool_for(f.agent)) == 1
+            assert f.agent.stats.remote_agents == 1
+            tg.cancel_scope.cancel()
+
+
+async def test_a_source_that_dies_after_a_pooled_load_is_dropped_and_the_next_candidate_loads() -> None:
+    async with fabric(("a", "arena"), ("b", "arena")) as f:
+        assert (await f.load(Target("arena"))).final.source_id == "a"  # type: ignore[union-attr]
+        f.sources["a"][0].faults.dead = True
+        report = await f.load(Target("arena"))
+        assert [a.outcome.name for a in report.attempts] == ["SourceFailed", "Loaded"]
+        assert report.final is not None and report.final.source_id == "b"
+        assert f.agent.stats.remote_agents == 1  # only b's connection is kept
 
 
 def test_the_peer_attempt_runs_without_nixl_imported(tmp_path: Path) -> None:

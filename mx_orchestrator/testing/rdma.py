@@ -68,6 +68,7 @@ class FakeRdmaAgent:
         self.faults = faults or RdmaFaults()
         self.stats = AgentStats()
         self.polls = 0
+        self.connects = 0
         self.bytes_read = 0
         self._registered: list[tuple[int, int]] = []  # (address, nbytes), sorted
         self._remotes: dict[str, int] = {}
@@ -104,6 +105,7 @@ class FakeRdmaAgent:
         peer = self.network.agents.get(name)
         if peer is None or peer.faults.dead:
             raise EdgeFailure(SourceUnreachable, f"connect failed: agent {name!r} is not there")
+        self.connects += 1
         self._remotes[name] = self._remotes.get(name, 0) + 1
         self.stats.remote_agents = len(self._remotes)
         return name
