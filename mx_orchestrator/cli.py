@@ -149,6 +149,9 @@ def _use_device(device: str) -> None:
     if not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
     torch.cuda.set_device(torch.device(device))
+    from ._backends.nixl import start_agent
+
+    start_agent()  # on this device, in the background
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -207,12 +210,15 @@ def build_strategies(names: Sequence[str], options: StrategyOptions) -> list[Str
 
 
 def _pull(args: argparse.Namespace) -> int:
+    import torch  # noqa: F401  # start-up work (~1 s), done before the load rather than inside it
+
     from .checkpoint import save_checkpoint
     from .pipeline import Orchestrator
     from .progress import ProgressDisplay
     from .target import Target
 
     identity = _identity(args)
+    _use_device(args.device)  # before any strategy starts the transport's agent
     names = [
         n.strip()
         for n in (args.strategies or DEFAULT_STRATEGIES + (",hf_download" if args.repo else "")).split(",")
@@ -226,7 +232,6 @@ def _pull(args: argparse.Namespace) -> int:
             repo_id=args.repo or args.model_id, revision=args.revision, hub_endpoint=args.hub_endpoint
         ),
     )
-    _use_device(args.device)
     target = Target(args.layout, args.device, verify=not args.no_verify)
     needs_registry = any(s.uses_peers for s in strategies)
 
@@ -237,14 +242,14 @@ def _pull(args: argparse.Namespace) -> int:
                 # fail fast with one clear line when the registry the user named is unusable
                 await registry.list(identity.key)
             display = ProgressDisplay(enabled=False if args.json else None)
-            orchestrator = Orchestrator(
+            async with Orchestrator(
                 registry,
                 strategies,
                 attempt_timeout=args.attempt_timeout,
                 load_timeout=args.timeout,
                 observers=[display],
-            )
-            return await orchestrator.load(identity, target, progress=display)
+            ) as orchestrator:
+                return await orchestrator.load(identity, target, progress=display)
         finally:
             if registry is not None:
                 await registry.aclose()
@@ -304,6 +309,12 @@ def _demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("pull", "serve") and getattr(args, "device", "cpu") == "cpu":
+        # the transport's agent (~0.5 s, most of it importing torch and UCX) is made in the
+        # background while the rest starts up; GPU processes bind their device first
+        from ._backends.nixl import start_agent
+
+        start_agent()
     configure_logging(args.log_level, args.log_format)
     run: Callable[[argparse.Namespace], int] = args.run
     try:

@@ -298,7 +298,8 @@ async def transfer(
 
     try:
         with phases.timed("allocate"):
-            buffers = target.prepare(plan.local_manifest)
+            # pre-faulting a large target takes a while: off the event loop
+            buffers = await anyio.to_thread.run_sync(target.prepare, plan.local_manifest)
     except (MemoryError, RuntimeError) as exc:  # torch's out-of-memory error is a RuntimeError
         return LocalFailure(
             strategy=strategy,

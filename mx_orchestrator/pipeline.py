@@ -131,6 +131,34 @@ class Orchestrator:
     ) -> LoadReport:
         return await _Load(self, identity, target, progress).run()
 
+    async def prewarm(self) -> None:
+        """Make what the strategies need before a first load (the transport's agent) exist now.
+
+        For frameworks that want the cost paid during their own start-up; a load
+        never needs it (agent creation starts when a peer strategy is made).
+        Cancellation-safe: a cancelled prewarm leaves the creation to finish on
+        its own, and nothing half made.
+        """
+        async with anyio.create_task_group() as tg:
+            for strategy in self.strategies:
+                prewarm = getattr(strategy, "prewarm", None)
+                if prewarm is not None:
+                    tg.start_soon(prewarm)
+
+    async def aclose(self) -> None:
+        """Release what the strategies keep between loads (pooled connections)."""
+        for strategy in self.strategies:
+            aclose = getattr(strategy, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def __aenter__(self) -> Orchestrator:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.aclose()
+
 
 @dataclass
 class _Evaluation:

@@ -15,7 +15,7 @@ from .models import SourceRecord
 from .registry.base import is_expired
 from .report import LoadReport
 
-__all__ = ["print_report", "print_sources", "source_row", "source_rows"]
+__all__ = ["phases_text", "print_report", "print_sources", "source_row", "source_rows"]
 
 
 def _console(out: TextIO) -> Any:
@@ -30,7 +30,19 @@ def print_report(report: LoadReport, *, file: TextIO | None = None) -> None:
     console = _console(file or sys.stdout)
     data = report.to_dict()
     table = Table(title=f"load of {data['identity']} (run {data['run_id']})")
-    columns = ("#", "strategy", "source", "outcome", "bytes", "seconds", "GB/s", "action", "STALE", "detail")
+    columns = (
+        "#",
+        "strategy",
+        "source",
+        "outcome",
+        "bytes",
+        "seconds",
+        "GB/s",
+        "phases",
+        "action",
+        "STALE",
+        "detail",
+    )
     for column in columns:
         table.add_column(column, overflow="fold")
     for i, a in enumerate(data["attempts"], 1):
@@ -42,6 +54,7 @@ def print_report(report: LoadReport, *, file: TextIO | None = None) -> None:
             f"{a['bytes']:,}",
             f"{a['seconds']:.3f}",
             f"{a['gbps']:.2f}",
+            phases_text(a["phases"]),
             a["action"],
             "yes" if a["marked_stale"] else "",
             a["detail"][:120],
@@ -55,6 +68,20 @@ def print_report(report: LoadReport, *, file: TextIO | None = None) -> None:
         )
     else:
         console.print(f"[bold red]failed[/]: {data['reason']}")
+
+
+_PHASE_NAMES = {
+    "agent": "agent",
+    "connect": "conn",
+    "allocate": "alloc",
+    "register": "reg",
+    "transfer": "xfer",
+}
+
+
+def phases_text(phases: dict[str, float]) -> str:
+    """The phases that took time, e.g. ``alloc 0.021 xfer 0.153 verify 0.040``."""
+    return " ".join(f"{_PHASE_NAMES.get(p, p)} {s:.3f}" for p, s in phases.items() if s >= 0.0005) or "-"
 
 
 def source_row(record: SourceRecord, now: float) -> dict[str, Any]:

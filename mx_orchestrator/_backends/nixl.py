@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 import uuid
@@ -274,13 +275,22 @@ class _WarmAgent:
             if self._thread is not None or self._ready.is_set():
                 return
             agent_name = name or f"mxo-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            # CUDA's current device is per thread: the agent is made on the caller's
+            device = _current_cuda_device()
             self._thread = threading.Thread(
-                target=self._create, args=(agent_name, options), name="mxo-nixl-agent", daemon=True
+                # not a daemon: a process that exits while the agent is being made waits for
+                # it (killing the thread inside NIXL's C++ aborts the whole process)
+                target=self._create,
+                args=(agent_name, device, options),
+                name="mxo-nixl-agent",
+                daemon=False,
             )
             self._thread.start()
 
-    def _create(self, name: str, options: dict[str, Any]) -> None:
+    def _create(self, name: str, device: int | None, options: dict[str, Any]) -> None:
         try:
+            if device is not None:
+                _bind_cuda_device(device)
             self._agent = NixlAgent(name, **options)
         except ConfigError as exc:
             self._error = exc
@@ -307,6 +317,14 @@ class _WarmAgent:
         if not self._ready.is_set():
             await anyio.to_thread.run_sync(self._ready.wait, abandon_on_cancel=True)
         return self.get()
+
+
+def _current_cuda_device() -> int | None:
+    """The calling thread's CUDA device when this process already uses CUDA, else ``None``."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    return int(torch.cuda.current_device())
 
 
 _warm = _WarmAgent()
