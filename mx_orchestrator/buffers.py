@@ -91,6 +91,20 @@ class Buffers(OnDevice):
     owners: list[torch.Tensor] = field(repr=False)
     tensors: dict[str, torch.Tensor] = field(repr=False)
 
+    def region_view(self, index: int) -> torch.Tensor:
+        """Region ``index`` as one uint8 tensor over the memory (no copy), whoever allocated it."""
+        import torch
+
+        base, nbytes = self.spans[index]
+        if self.owners:
+            return self.owners[index]
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8, device=self.device)
+        spec = next(s for s in self.manifest.tensors if s.region == index)
+        storage = self.tensors[spec.name].untyped_storage()
+        view = torch.empty(0, dtype=torch.uint8, device=self.device)
+        return view.set_(storage, base - storage.data_ptr(), (nbytes,), (1,))
+
     def with_checksums(self) -> Buffers:
         """The same memory, with checksums for every tensor, computed here, on this device, once.
 

@@ -209,6 +209,12 @@ def build_strategies(names: Sequence[str], options: StrategyOptions) -> list[Str
     return [load_strategy(name, options) for name in names]
 
 
+def _default_strategies(args: argparse.Namespace) -> str:
+    """CUDA IPC first for a GPU target, then the NIXL strategies, then the Hub when a repo is named."""
+    names = ("cuda_ipc," if args.device != "cpu" else "") + DEFAULT_STRATEGIES
+    return names + (",hf_download" if args.repo else "")
+
+
 def _pull(args: argparse.Namespace) -> int:
     import torch  # noqa: F401  # start-up work (~1 s), done before the load rather than inside it
 
@@ -219,11 +225,7 @@ def _pull(args: argparse.Namespace) -> int:
 
     identity = _identity(args)
     _use_device(args.device)  # before any strategy starts the transport's agent
-    names = [
-        n.strip()
-        for n in (args.strategies or DEFAULT_STRATEGIES + (",hf_download" if args.repo else "")).split(",")
-        if n.strip()
-    ]
+    names = [n.strip() for n in (args.strategies or _default_strategies(args)).split(",") if n.strip()]
     if not names:
         raise ConfigError("--strategies names no strategy")
     strategies = build_strategies(

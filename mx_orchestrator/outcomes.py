@@ -68,7 +68,13 @@ class ManifestMismatch(_OutcomeBase):
 
 @dataclass(frozen=True, kw_only=True)
 class NotApplicable(_OutcomeBase):
-    """The strategy cannot run here (backend missing, nothing configured)."""
+    """The strategy cannot run here (backend missing, nothing configured).
+
+    ``candidate_only``: it cannot run with *this* candidate (a same-host
+    strategy and a source on another host), but may with the next.
+    """
+
+    candidate_only: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -144,6 +144,18 @@ def next_strategy() -> Rule:
     return rule
 
 
+def next_strategy_or_candidate() -> Rule:
+    """``NotApplicable``: the next strategy, or only the next candidate when the outcome says so."""
+    strategy, candidate = next_strategy(), next_candidate()
+
+    def rule(outcome: Outcome, state: DecisionState) -> Action:
+        if getattr(outcome, "candidate_only", False):
+            return candidate(outcome, state)
+        return strategy(outcome, state)
+
+    return rule
+
+
 def abort() -> Rule:
     def rule(outcome: Outcome, state: DecisionState) -> Action:
         return Action(ActionKind.ABORT, reason=outcome.name)
@@ -190,7 +202,7 @@ DEFAULT_RULES: Mapping[type[Outcome], Rule] = MappingProxyType(
         Loaded: finish(),
         LayoutMismatch: next_candidate(),
         ManifestMismatch: next_candidate(forget=True),
-        NotApplicable: next_strategy(),
+        NotApplicable: next_strategy_or_candidate(),
         SourceUnreachable: next_candidate(report_unreachable=True),
         SourceFailed: next_candidate(mark_stale=True),
         TimedOut: next_candidate(mark_stale=True),

@@ -104,7 +104,7 @@ class WeightSource:
         self.drain_timeout = drain_timeout
         self.record: SourceRecord | None = None
 
-    def _build_record(self, agent: RdmaAgent) -> SourceRecord:
+    def _build_record(self, agent: RdmaAgent, extra: Mapping[str, str]) -> SourceRecord:
         w = self.weights
         return SourceRecord(
             source_id=self.source_id,
@@ -119,8 +119,21 @@ class WeightSource:
                 "nixl_metadata": base64.b64encode(agent.metadata()).decode(),
                 "nixl_mem": w.mem_type,
                 "nixl_regions": json.dumps([[a, n, w.device_id] for a, n in w.spans]),
+                **extra,
             },
         )
+
+    def _export_ipc(self, log: Any) -> dict[str, str] | None:
+        """GPU weights: their CUDA IPC handles for same-host targets (``cuda_ipc``); ``None`` on the host."""
+        if self.weights.device == "cpu":
+            return None
+        from ._backends import cuda_ipc
+
+        try:
+            return cuda_ipc.export(self.weights, f"{self.source_id}-{self.generation}")
+        except (EdgeFailure, RuntimeError, OSError) as exc:  # the NIXL strategies still serve
+            log.warning("source.cuda_ipc_unavailable", error=str(exc))
+            return None
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[SourceRecord] = anyio.TASK_STATUS_IGNORED
@@ -137,8 +150,9 @@ class WeightSource:
         except EdgeFailure as exc:  # nothing was published: the weights cannot be offered at all
             raise ConfigError(f"cannot offer the weights: {exc.detail}") from exc
         log = _log.bind(source=self.source_id, model=w.manifest.identity.key)
+        ipc = self._export_ipc(log)
         try:
-            self.record = self._build_record(agent)
+            self.record = self._build_record(agent, {"cuda_ipc": json.dumps(ipc)} if ipc else {})
             await self.registry.publish(self.record, w.manifest)
             log.info("source.published", regions=len(w.spans), bytes=w.manifest.total_bytes)
             if self._metrics is not None:
@@ -159,6 +173,10 @@ class WeightSource:
                 except Exception as exc:  # the TTL will retire the record anyway
                     log.warning("source.unpublish_failed", error=str(exc))
                 deregister()
+                if ipc is not None:
+                    from ._backends import cuda_ipc
+
+                    cuda_ipc.unexport(ipc)
                 if self._metrics is not None:
                     self._metrics.published.set(0)
 

@@ -332,6 +332,16 @@ async def test_a_source_that_dies_after_a_pooled_load_is_dropped_and_the_next_ca
         assert f.agent.stats.remote_agents == 1  # only b's connection is kept
 
 
+async def test_cuda_ipc_is_not_applicable_to_a_host_target_and_the_next_strategy_loads() -> None:
+    from strategies.cuda_ipc import CudaIpc
+
+    async with fabric(("src", "arena")) as f:
+        report = await f.load(Target("arena"), CudaIpc(), RdmaRegion(agent=f.agent))
+    first, second = report.attempts
+    assert isinstance(first.outcome, NotApplicable) and not first.outcome.candidate_only
+    assert second.outcome.name == "Loaded" and second.outcome.strategy == "rdma_region"
+
+
 def test_the_peer_attempt_runs_without_nixl_imported(tmp_path: Path) -> None:
     """This module again, in a fresh interpreter that fails if anything imported nixl."""
     if os.environ.get("MXO_ASSERT_NO_NIXL"):

@@ -185,3 +185,13 @@ def test_every_run_terminates_within_the_attempt_bound(
         steps += 1
         assert steps <= max_attempts
     assert planner.attempts_total == steps <= max_attempts
+
+
+def test_not_applicable_for_one_candidate_moves_to_the_next_candidate_never_stale() -> None:
+    from mx_orchestrator.policy import ActionKind as Kind
+
+    whole = DEFAULT_POLICY.decide(NotApplicable(strategy="cuda_ipc"), DecisionState())
+    one = DEFAULT_POLICY.decide(NotApplicable(strategy="cuda_ipc", candidate_only=True), DecisionState())
+    assert whole.kind is Kind.NEXT_STRATEGY
+    assert one.kind is Kind.NEXT_CANDIDATE and not one.mark_stale and not one.report_unreachable
+    assert not one.forget_source  # another strategy may still use that source

@@ -35,7 +35,7 @@ from ..outcomes import LocalFailure, SourceFailed, SourceUnreachable, TimedOut
 from . import EdgeFailure
 from .rdma import AgentStats, Descriptor, Release
 
-__all__ = ["NixlAgent", "agent_ready", "get_agent", "start_agent"]
+__all__ = ["NixlAgent", "agent_creation_seconds", "agent_ready", "get_agent", "start_agent"]
 
 _SLICE_SECONDS = 0.05
 
@@ -269,6 +269,8 @@ class _WarmAgent:
         self._agent: NixlAgent | None = None
         self._error: ConfigError | None = None
         self._options: dict[str, Any] = {}
+        #: how long making the agent took (``None`` until it is made)
+        self.created_seconds: float | None = None
 
     def start(self, name: str | None = None, **options: Any) -> None:
         with self._lock:
@@ -288,10 +290,12 @@ class _WarmAgent:
             self._thread.start()
 
     def _create(self, name: str, device: int | None, options: dict[str, Any]) -> None:
+        began = time.perf_counter()
         try:
             if device is not None:
                 _bind_cuda_device(device)
             self._agent = NixlAgent(name, **options)
+            self.created_seconds = time.perf_counter() - began
         except ConfigError as exc:
             self._error = exc
         finally:
@@ -328,6 +332,11 @@ def _current_cuda_device() -> int | None:
 
 
 _warm = _WarmAgent()
+
+
+def agent_creation_seconds() -> float | None:
+    """How long the process-wide agent took to make (``None`` until it exists)."""
+    return _warm.created_seconds
 
 
 def start_agent(name: str | None = None, **options: Any) -> None:

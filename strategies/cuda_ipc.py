@@ -1,0 +1,153 @@
+"""cuda_ipc: copy a same-host source's GPU memory device to device, past UCX.
+
+On one host without NVLink, UCX stages GPU-to-GPU READs through the host
+(~0.5 GB/s on one H200); a native CUDA IPC copy runs at HBM speed. The source
+exports IPC handles of its device regions to a file only its user can read
+(:mod:`mx_orchestrator._backends.cuda_ipc`); this strategy, for a target on a
+GPU of the same host (hostname and boot id) that can read that file, opens the
+handles and copies: one copy per region when the two layouts match, else one
+per tensor, paired by name exactly as ``rdma_tensor`` pairs them (the same
+pure planners and the same check). Elsewhere it is ``NotApplicable``: for the
+whole strategy when the target is not on a GPU, for that candidate only when
+the source is on another host, so it can rank first and cost nothing when it
+does not apply. The bytes are verified on the GPU (``mxsum1``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+
+from mx_orchestrator._backends import EdgeFailure
+from mx_orchestrator._backends.cuda_ipc import IpcRegion, host_identity, open_region, read_export
+from mx_orchestrator.layout import plan_region_reads, plan_tensor_reads
+from mx_orchestrator.outcomes import Corrupt, Loaded, LocalFailure, NotApplicable, Outcome, SourceUnreachable
+from mx_orchestrator.peer import PullPlan, check
+from mx_orchestrator.strategy import AttemptContext
+from mx_orchestrator.target import Target
+
+__all__ = ["CudaIpc"]
+
+
+class CudaIpc:
+    name = "cuda_ipc"
+    uses_peers = True
+
+    @classmethod
+    def from_options(cls, options: Any) -> CudaIpc:
+        return cls()
+
+    def _applies(self, ctx: AttemptContext) -> Outcome | list[IpcRegion]:
+        sid = ctx.source_id
+        if not isinstance(ctx.target, Target) or ctx.target.device == "cpu":
+            return NotApplicable(strategy=self.name, source_id=sid, detail="the target is not on a GPU")
+        if ctx.candidate is None or ctx.candidate.manifest is None:
+            return SourceUnreachable(strategy=self.name, source_id=sid, detail="no manifest from evaluation")
+        raw = ctx.candidate.record.transport.get("cuda_ipc")
+        try:
+            advert = json.loads(raw) if raw else None
+        except ValueError:
+            advert = None
+        here = host_identity()
+        if not isinstance(advert, dict) or (advert.get("host"), advert.get("boot_id")) != (
+            here["host"],
+            here["boot_id"],
+        ):
+            return NotApplicable(
+                strategy=self.name,
+                source_id=sid,
+                candidate_only=True,
+                detail="the source is not on this host",
+            )
+        regions = read_export(advert, ctx.candidate.manifest)
+        if isinstance(regions, str):
+            return NotApplicable(strategy=self.name, source_id=sid, candidate_only=True, detail=regions)
+        return regions
+
+    async def attempt(self, ctx: AttemptContext) -> Outcome:
+        regions = self._applies(ctx)
+        if not isinstance(regions, list):
+            return regions
+        plan = check(ctx.candidate, ctx.target, plan_region_reads, strategy=self.name, refusal_is_layout=True)
+        if not isinstance(plan, PullPlan):  # another layout: tensor by tensor
+            plan = check(
+                ctx.candidate, ctx.target, plan_tensor_reads, strategy=self.name, refusal_is_layout=False
+            )
+        if not isinstance(plan, PullPlan):
+            return plan
+        assert isinstance(ctx.target, Target)
+        return await self._copy(plan, regions, ctx.target, ctx)
+
+    async def _copy(
+        self, plan: PullPlan, regions: list[IpcRegion], target: Target, ctx: AttemptContext
+    ) -> Outcome:
+        import torch
+
+        began = anyio.current_time()
+        sid = ctx.source_id
+        phases = ctx.phases
+        try:
+            with phases.timed("allocate"):
+                buffers = await anyio.to_thread.run_sync(target.prepare, plan.local_manifest)
+        except (MemoryError, RuntimeError) as exc:
+            return LocalFailure(strategy=self.name, source_id=sid, detail=f"allocation failed: {exc}")
+        try:
+            with phases.timed("connect"):
+                remote = [open_region(r) for r in regions]
+        except EdgeFailure as exc:
+            return exc.outcome(self.name, sid, anyio.current_time() - began)
+        spans = plan.advert.spans
+        device = torch.device(buffers.device)
+
+        def copy() -> None:
+            local_views = [buffers.region_view(i) for i in range(len(buffers.spans))]
+            with torch.cuda.device(device):
+                for (region, offset, n), (address, m) in zip(plan.local, plan.remote, strict=True):
+                    source_region = _region_of(spans, address, m)
+                    start = address - spans[source_region][0]
+                    src = remote[source_region][start : start + m]
+                    local_views[region][offset : offset + n].copy_(src, non_blocking=True)
+                torch.cuda.synchronize(device)
+
+        try:
+            with phases.timed("transfer"):
+                await anyio.to_thread.run_sync(copy)
+        finally:
+            remote.clear()  # closes this process's view of the source's memory
+        seconds = phases.seconds["transfer"]
+        total = plan.nbytes
+        if ctx.progress is not None:
+            ctx.progress(total, total)
+        detail = f"{len(plan.local)} device copies"
+        if not target.verify:
+            return Loaded(
+                strategy=self.name, source_id=sid, bytes_moved=total, seconds=seconds, detail=detail
+            )
+        with phases.timed("verify"):
+            bad = await anyio.to_thread.run_sync(target.verify_against, plan.source)
+        if bad:
+            return Corrupt(
+                strategy=self.name,
+                source_id=sid,
+                bytes_moved=total,
+                bad_tensors=tuple(bad[:32]),
+                detail=f"{len(bad)} tensors failed their checksum, e.g. {bad[:3]}",
+            )
+        return Loaded(
+            strategy=self.name,
+            source_id=sid,
+            bytes_moved=total,
+            seconds=seconds,
+            verified=bad is not None,
+            detail=detail
+            + ("; verified on the GPU" if bad is not None else "; unverified: no shared checksum"),
+        )
+
+
+def _region_of(spans: list[tuple[int, int]], address: int, nbytes: int) -> int:
+    for i, (base, size) in enumerate(spans):
+        if base <= address and address + nbytes <= base + size:
+            return i
+    raise AssertionError("the planner placed a descriptor outside every advertised region")
