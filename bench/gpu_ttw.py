@@ -229,6 +229,20 @@ def main() -> None:
             gbps, seconds = mxsum_gbps(tensors, args.repeat)
             sample = tensors[:3] + tensors[-3:]
             agree = all(mxsum(t) == mxsum(t.cpu()) for t in sample)
+            # random sizes, odd storage offsets, every dtype width: the GPU value equals the CPU one
+            gen = torch.Generator().manual_seed(1)
+            randoms = [
+                torch.randint(
+                    0,
+                    256,
+                    (int(torch.randint(0, 300_000, (1,), generator=gen)) + 1,),
+                    dtype=torch.uint8,
+                    generator=gen,
+                )[1:]
+                for _ in range(200)
+            ]
+            on_gpu = mxsum_many([r.to(f"cuda:{dst}") for r in randoms])
+            agree_random = on_gpu == [mxsum(r) for r in randoms]
             emit(
                 "mxsum_gpu",
                 {

@@ -134,40 +134,70 @@ def _host_terms(tensor: torch.Tensor) -> list[int]:
 
 
 def _device_terms(tensor: torch.Tensor) -> torch.Tensor:
-    """The five wrapped int64 sums of :func:`mxsum`, on the tensor's own device (no sync)."""
+    """The five wrapped int64 sums of :func:`mxsum` for one tensor, on its own device."""
+    return _device_terms_many([tensor])[0]
+
+
+def _device_terms_many(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The five sums of :func:`mxsum` for tensors on one device, as a ``(len, 5)`` int64 tensor there.
+
+    Two reductions per tensor (block sums, column sums) read its bytes; the
+    weighting and combining then run once for all tensors together, so a
+    checkpoint of hundreds of tensors costs hundreds of kernel launches, not
+    thousands (launches, not bandwidth, bound a per-tensor version on a GPU).
+    """
     import torch
 
-    data = _bytes(tensor)
-    n = data.numel()
-    device = data.device
-    full = n // _BLOCK
-    block_sums = []
-    columns = torch.zeros(_WORDS, dtype=torch.int64, device=device)
-    if full:
-        main = data[: full * _BLOCK]
-        try:
-            words = main.view(torch.int32).view(full, _WORDS)
-        except RuntimeError:  # a storage offset that is not a multiple of 4: realign by copying
-            words = main.clone().view(torch.int32).view(full, _WORDS)
-        block_sums.append(words.sum(dim=1, dtype=torch.int64))
-        columns += words.sum(dim=0, dtype=torch.int64)
-    if n > full * _BLOCK or not full:
-        tail = torch.zeros(_BLOCK, dtype=torch.uint8, device=device)
-        tail[: n - full * _BLOCK] = data[full * _BLOCK :]
-        tail_words = tail.view(torch.int32).to(torch.int64)
-        block_sums.append(tail_words.sum().reshape(1))
-        columns += tail_words
+    device = tensors[0].device
+    block_sums: list[torch.Tensor] = []
+    columns: list[torch.Tensor] = []
+    lengths: list[int] = []
+    for tensor in tensors:
+        data = _bytes(tensor)
+        n = data.numel()
+        full = n // _BLOCK
+        column = torch.zeros(_WORDS, dtype=torch.int64, device=device)
+        if full:
+            main = data[: full * _BLOCK]
+            try:
+                words = main.view(torch.int32).view(full, _WORDS)
+            except RuntimeError:  # a storage offset that is not a multiple of 4: realign by copying
+                words = main.clone().view(torch.int32).view(full, _WORDS)
+            block_sums.append(words.sum(dim=1, dtype=torch.int64))
+            column = words.sum(dim=0, dtype=torch.int64)
+        has_tail = n > full * _BLOCK or not full
+        if has_tail:
+            tail = torch.zeros(_BLOCK, dtype=torch.uint8, device=device)
+            tail[: n - full * _BLOCK] = data[full * _BLOCK :]
+            tail_words = tail.view(torch.int32).to(torch.int64)
+            block_sums.append(tail_words.sum().reshape(1))
+            column = column + tail_words
+        columns.append(column)
+        lengths.append(full + has_tail)
     sums = torch.cat(block_sums)
-    block_weights = torch.arange(sums.numel(), dtype=torch.int64, device=device) * 2 + 1
+    count = torch.tensor(lengths, dtype=torch.int64, device=device)
+    ends = torch.cumsum(count, 0)
+    starts = ends - count
+    # each block's index inside its own tensor, for the weights 2b + 1
+    owner = torch.repeat_interleave(torch.arange(len(tensors), device=device), count)
+    local = torch.arange(sums.numel(), dtype=torch.int64, device=device) - starts[owner]
+
+    def per_tensor(values: torch.Tensor) -> torch.Tensor:
+        # segment sums from one running sum: wrapping int64 arithmetic keeps the differences exact mod 2**64
+        running = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), torch.cumsum(values, 0)])
+        return running[ends] - running[starts]
+
+    stacked = torch.stack(columns)
     column_weights = torch.arange(_WORDS, dtype=torch.int64, device=device) * 2 + 1
     return torch.stack(
         [
-            (sums * block_weights).sum(),
-            (columns * column_weights).sum(),
-            sums.sum(),
-            (columns * columns).sum(),
-            (sums * sums).sum(),
-        ]
+            per_tensor(sums * (local * 2 + 1)),
+            (stacked * column_weights).sum(dim=1),
+            per_tensor(sums),
+            (stacked * stacked).sum(dim=1),
+            per_tensor(sums * sums),
+        ],
+        dim=1,
     )
 
 
@@ -183,7 +213,6 @@ def mxsum(tensor: torch.Tensor) -> str:
 
 def mxsum_many(tensors: Sequence[torch.Tensor]) -> list[str]:
     """``mxsum1`` of many tensors, with one device-to-host transfer for all of them."""
-    import torch
 
     if not tensors:
         return []
@@ -195,7 +224,7 @@ def mxsum_many(tensors: Sequence[torch.Tensor]) -> list[str]:
         if device.type == "cpu":
             terms = [_host_terms(tensors[i]) for i in indices]
         else:
-            terms = torch.stack([_device_terms(tensors[i]) for i in indices]).cpu().tolist()
+            terms = _device_terms_many([tensors[i] for i in indices]).cpu().tolist()
         for i, row in zip(indices, terms, strict=True):
             out[i] = _finish(_bytes(tensors[i]).numel(), row)
     return out
