@@ -27,8 +27,10 @@ needs a pinned digest).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -262,6 +264,32 @@ def _triton_kernel() -> Any:
 
     _TRITON.append(run)
     return run
+
+
+def warm_device_checksum(device: str) -> threading.Thread | None:
+    """Compile and run the device checksum once on ``device`` in the background (returns the thread).
+
+    The first use of the Triton kernel in a process compiles it (~0.5-1 s on a
+    cold cache); a GPU target starts this when it is made, so a first load's
+    verification does not pay it. ``None`` on the host, or when already warm.
+    """
+    if device == "cpu" or device in _WARMED:
+        return None
+    _WARMED.add(device)
+
+    def run() -> None:
+        import torch
+
+        with contextlib.suppress(Exception):  # no usable GPU (or no CUDA build): the load will say so itself
+            mxsum(torch.zeros(2 * _BLOCK, dtype=torch.uint8, device=device))
+
+    # not a daemon: interpreter shutdown must not kill it inside the compiler
+    thread = threading.Thread(target=run, name="mxo-checksum-warmup", daemon=False)
+    thread.start()
+    return thread
+
+
+_WARMED: set[str] = set()
 
 
 def _finish(n: int, terms: Sequence[int]) -> str:

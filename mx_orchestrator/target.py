@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .buffers import Buffers, OnDevice, allocate, wrap
 from .errors import ConfigError
-from .integrity import bad_tensors
+from .integrity import bad_tensors, warm_device_checksum
 from .layout import LayoutSpec, parse_layout, plan_layout
 from .models import Manifest, ModelIdentity
 
@@ -49,6 +49,8 @@ class Target(OnDevice):
         self.verify = verify
         self.prefault = prefault
         self._buffers: Buffers | None = None
+        if verify and device != "cpu":
+            warm_device_checksum(device)  # compiled while the load discovers and allocates
 
     @classmethod
     def from_tensors(
