@@ -281,7 +281,8 @@ def warm_device_checksum(device: str) -> threading.Thread | None:
         import torch
 
         with contextlib.suppress(Exception):  # no usable GPU (or no CUDA build): the load will say so itself
-            mxsum(torch.zeros(2 * _BLOCK, dtype=torch.uint8, device=device))
+            # Triton specialises on whether the block count divides by 16: warm both variants
+            mxsum_many([torch.zeros(n * _BLOCK, dtype=torch.uint8, device=device) for n in (16, 3)])
 
     # not a daemon: interpreter shutdown must not kill it inside the compiler
     thread = threading.Thread(target=run, name="mxo-checksum-warmup", daemon=False)
