@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import ConfigError
-from .integrity import checksums, serving_algorithms
+from .integrity import checksums, digests, serving_algorithms
 from .layout import regions_from_addresses
 from .models import DTYPES, Manifest, ModelIdentity
 
@@ -106,19 +106,25 @@ class Buffers(OnDevice):
         return view.set_(storage, base - storage.data_ptr(), (nbytes,), (1,))
 
     def with_checksums(self) -> Buffers:
-        """The same memory, with checksums for every tensor, computed here, on this device, once.
+        """The same memory, with checksums and SHA-256 digests for every tensor, computed here, once.
 
-        Kept as they are when every tensor already has one (a target republishing
-        what it loaded and verified); else every tensor gets the algorithms of
-        :func:`~mx_orchestrator.integrity.serving_algorithms` for this device.
+        Kept as they are when every tensor already has them (a target republishing
+        what it loaded and verified: it serves the same pinned content); else
+        every tensor gets the algorithms of
+        :func:`~mx_orchestrator.integrity.serving_algorithms` for this device and
+        its digest.
         """
-        if all(s.checksum is not None for s in self.manifest.tensors):
-            return self
-        algorithms = serving_algorithms(self.device)
-        values = checksums(self.tensors, algorithms)
-        specs = tuple(replace(s, checksum=values[s.name]) for s in self.manifest.tensors)
-        manifest = Manifest(self.manifest.identity, specs, self.manifest.regions, "+".join(algorithms))
-        return replace(self, manifest=manifest)
+        manifest = self.manifest
+        if not all(s.checksum is not None for s in manifest.tensors):
+            algorithms = serving_algorithms(self.device)
+            values = checksums(self.tensors, algorithms)
+            specs = tuple(replace(s, checksum=values[s.name]) for s in manifest.tensors)
+            manifest = Manifest(manifest.identity, specs, manifest.regions, "+".join(algorithms))
+        if not all(s.digest is not None for s in manifest.tensors):
+            sha = digests(self.tensors)
+            specs = tuple(replace(s, digest=sha[s.name]) for s in manifest.tensors)
+            manifest = Manifest(manifest.identity, specs, manifest.regions, manifest.checksum_algorithm)
+        return self if manifest is self.manifest else replace(self, manifest=manifest)
 
     @classmethod
     def from_target(cls, target: HoldsBuffers) -> Buffers:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INDEX_NAME",
+    "fingerprint_directory",
     "manifest_from_files",
     "read_index",
     "read_tensors",
@@ -145,3 +146,22 @@ def save_checkpoint(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     host = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
     save_file(host, str(path), metadata={"format": "pt"})
+
+
+def fingerprint_directory(directory: Path) -> tuple[str, dict[str, dict[str, object]]]:
+    """The content fingerprint of a checkpoint directory, and each tensor's dtype, shape and SHA-256.
+
+    What ``mxo fingerprint --weights DIR`` prints, and what ``mxo pull --expect``
+    compares a source's manifest with.
+    """
+    from .buffers import dtype_name
+    from .integrity import tensor_digest
+    from .models import content_fingerprint
+
+    rows: dict[str, dict[str, object]] = {}
+    pinned: list[tuple[str, str, tuple[int, ...], str]] = []
+    for name, tensor in read_tensors(safetensors_files(directory)):
+        dtype, shape, digest = dtype_name(tensor.dtype), tuple(tensor.shape), tensor_digest(tensor)
+        rows[name] = {"dtype": dtype, "shape": list(shape), "sha256": digest}
+        pinned.append((name, dtype, shape, digest))
+    return content_fingerprint(pinned), rows

@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--attempt-timeout", type=float, default=60.0, help="deadline of one attempt in seconds"
     )
     pull.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    pull.add_argument(
+        "--expect",
+        default=None,
+        metavar="FINGERPRINT",
+        help="load only this content (from mxo fingerprint); bytes are checked against its SHA-256 digests",
+    )
     pull.add_argument("--out", type=Path, default=None, help="write what was loaded as DIR/model.safetensors")
     pull.add_argument("--json", action="store_true", help="print the JSON load report only")
     pull.add_argument(
@@ -120,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--source-id", default=None, help="source id when republishing (default host-pid)")
     _common(pull)
     pull.set_defaults(run=_pull)
+
+    fingerprint = sub.add_parser(
+        "fingerprint", help="print the content fingerprint of a checkpoint (for pull --expect)"
+    )
+    fingerprint.add_argument("--weights", required=True, type=Path, help="directory of *.safetensors")
+    fingerprint.add_argument(
+        "--json", action="store_true", help="also every tensor's dtype, shape and SHA-256"
+    )
+    fingerprint.add_argument("--log-level", default=None)
+    fingerprint.add_argument("--log-format", choices=("console", "json"), default="console")
+    fingerprint.set_defaults(run=_fingerprint)
 
     sources = sub.add_parser("sources", help="list the sources a registry knows")
     sources.add_argument("--model-id", default=None, help="only this model (any revision/shard)")
@@ -257,6 +274,7 @@ def _pull(args: argparse.Namespace) -> int:
                 attempt_timeout=args.attempt_timeout,
                 load_timeout=args.timeout,
                 observers=[display],
+                expect=args.expect,
             ) as orchestrator:
                 return await orchestrator.load(identity, target, progress=display)
         finally:
@@ -303,6 +321,20 @@ def _sources(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print_sources(rows)
+    return 0
+
+
+# -- fingerprint ----------------------------------------------------------------
+
+
+def _fingerprint(args: argparse.Namespace) -> int:
+    from .checkpoint import fingerprint_directory
+
+    fingerprint, tensors = fingerprint_directory(args.weights)
+    if args.json:
+        print(json.dumps({"fingerprint": fingerprint, "tensors": tensors}, indent=2))
+    else:
+        print(fingerprint)
     return 0
 
 

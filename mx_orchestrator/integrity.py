@@ -46,13 +46,16 @@ __all__ = [
     "ALGORITHMS",
     "DEVICE_CHECKSUM",
     "HOST_CHECKSUM",
+    "bad_digests",
     "bad_tensors",
     "best_shared",
     "checksum_tensor",
     "checksums",
     "mxsum",
     "mxsum_many",
+    "digests",
     "serving_algorithms",
+    "tensor_digest",
 ]
 
 HOST_CHECKSUM = "xxh3_64"
@@ -355,6 +358,33 @@ def best_shared(published: str, device: str) -> tuple[int, str] | None:
         if algorithm in offered:
             return offered.index(algorithm), algorithm
     return None
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes: the cryptographic digest a content pin commits to.
+
+    Computed on the host (a GPU tensor is copied off first: SHA-256 is a serial
+    hash that no device computes faster than a CPU core streams it).
+    """
+    import torch
+
+    flat = tensor.detach().reshape(-1).view(torch.uint8)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    return hashlib.sha256(flat.numpy().data).hexdigest()
+
+
+def digests(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Every tensor's SHA-256, on as many cores as there are (hashlib releases the GIL)."""
+    names = list(tensors)
+    with ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="mxo-sha256") as pool:
+        return dict(zip(names, pool.map(lambda n: tensor_digest(tensors[n]), names), strict=True))
+
+
+def bad_digests(tensors: Mapping[str, torch.Tensor], pinned: Manifest) -> list[str]:
+    """Tensors whose SHA-256 differs from ``pinned``'s digests (the caller checked the pin first)."""
+    got = digests({s.name: tensors[s.name] for s in pinned.tensors})
+    return [s.name for s in pinned.tensors if got[s.name] != s.digest]
 
 
 def bad_tensors(tensors: Mapping[str, torch.Tensor], expected: Manifest) -> list[str] | None:

@@ -92,36 +92,38 @@ def plan_layout(
     identity: ModelIdentity,
     tensors: Iterable[TensorShape | TensorSpec],
     layout: LayoutSpec,
+    checksum_algorithm: str = "xxh3_64",
 ) -> Manifest:
     """Place ``(name, dtype, shape)`` tensors in regions as ``layout`` says (pure: no memory exists yet)."""
-    items: list[tuple[str, str, tuple[int, ...], str | None]] = []
+    items: list[tuple[str, str, tuple[int, ...], str | None, str | None]] = []
     for t in tensors:
         if isinstance(t, TensorSpec):
-            items.append((t.name, t.dtype, t.shape, t.checksum))
+            items.append((t.name, t.dtype, t.shape, t.checksum, t.digest))
         else:
-            items.append((t[0], t[1], tuple(t[2]), None))
+            items.append((t[0], t[1], tuple(t[2]), None, None))
     if layout.kind == "tensor":
         return Manifest(
             identity,
-            tuple(TensorSpec(n, d, s, i, 0, c) for i, (n, d, s, c) in enumerate(items)),
-            tuple(Region(_nbytes(d, s)) for _, d, s, _ in items) or (Region(0),),
+            tuple(TensorSpec(n, d, s, i, 0, c, g) for i, (n, d, s, c, g) in enumerate(items)),
+            tuple(Region(_nbytes(d, s)) for _, d, s, _, _ in items) or (Region(0),),
+            checksum_algorithm,
         )
     limit = layout.chunk_bytes if layout.kind == "chunked" else None
     specs: list[TensorSpec] = []
     regions: list[int] = []
     cursor = 0
-    for name, dtype, shape, checksum in items:
+    for name, dtype, shape, checksum, digest in items:
         size = _nbytes(dtype, shape)
         start = _align(cursor)
         if not regions or (limit is not None and cursor > 0 and start + size > limit):
             regions.append(0)
             start = 0
-        specs.append(TensorSpec(name, dtype, shape, len(regions) - 1, start, checksum))
+        specs.append(TensorSpec(name, dtype, shape, len(regions) - 1, start, checksum, digest))
         cursor = start + size
         regions[-1] = cursor
     if not regions:
         regions.append(0)
-    return Manifest(identity, tuple(specs), tuple(Region(n) for n in regions))
+    return Manifest(identity, tuple(specs), tuple(Region(n) for n in regions), checksum_algorithm)
 
 
 def _nbytes(dtype: str, shape: Sequence[int]) -> int:

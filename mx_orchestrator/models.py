@@ -33,6 +33,7 @@ __all__ = [
     "SourceRecord",
     "SourceState",
     "TensorSpec",
+    "content_fingerprint",
 ]
 
 #: The one dtype table: safetensors' name -> (element size in bytes, torch dtype attribute).
@@ -66,6 +67,7 @@ MAX_NAME_LENGTH = 1024
 MAX_TOTAL_BYTES = 1 << 50  # 1 PiB
 MAX_MANIFEST_BYTES = 64 << 20  # serialised JSON
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,99}$")
 
@@ -148,11 +150,18 @@ class TensorSpec:
     region: int = 0
     offset: int = 0
     checksum: str | None = None
+    #: SHA-256 of the tensor's bytes (what a content pin commits to), when the source computed it
+    digest: str | None = None
 
     def __post_init__(self) -> None:
         _require(
             isinstance(self.name, str) and 0 < len(self.name) <= MAX_NAME_LENGTH,
             f"tensor name must be 1..{MAX_NAME_LENGTH} characters, got {self.name!r:.80}",
+        )
+        _require(
+            self.digest is None
+            or (isinstance(self.digest, str) and _SHA256.fullmatch(self.digest) is not None),
+            f"tensor {self.name!r:.80}: digest must be 64 lowercase hex digits",
         )
         _require(
             self.dtype in DTYPE_SIZES,
@@ -200,6 +209,8 @@ class TensorSpec:
         }
         if self.checksum is not None:
             data["checksum"] = self.checksum
+        if self.digest is not None:
+            data["digest"] = self.digest
         return data
 
     @classmethod
@@ -214,7 +225,20 @@ class TensorSpec:
             region=data.get("region", 0),
             offset=data.get("offset", 0),
             checksum=data.get("checksum"),
+            digest=data.get("digest"),
         )
+
+
+def content_fingerprint(tensors: Iterable[tuple[str, str, tuple[int, ...], str]]) -> str:
+    """``mxc1-`` + SHA-256 over every ``(name, dtype, shape, sha256)``, order-insensitive.
+
+    A cryptographic commitment to what the weights are: a source cannot publish
+    a manifest with this fingerprint and other digests, names, dtypes or shapes.
+    """
+    h = hashlib.sha256(b"mxc1\n")
+    for name, dtype, shape, digest in sorted(tensors):
+        h.update(f"{name}\t{dtype}\t{','.join(map(str, shape))}\t{digest}\n".encode())
+    return f"mxc1-{h.hexdigest()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +340,17 @@ class Manifest:
             for s in sorted(self.tensors, key=lambda s: (s.region, s.offset, s.name))
         )
         return _digest(parts)
+
+    @property
+    def content_fingerprint(self) -> str | None:
+        """The content pin of these weights: names, dtypes, shapes and every tensor's SHA-256.
+
+        ``None`` when a tensor has no digest. Computed by :func:`content_fingerprint`,
+        the same function ``mxo fingerprint`` uses on a checkpoint directory.
+        """
+        if any(s.digest is None for s in self.tensors):
+            return None
+        return content_fingerprint((s.name, s.dtype, s.shape, s.digest or "") for s in self.tensors)
 
     def by_name(self) -> dict[str, TensorSpec]:
         return {spec.name: spec for spec in self.tensors}

@@ -62,6 +62,7 @@ __all__ = [
     "pool_for",
     "release_connections",
     "transfer",
+    "verify_landed",
 ]
 
 _MAX_METADATA_BYTES = 1 << 20
@@ -155,8 +156,13 @@ def check(
     *,
     strategy: str,
     refusal_is_layout: bool,
+    expect: str | None = None,
 ) -> PullPlan | Outcome:
-    """Decide a peer attempt without I/O: the plan, or the outcome that ends it (0 bytes moved)."""
+    """Decide a peer attempt without I/O: the plan, or the outcome that ends it (0 bytes moved).
+
+    With ``expect``, a manifest that does not commit to the pinned content is a
+    ``ManifestMismatch`` (another revision, or a liar: either way never read).
+    """
     sid = candidate.source_id if candidate is not None else None
     if candidate is None or candidate.manifest is None:
         return SourceUnreachable(strategy=strategy, source_id=sid, detail="no manifest from evaluation")
@@ -165,6 +171,9 @@ def check(
             strategy=strategy, source_id=sid, detail="the target is not a mx_orchestrator Target"
         )
     source = candidate.manifest
+    if expect is not None and source.content_fingerprint != expect:
+        found = source.content_fingerprint or "no content fingerprint (no digests)"
+        return ManifestMismatch(strategy=strategy, source_id=sid, detail=f"not the pinned content: {found}")
     advert = parse_advert(candidate.record.transport, source)
     if isinstance(advert, str):
         return SourceUnreachable(strategy=strategy, source_id=sid, detail=advert)
@@ -284,10 +293,12 @@ _FAILED = (SourceFailed, TimedOut, SourceUnreachable)
 async def transfer(
     plan: PullPlan, target: Target, agent_source: AgentSource, ctx: AttemptContext, strategy: str
 ) -> Outcome:
-    """Allocate, get the agent, register, connect, READ, verify; each phase timed into ``ctx.phases``.
+    """Connect, allocate, register, READ, verify; each phase timed into ``ctx.phases``.
 
-    Allocation comes first so that it overlaps the agent's creation when that is
-    still under way; every acquired resource is released on every path.
+    Cheap checks before expensive ones: the source must answer the connect
+    before the target allocates anything for what its record claims (a dead or
+    lying record costs no memory). Every acquired resource is released on every
+    path.
     """
     began = anyio.current_time()
     sid = ctx.source_id
@@ -297,21 +308,8 @@ async def transfer(
         return exc.outcome(strategy, sid, anyio.current_time() - began)
 
     try:
-        with phases.timed("allocate"):
-            # pre-faulting a large target takes a while: off the event loop
-            buffers = await anyio.to_thread.run_sync(target.prepare, plan.local_manifest)
-    except (MemoryError, RuntimeError) as exc:  # torch's out-of-memory error is a RuntimeError
-        return LocalFailure(
-            strategy=strategy,
-            source_id=sid,
-            seconds=anyio.current_time() - began,
-            detail=f"allocation failed: {exc}",
-        )
-    try:
         with phases.timed("agent"):
             agent = await agent_source()
-        with phases.timed("register"):
-            release = agent.register([(a, n, buffers.device_id) for a, n in buffers.spans], buffers.mem_type)
     except EdgeFailure as exc:
         return failed(exc)
     pool = pool_for(agent)
@@ -331,15 +329,32 @@ async def transfer(
                 detail=f"metadata names agent {remote_name!r}, record says {plan.advert.agent_name!r}",
             )
             return outcome
-        with phases.timed("transfer"):
-            seconds = await agent.read(
-                remote_name,
-                descriptor_rows(plan.local_blocks(buffers.spans), buffers.device_id),
-                descriptor_rows(list(plan.remote), plan.advert.device_id),
-                local_mem=buffers.mem_type,
-                remote_mem=plan.advert.mem_type,
-                deadline=ctx.deadline,
+        try:
+            with phases.timed("allocate"):
+                # pre-faulting a large target takes a while: off the event loop
+                buffers = await anyio.to_thread.run_sync(target.prepare, plan.local_manifest)
+        except (MemoryError, RuntimeError) as exc:  # torch's out-of-memory error is a RuntimeError
+            outcome = LocalFailure(
+                strategy=strategy,
+                source_id=sid,
+                seconds=anyio.current_time() - began,
+                detail=f"allocation failed: {exc}",
             )
+            return outcome
+        with phases.timed("register"):
+            release = agent.register([(a, n, buffers.device_id) for a, n in buffers.spans], buffers.mem_type)
+        try:
+            with phases.timed("transfer"):
+                seconds = await agent.read(
+                    remote_name,
+                    descriptor_rows(plan.local_blocks(buffers.spans), buffers.device_id),
+                    descriptor_rows(list(plan.remote), plan.advert.device_id),
+                    local_mem=buffers.mem_type,
+                    remote_mem=plan.advert.mem_type,
+                    deadline=ctx.deadline,
+                )
+        finally:
+            release()
         outcome = await _verified(plan, target, ctx, strategy, seconds, began)
         return outcome
     except EdgeFailure as exc:
@@ -349,23 +364,46 @@ async def transfer(
         if key is not None:
             # cancelled (outcome None) or failed: the connection is not trusted again
             pool.release(key, failed=outcome is None or isinstance(outcome, (*_FAILED, Corrupt)))
-        release()
 
 
 async def _verified(
     plan: PullPlan, target: Target, ctx: AttemptContext, strategy: str, seconds: float, began: float
 ) -> Outcome:
-    sid = ctx.source_id
     total = plan.nbytes
     if ctx.progress is not None:
         ctx.progress(total, total)
     detail = f"{len(plan.local)} descriptors"
-    if not target.verify:
+    return await verify_landed(plan.source, target, ctx, strategy, total, seconds, began, detail)
+
+
+async def verify_landed(
+    source: Manifest,
+    target: Target,
+    ctx: AttemptContext,
+    strategy: str,
+    total: int,
+    seconds: float,
+    began: float,
+    detail: str,
+) -> Outcome:
+    """The outcome of bytes that landed: against the pin's digests when pinned, else the source's checksums.
+
+    A pinned load is never ``verified`` unless every digest was checked (a pin
+    is verified even with ``verify=False``: it is the caller's explicit demand).
+    """
+    sid = ctx.source_id
+    if ctx.expect is not None:
+        with ctx.phases.timed("verify"):
+            bad: list[str] | None = await anyio.to_thread.run_sync(target.verify_pinned, source)
+        what = "SHA-256 of the pinned content"
+    elif not target.verify:
         return Loaded(strategy=strategy, source_id=sid, bytes_moved=total, seconds=seconds, detail=detail)
-    with ctx.phases.timed("verify"):
-        bad = await anyio.to_thread.run_sync(target.verify_against, plan.source)
+    else:
+        with ctx.phases.timed("verify"):
+            bad = await anyio.to_thread.run_sync(target.verify_against, source)
+        what = "checksums"
     if bad is None:
-        detail += f"; unverified: no checksum shared with the source ({plan.source.checksum_algorithm})"
+        detail += f"; unverified: no checksum shared with the source ({source.checksum_algorithm})"
         return Loaded(strategy=strategy, source_id=sid, bytes_moved=total, seconds=seconds, detail=detail)
     if bad:
         return Corrupt(
@@ -374,9 +412,9 @@ async def _verified(
             bytes_moved=total,
             seconds=anyio.current_time() - began,
             bad_tensors=tuple(bad[:32]),
-            detail=f"{len(bad)} tensors failed their checksum, e.g. {bad[:3]}",
+            detail=f"{len(bad)} tensors failed their {what}, e.g. {bad[:3]}",
         )
-    detail += f"; checksums verified in {ctx.phases.seconds.get('verify', 0.0):.3f}s"
+    detail += f"; {what} verified in {ctx.phases.seconds.get('verify', 0.0):.3f}s"
     return Loaded(
         strategy=strategy, source_id=sid, bytes_moved=total, seconds=seconds, verified=True, detail=detail
     )
@@ -437,6 +475,7 @@ class PeerStrategy:
             type(self).plan,
             strategy=self.name,
             refusal_is_layout=self.refusal_is_layout,
+            expect=ctx.expect,
         )
         if not isinstance(plan, PullPlan):
             return plan

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,13 +34,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .errors import ConfigError, ManifestError, RegistryError
 from .models import Candidate, ModelIdentity, SourceRecord, SourceState
-from .outcomes import Cancelled, LocalFailure, Outcome, TimedOut
+from .outcomes import Cancelled, Loaded, LocalFailure, Outcome, TimedOut
 from .plan import EXHAUSTED, Attempt, Done, Planner, StrategySlot, Wait
 from .policy import DEFAULT_POLICY, Action, Policy
 from .registry.base import SourceRegistry
 from .report import AttemptRecord, LoadReport, ProbeRecord
 from .selection import SelectionPolicy, rendezvous
 from .strategy import AttemptContext, Phases, ProbeFailure, Prober, ProgressCallback, RegistryProber, Strategy
+from .target import Target
 
 __all__ = ["LoadObserver", "Orchestrator"]
 
@@ -50,6 +52,7 @@ T = TypeVar("T")
 # How long one registry call may take; a registry outage must not stall (or
 # crash) a load that already has its candidates.
 _REGISTRY_CALL_TIMEOUT = 2.0
+_PIN = re.compile(r"mxc1-[0-9a-f]{64}")
 _READER_ACCOUNTING_TIMEOUT = 0.5
 
 
@@ -77,7 +80,10 @@ class Orchestrator:
 
     ``rank_window``: once the first candidate is known, how long the first
     attempt waits for the remaining probes so that ranking, not probe speed,
-    picks the source (0 starts at once).
+    picks the source (0 starts at once). ``expect``: a content fingerprint
+    (``mxo fingerprint``); only a source whose manifest commits to it is read,
+    and the landed bytes are checked against its digests, not against what a
+    source claims.
     """
 
     def __init__(
@@ -95,6 +101,7 @@ class Orchestrator:
         rank_window: float = 0.02,
         target_id: str | None = None,
         observers: Sequence[LoadObserver] = (),
+        expect: str | None = None,
     ) -> None:
         if not strategies:
             raise ConfigError("an orchestrator needs at least one strategy")
@@ -115,8 +122,11 @@ class Orchestrator:
         self.attempt_timeout = attempt_timeout
         self.load_timeout = load_timeout
         self.rank_window = rank_window
+        if expect is not None and not _PIN.fullmatch(expect):
+            raise ConfigError(f"expect must be a content fingerprint (mxc1-<64 hex>), got {expect!r:.80}")
         self.target_id = target_id or f"target-{uuid.uuid4().hex[:12]}"
         self.observers = tuple(observers)
+        self.expect = expect
 
     @property
     def uses_peers(self) -> bool:
@@ -420,15 +430,20 @@ class _Load:
             registry=config.registry,
             progress=self.progress,
             phases=phases,
+            expect=config.expect,
         )
         self.log.debug("attempt.start", strategy=strategy.name, source=step.source_id)
         for observer in config.observers:
             observer.attempt_start(strategy.name, step.source_id)
         outcome: Outcome | None = None
+        # an attempt that fails must not leave its source's manifest shaping the target
+        empty_before = isinstance(self.target, Target) and self.target.buffers is None
         counted = await self.count_reader(step, +1)
         try:
             outcome = await self.attempt_within(strategy, ctx, deadline - began, step)
         finally:
+            if empty_before and not isinstance(outcome, Loaded):
+                self.target.release()
             if counted:
                 with anyio.CancelScope(shield=True):
                     await self.count_reader(step, -1)

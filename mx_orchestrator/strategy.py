@@ -92,6 +92,8 @@ class AttemptContext:
     registry: SourceRegistry | None = None
     progress: ProgressCallback | None = None
     phases: Phases = field(default_factory=Phases)
+    #: the content fingerprint the caller pinned (``mxo pull --expect``): only that content may load
+    expect: str | None = None
 
     @property
     def remaining(self) -> float:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .buffers import Buffers, OnDevice, allocate, wrap
 from .errors import ConfigError
-from .integrity import bad_tensors, warm_device_checksum
+from .integrity import bad_digests, bad_tensors, warm_device_checksum
 from .layout import LayoutSpec, parse_layout, plan_layout
 from .models import Manifest, ModelIdentity
 
@@ -49,6 +49,8 @@ class Target(OnDevice):
         self.verify = verify
         self.prefault = prefault
         self._buffers: Buffers | None = None
+        #: bytes of every allocation this target made, in order (its own accounting)
+        self.allocations: list[int] = []
         if verify and device != "cpu":
             warm_device_checksum(device)  # compiled while the load discovers and allocates
 
@@ -99,7 +101,7 @@ class Target(OnDevice):
             if mine.manifest_fingerprint != source.manifest_fingerprint:
                 raise TargetMismatch(describe_manifest_difference(source, mine))
             return mine
-        return plan_layout(source.identity, source.tensors, self.layout)
+        return plan_layout(source.identity, source.tensors, self.layout, source.checksum_algorithm)
 
     def prepare(self, planned: Manifest) -> Buffers:
         """Make the memory for ``planned`` (from :meth:`plan_for`) exist; allocates on first use.
@@ -109,12 +111,25 @@ class Target(OnDevice):
         """
         if self._buffers is None:
             self._buffers = self._allocate(planned)
+            self.allocations.append(planned.total_bytes)
         return self._buffers
+
+    def release(self) -> None:
+        """Forget memory this target allocated (after a failed attempt: the next source shapes it anew).
+
+        A preallocated target keeps the engine's tensors: they are not ours to drop.
+        """
+        if self._buffers is not None and self._buffers.owners:
+            self._buffers = None
 
     def _allocate(self, planned: Manifest) -> Buffers:
         return allocate(planned, self.device, prefault=self.prefault)
 
     # -- verification ---------------------------------------------------------
+
+    def verify_pinned(self, pinned: Manifest) -> list[str]:
+        """Tensors whose SHA-256 differs from the digests of ``pinned`` (whose fingerprint was checked)."""
+        return bad_digests(self.tensors(), pinned)
 
     def verify_against(self, source: Manifest) -> list[str] | None:
         """Tensors whose checksum differs from ``source``'s (empty: all good; ``None``: cannot tell)."""

@@ -7,10 +7,10 @@ exports IPC handles of its device regions to a file only its user can read
 GPU of the same host (hostname and boot id) that can read that file, opens the
 handles and copies: one copy per region when the two layouts match, else one
 per tensor, paired by name exactly as ``rdma_tensor`` pairs them (the same
-pure planners and the same check). Elsewhere it is ``NotApplicable``: for the
+pure planners and the same check, the same pinning). Elsewhere it is ``NotApplicable``: for the
 whole strategy when the target is not on a GPU, for that candidate only when
 the source is on another host, so it can rank first and cost nothing when it
-does not apply. The bytes are verified on the GPU (``mxsum1``).
+does not apply. The bytes are verified on the GPU (``mxsum1``), or against the pin's digests.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import anyio
 from mx_orchestrator._backends import EdgeFailure
 from mx_orchestrator._backends.cuda_ipc import IpcRegion, host_identity, open_region, read_export
 from mx_orchestrator.layout import plan_region_reads, plan_tensor_reads
-from mx_orchestrator.outcomes import Corrupt, Loaded, LocalFailure, NotApplicable, Outcome, SourceUnreachable
-from mx_orchestrator.peer import PullPlan, check
+from mx_orchestrator.outcomes import LayoutMismatch, LocalFailure, NotApplicable, Outcome, SourceUnreachable
+from mx_orchestrator.peer import PullPlan, check, verify_landed
 from mx_orchestrator.strategy import AttemptContext
 from mx_orchestrator.target import Target
 
@@ -70,10 +70,23 @@ class CudaIpc:
         regions = self._applies(ctx)
         if not isinstance(regions, list):
             return regions
-        plan = check(ctx.candidate, ctx.target, plan_region_reads, strategy=self.name, refusal_is_layout=True)
-        if not isinstance(plan, PullPlan):  # another layout: tensor by tensor
+        pin = ctx.expect
+        plan = check(
+            ctx.candidate,
+            ctx.target,
+            plan_region_reads,
+            strategy=self.name,
+            refusal_is_layout=True,
+            expect=pin,
+        )
+        if isinstance(plan, LayoutMismatch):  # another layout: tensor by tensor
             plan = check(
-                ctx.candidate, ctx.target, plan_tensor_reads, strategy=self.name, refusal_is_layout=False
+                ctx.candidate,
+                ctx.target,
+                plan_tensor_reads,
+                strategy=self.name,
+                refusal_is_layout=False,
+                expect=pin,
             )
         if not isinstance(plan, PullPlan):
             return plan
@@ -121,29 +134,7 @@ class CudaIpc:
         if ctx.progress is not None:
             ctx.progress(total, total)
         detail = f"{len(plan.local)} device copies"
-        if not target.verify:
-            return Loaded(
-                strategy=self.name, source_id=sid, bytes_moved=total, seconds=seconds, detail=detail
-            )
-        with phases.timed("verify"):
-            bad = await anyio.to_thread.run_sync(target.verify_against, plan.source)
-        if bad:
-            return Corrupt(
-                strategy=self.name,
-                source_id=sid,
-                bytes_moved=total,
-                bad_tensors=tuple(bad[:32]),
-                detail=f"{len(bad)} tensors failed their checksum, e.g. {bad[:3]}",
-            )
-        return Loaded(
-            strategy=self.name,
-            source_id=sid,
-            bytes_moved=total,
-            seconds=seconds,
-            verified=bad is not None,
-            detail=detail
-            + ("; verified on the GPU" if bad is not None else "; unverified: no shared checksum"),
-        )
+        return await verify_landed(plan.source, target, ctx, self.name, total, seconds, began, detail)
 
 
 def _region_of(spans: list[tuple[int, int]], address: int, nbytes: int) -> int:

@@ -8,6 +8,10 @@ copied into the target on the other, filling an engine's preallocated
 tensors in place. A blob that fails its sha256 is deleted from the cache, so
 the next attempt downloads it again.
 
+With a content pin (``Orchestrator(expect=...)``), the loaded tensors' SHA-256
+must add up to the pinned fingerprint, else the attempt is a ``ManifestMismatch``
+(the Hub holds another revision).
+
 Listed paths are untrusted: one that is absolute or climbs out of the
 snapshot fails the attempt before anything is downloaded. The checkpoint
 (the index, the safetensors headers) is read by
@@ -38,7 +42,8 @@ from mx_orchestrator.checkpoint import (
     safe_relative_path,
 )
 from mx_orchestrator.errors import CheckpointError
-from mx_orchestrator.models import ModelIdentity
+from mx_orchestrator.integrity import digests
+from mx_orchestrator.models import ModelIdentity, content_fingerprint
 from mx_orchestrator.outcomes import (
     Corrupt,
     Loaded,
@@ -159,6 +164,13 @@ class HfDownload:
                 )
             if load_error is not None:
                 raise EdgeFailure(SourceFailed, f"cannot read the downloaded checkpoint: {load_error}")
+            if ctx.expect is not None:
+                with ctx.phases.timed("verify"):
+                    found = _fingerprint(target)
+                if found != ctx.expect:  # another revision than the one pinned
+                    raise EdgeFailure(
+                        ManifestMismatch, f"the Hub's content is not the pinned content: {found}"
+                    )
             return fetched
 
         try:
@@ -241,6 +253,14 @@ class HfDownload:
             raise EdgeFailure(LocalFailure, f"allocation failed: {exc}") from exc
         for name, tensor in read_tensors(paths):
             buffers.tensors[name].copy_(tensor)
+
+
+def _fingerprint(target: Target) -> str:
+    """The content fingerprint of what the target now holds (SHA-256 of every tensor, on all cores)."""
+    manifest = target.manifest
+    assert manifest is not None
+    sha = digests(target.tensors())
+    return content_fingerprint((s.name, s.dtype, s.shape, sha[s.name]) for s in manifest.tensors)
 
 
 def _verify(fetched: _Fetched) -> list[str]:

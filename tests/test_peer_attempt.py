@@ -342,6 +342,54 @@ async def test_cuda_ipc_is_not_applicable_to_a_host_target_and_the_next_strategy
     assert second.outcome.name == "Loaded" and second.outcome.strategy == "rdma_region"
 
 
+async def test_records_with_garbage_connections_and_another_manifest_never_shape_the_target() -> None:
+    """Liars rank first; each fails its connect before any allocation; the honest source loads every time."""
+    import base64
+
+    from mx_orchestrator.models import SourceRecord, TensorSpec
+
+    async with fabric(("honest", "arena")) as f:
+        record = await f.registry.get("honest")
+        assert record is not None
+        honest = await f.registry.get_manifest("honest", record.generation)
+        assert honest is not None
+        # same sizes, dtypes relabelled: a target shaped by it would refuse every honest source
+        relabelled = Manifest(
+            IDENTITY,
+            tuple(
+                TensorSpec(
+                    t.name, "I32" if t.dtype == "F32" else t.dtype, t.shape, t.region, t.offset, t.checksum
+                )
+                for t in honest.tensors
+            ),
+            honest.regions,
+            honest.checksum_algorithm,
+        )
+        for i in range(3):
+            liar = SourceRecord.from_dict(
+                {
+                    **record.to_dict(),
+                    "source_id": f"liar-{i}",
+                    "generation": f"g{i}",
+                    "transport": dict(record.transport, nixl_metadata=base64.b64encode(b"garbage").decode()),
+                }
+            )
+            await f.registry.publish(liar, relabelled)
+        order = {"liar-0": 0.0, "liar-1": 1.0, "liar-2": 2.0, "honest": 3.0}
+        for _ in range(3):
+            target = Target("arena")
+            report = await Orchestrator(
+                f.registry,
+                [RdmaRegion(agent=f.agent), RdmaTensor(agent=f.agent)],
+                rank_window=0.05,
+                selection=lambda _t: lambda c: (order[c.source_id],),
+            ).load(IDENTITY, target)
+            assert report.loaded and report.final is not None and report.final.source_id == "honest"
+            assert [a.outcome.name for a in report.attempts][:3] == ["SourceUnreachable"] * 3
+            assert target.allocations == [honest.total_bytes]  # nothing was allocated for the liars
+            assert_equal_weights(target)
+
+
 def test_the_peer_attempt_runs_without_nixl_imported(tmp_path: Path) -> None:
     """This module again, in a fresh interpreter that fails if anything imported nixl."""
     if os.environ.get("MXO_ASSERT_NO_NIXL"):

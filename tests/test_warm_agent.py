@@ -59,7 +59,9 @@ def test_a_cancelled_prewarm_leaves_the_agent_to_finish_and_no_thread_behind() -
     assert str(out["name"]).startswith("mxo-")
 
 
-def test_a_load_overlaps_agent_creation_and_reports_the_wait() -> None:
+def test_a_first_load_reports_the_wait_for_the_agent_and_allocates_nothing_for_an_unreachable_record() -> (
+    None
+):
     out = run_fresh(
         """
         import json, time
@@ -92,5 +94,6 @@ def test_a_load_overlaps_agent_creation_and_reports_the_wait() -> None:
     phases = out["phases"]
     assert isinstance(phases, dict)
     assert out["outcome"] == "SourceUnreachable"
-    assert phases["allocate"] > 0 and phases["agent"] > 0  # allocated while the agent was still being made
+    assert phases["agent"] > 0  # the load waited for the agent still being made, and says so
+    assert phases["allocate"] == 0  # nothing allocated for a record that did not answer the connect
     assert out["wait"] == phases["agent"]
