@@ -33,7 +33,7 @@ from .models import Candidate, ModelIdentity
 from .pipeline import LoadObserver, Orchestrator
 from .registry import records_of
 from .registry.sqlite import SqliteRegistry
-from .render import print_report, source_rows
+from .render import print_report, printable, source_rows
 from .report import LoadReport
 from .strategy import Strategy, StrategyOptions, load_strategy
 from .target import Target
@@ -174,7 +174,9 @@ def run_demo(*, scenario: str = "mixed", as_json: bool = False) -> int:
         print("registry afterwards:")
         for r in rows:
             print(
-                f"  {r['source_id']:<12} {r['effective_state']:<8} ejections={r['times_ejected']} "
-                f"{r['stale_reason'][:80]}"
+                printable(
+                    f"  {r['source_id']:<12} {r['effective_state']:<8} ejections={r['times_ejected']} "
+                    f"{r['stale_reason'][:80]}"
+                )
             )
     return 0 if report.loaded else 1

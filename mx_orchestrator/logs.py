@@ -15,7 +15,9 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure_logging", "redact_secrets"]
+from .render import printable
+
+__all__ = ["configure_logging", "escape_controls", "redact_secrets"]
 
 _SECRET_KEYS = re.compile(r"(token|password|secret|authorization|api_key)", re.IGNORECASE)
 _SECRET_VALUES = [
@@ -39,6 +41,18 @@ def redact_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Mut
     return event_dict
 
 
+def escape_controls(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: control characters in any string (the event too) are shown escaped.
+
+    Values often come from peers (ids, tensor names, reasons); no escape byte
+    from them may reach an operator's terminal or a log file's reader.
+    """
+    for key, value in list(event_dict.items()):
+        if isinstance(value, str):
+            event_dict[key] = printable(value)
+    return event_dict
+
+
 def configure_logging(level: str | None = None, fmt: str = "console", stream: TextIO | None = None) -> None:
     """Configure structlog: ``fmt`` is ``console`` (human) or ``json`` (JSON lines).
 
@@ -59,6 +73,7 @@ def configure_logging(level: str | None = None, fmt: str = "console", stream: Te
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact_secrets,
+            escape_controls,
             structlog.processors.format_exc_info,
             renderer,
         ],

@@ -158,6 +158,7 @@ class TensorSpec:
             isinstance(self.name, str) and 0 < len(self.name) <= MAX_NAME_LENGTH,
             f"tensor name must be 1..{MAX_NAME_LENGTH} characters, got {self.name!r:.80}",
         )
+        _require(self.name.isprintable(), f"tensor name {self.name!r:.80} has control characters")
         _require(
             self.digest is None
             or (isinstance(self.digest, str) and _SHA256.fullmatch(self.digest) is not None),
@@ -428,14 +429,38 @@ class SourceRecord:
     unreachable_reports: int = 0
 
     def __post_init__(self) -> None:
+        # records are written by anyone who can write the registry: every field is checked
         for name in ("source_id", "identity_key", "generation"):
             value = getattr(self, name)
             _require(
-                isinstance(value, str) and 0 < len(value) <= 512,
-                f"source record {name} must be a non-empty string",
+                isinstance(value, str) and 0 < len(value) <= 512 and value.isprintable(),
+                f"source record {name} must be a non-empty printable string, got {value!r:.80}",
             )
+        _require(
+            isinstance(self.endpoint, str) and len(self.endpoint) <= 1024 and self.endpoint.isprintable(),
+            "source record endpoint must be a printable string",
+        )
         _require(isinstance(self.state, SourceState), "source record state is not a SourceState")
-        _require(_is_int(self.load) and self.load >= 0, "source record load must be >= 0")
+        for name in ("load", "times_ejected", "unreachable_reports"):
+            value = getattr(self, name)
+            _require(_is_int(value) and 0 <= value < 1 << 31, f"source record {name} must be in 0..2**31")
+        for name, low, high in (
+            ("heartbeat_at", 0.0, 1e11),
+            ("ejected_until", 0.0, 1e11),
+            ("ttl", 1e-3, 86400.0),
+        ):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and low <= value <= high,
+                f"source record {name} must be a finite number in {low}..{high}, got {value!r:.40}",
+            )  # fmt: skip
+        _require(isinstance(self.stale_reason, str) and len(self.stale_reason) <= 4096, "bad stale_reason")
+        for key, value in self.labels.items():
+            _require(
+                isinstance(key, str) and isinstance(value, str) and key.isprintable() and value.isprintable(),
+                "source record labels must be printable strings",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from .pipeline import LoadObserver
+from .render import printable
 from .report import AttemptRecord, LoadReport
 
 __all__ = ["ProgressDisplay"]
@@ -40,7 +41,7 @@ class ProgressDisplay(LoadObserver):
             )
 
             self._progress = Progress(
-                TextColumn("{task.description}"),
+                TextColumn("{task.description}", markup=False),
                 BarColumn(),
                 DownloadColumn(),
                 TransferSpeedColumn(),
@@ -53,7 +54,7 @@ class ProgressDisplay(LoadObserver):
         return self._progress
 
     def attempt_start(self, strategy: str, source_id: str | None) -> None:
-        self._label = f"{strategy} from {source_id or 'the hub'}"
+        self._label = printable(f"{strategy} from {source_id or 'the hub'}")
         progress = self._ensure()
         if progress is not None:
             progress.update(self._task, description=self._label, completed=0, total=None)

@@ -1,11 +1,15 @@
 """What people read: the load report as a table, the registry's records as rows and a table.
 
 Pure functions over the public JSON shapes (:meth:`LoadReport.to_dict`,
-:func:`source_row`); the CLI and the demo both print through here.
+:func:`source_row`); the CLI and the demo both print through here. Every
+string that came from a record, a manifest or a peer is untrusted: it reaches
+the terminal through :func:`printable` as plain text (control characters
+escaped, rich markup shown as written, never interpreted).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -15,7 +19,22 @@ from .models import SourceRecord
 from .registry.base import is_expired
 from .report import LoadReport
 
-__all__ = ["phases_text", "print_report", "print_sources", "source_row", "source_rows"]
+__all__ = ["phases_text", "printable", "print_report", "print_sources", "source_row", "source_rows"]
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object) -> str:
+    """``text`` with every control and bidi-override character escaped (``\\x1b``), safe on a terminal."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), str(text))
+
+
+def _plain(text: object) -> Any:
+    """A table cell that rich prints literally: no markup, no escapes."""
+    from rich.text import Text
+
+    return Text(printable(text))
 
 
 def _console(out: TextIO) -> Any:
@@ -29,7 +48,7 @@ def print_report(report: LoadReport, *, file: TextIO | None = None) -> None:
 
     console = _console(file or sys.stdout)
     data = report.to_dict()
-    table = Table(title=f"load of {data['identity']} (run {data['run_id']})")
+    table = Table(title=_plain(f"load of {data['identity']} (run {data['run_id']})"))
     columns = (
         "#",
         "strategy",
@@ -48,26 +67,33 @@ def print_report(report: LoadReport, *, file: TextIO | None = None) -> None:
     for i, a in enumerate(data["attempts"], 1):
         table.add_row(
             str(i),
-            a["strategy"],
-            str(a["source"] or "-"),
+            _plain(a["strategy"]),
+            _plain(a["source"] or "-"),
             a["outcome"],
             f"{a['bytes']:,}",
             f"{a['seconds']:.3f}",
             f"{a['gbps']:.2f}",
             phases_text(a["phases"]),
-            a["action"],
+            _plain(a["action"]),
             "yes" if a["marked_stale"] else "",
-            a["detail"][:120],
+            _plain(a["detail"][:120]),
         )
     console.print(table)
+    from rich.text import Text
+
     if report.loaded:
         console.print(
-            f"[bold green]loaded[/] {data['bytes']:,} bytes via {data['strategy']} from "
-            f"{data['source'] or 'the hub'} in {data['seconds']:.3f}s (transfer "
-            f"{data['transfer_gbps']:.2f} GB/s, verified: {data['verified']})"
+            Text.assemble(
+                ("loaded", "bold green"),
+                printable(
+                    f" {data['bytes']:,} bytes via {data['strategy']} from {data['source'] or 'the hub'} in "
+                    f"{data['seconds']:.3f}s (transfer {data['transfer_gbps']:.2f} GB/s, "
+                    f"verified: {data['verified']})"
+                ),
+            )
         )
     else:
-        console.print(f"[bold red]failed[/]: {data['reason']}")
+        console.print(Text.assemble(("failed", "bold red"), printable(f": {data['reason']}")))
 
 
 _PHASE_NAMES = {
@@ -108,13 +134,13 @@ def print_sources(rows: list[dict[str, Any]], *, file: TextIO | None = None) -> 
         table.add_column(column, overflow="fold")
     for r in rows:
         table.add_row(
-            r["source_id"],
-            r["identity_key"],
+            _plain(r["source_id"]),
+            _plain(r["identity_key"]),
             r["effective_state"],
-            r["generation"][:8],
+            _plain(r["generation"][:8]),
             str(r["load"]),
             f"{r['heartbeat_age_s']:.1f}s",
             str(r["times_ejected"]),
-            r["stale_reason"][:60],
+            _plain(r["stale_reason"][:60]),
         )
     _console(file or sys.stdout).print(table)

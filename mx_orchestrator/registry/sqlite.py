@@ -9,6 +9,7 @@ worker thread, one at a time per registry object.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -57,8 +58,10 @@ class SqliteRegistry(RecordTransitions):
         ejection: EjectionPolicy | None = None,
         clock: Callable[[], float] = time.time,
         busy_timeout: float = 5.0,
+        create_parent: bool = False,
     ) -> None:
         self.path = Path(path)
+        self._create_parent = create_parent
         self._ejection = ejection or EjectionPolicy()
         self._clock = clock
         self._busy_timeout = busy_timeout
@@ -68,18 +71,27 @@ class SqliteRegistry(RecordTransitions):
 
     @classmethod
     def from_url(cls, url: str) -> SqliteRegistry:
+        """``sqlite://``: the default file (directory made, 0700); an explicit path's directory must exist."""
         path = url.removeprefix("sqlite://")
         if not path or path == "/":
-            return cls(default_registry_path())
+            return cls(default_registry_path(), create_parent=True)
         if not path.startswith("/"):
             raise ConfigError(f"sqlite registry URL needs an absolute path (sqlite:///path), got {url!r}")
+        if not Path(path).parent.is_dir():
+            raise ConfigError(f"sqlite registry {path}: the directory {Path(path).parent} does not exist")
         return cls(path)
 
     # -- plumbing -------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # the registry says where every source's memory can be read: readable by its user alone
+            if self._create_parent:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # (SQLite gives its -wal and -shm files the mode of the database file)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            if self.path.stat().st_uid == os.getuid():
+                self.path.chmod(0o600)
             conn = sqlite3.connect(
                 self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
