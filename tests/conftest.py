@@ -61,44 +61,69 @@ def peers(registry_url: str) -> Iterator[Peers]:
 
 
 class RedisServer:
-    """A real redis-server on a free loopback port, stoppable and restartable on the same port."""
+    """A real redis-server on a free loopback port, stoppable and restartable on the same port.
 
-    def __init__(self, workdir: Path) -> None:
+    With ``secure``: TLS only (certificates made here by openssl, a CA the client
+    is given) and ACL (the default user off; user ``mxo`` with a password, on
+    ``mxo:*`` keys only).
+    """
+
+    PASSWORD = "s3cret-pa55"
+
+    def __init__(self, workdir: Path, *, secure: bool = False) -> None:
         self.workdir = workdir
+        self.secure = secure
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.proc: subprocess.Popen[bytes] | None = None
+        if secure:
+            self._make_certificates()
+
+    def _make_certificates(self) -> None:
+        d = self.workdir
+
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+                "-days", "2", "-subj", "/CN=mxo-test-ca")  # fmt: skip
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+                "-subj", "/CN=127.0.0.1")  # fmt: skip
+        (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")  # fmt: skip
+
+    def url_with(self, user: str, password: str) -> str:
+        return f"rediss://{user}:{password}@127.0.0.1:{self.port}/0?ssl_ca_certs={self.workdir / 'ca.crt'}"
 
     @property
     def url(self) -> str:
+        if self.secure:
+            return self.url_with("mxo", self.PASSWORD)
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not installed (.ci/run installs it from Debian's packages)")
-        self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        args = [exe, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        if self.secure:
+            d = self.workdir
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(d / "server.crt"),
+                     "--tls-key-file", str(d / "server.key"), "--tls-ca-cert-file", str(d / "ca.crt"),
+                     "--tls-auth-clients", "no",
+                     "--user", "default", "off",
+                     "--user", "mxo", "on", f">{self.PASSWORD}", "~mxo:*", "+@all"]  # fmt: skip
+        else:
+            args += ["--port", str(self.port)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as conn:
+                    if self.secure:
+                        return  # listening; TLS clients do their own handshake
                     conn.sendall(b"PING\r\n")
                     if conn.recv(16).startswith(b"+PONG"):
                         return
@@ -113,6 +138,14 @@ class RedisServer:
             self.proc = None
 
     def flush(self) -> None:
+        if self.secure:
+            import redis
+
+            client = redis.Redis.from_url(self.url)
+            for key in client.scan_iter("mxo:*"):
+                client.delete(key)
+            client.close()
+            return
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as conn:
             conn.sendall(b"FLUSHALL\r\n")
             conn.recv(16)
@@ -132,3 +165,18 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
         redis_server.start()
     redis_server.flush()
     yield redis_server.url
+
+
+@pytest.fixture(scope="session")
+def secure_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis-tls"), secure=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def secure_redis_url(secure_redis_server: RedisServer) -> Iterator[str]:
+    """A TLS + ACL redis-server: the URL carries the ACL user, its password and the CA certificate."""
+    secure_redis_server.flush()
+    yield secure_redis_server.url

@@ -38,13 +38,13 @@ def clock() -> Clock:
 async def open_backend(
     name: str, request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
 ) -> SourceRegistry:
-    if name == "redis":
-        url = request.getfixturevalue("redis_url")
+    if name in ("redis", "redis-tls-acl"):
+        url = request.getfixturevalue("redis_url" if name == "redis" else "secure_redis_url")
         return RedisRegistry.from_url(url, ejection=EjectionPolicy(10, 25), clock=clock)
     return BACKENDS[name](tmp_path, clock)
 
 
-@pytest_asyncio.fixture(params=["memory", "sqlite", "redis"])
+@pytest_asyncio.fixture(params=["memory", "sqlite", "redis", "redis-tls-acl"])
 async def registry(
     request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
 ) -> AsyncIterator[SourceRegistry]:
@@ -224,3 +224,20 @@ async def test_unreachable_reports_eject_at_the_threshold_not_before(
     record = await registry.get("a")
     assert record is not None and record.state is SourceState.STALE and "unreachable" in record.stale_reason
     assert not await registry.report_unreachable("a", "old-generation", reason="late")
+
+
+@pytest.mark.redis
+async def test_a_wrong_password_or_no_tls_is_a_typed_registry_error(secure_redis_server: object) -> None:
+    from mx_orchestrator import RegistryUnavailable
+
+    from .conftest import RedisServer
+
+    assert isinstance(secure_redis_server, RedisServer)
+    wrong = RedisRegistry.from_url(secure_redis_server.url_with("mxo", "not-the-password"))
+    plain = RedisRegistry.from_url(
+        f"redis://mxo:{RedisServer.PASSWORD}@127.0.0.1:{secure_redis_server.port}/0"
+    )
+    for registry in (wrong, plain):
+        with pytest.raises(RegistryUnavailable):
+            await registry.list()
+        await registry.aclose()
