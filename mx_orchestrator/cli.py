@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="locality label published with the record (repeatable)",
     )
     serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    serve.add_argument(
+        "--interface",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="network interface the transport listens on and advertises, e.g. lo (repeatable; default: all)",
+    )
     _common(serve)
     serve.set_defaults(run=_serve)
 
@@ -157,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 # -- serve ----------------------------------------------------------------------
 
 
-def _use_device(device: str) -> None:
+def _use_device(device: str, interfaces: Sequence[str] = ()) -> None:
     """Check a ``cuda:N`` device, make it current, then start the NIXL agent on it in the background.
 
     The agent (~0.5 s on CPU, ~1.2 s on a GPU host, most of it loading UCX) is
@@ -166,14 +173,14 @@ def _use_device(device: str) -> None:
     from ._backends.nixl import start_agent
 
     if device == "cpu":
-        start_agent()
+        start_agent(interfaces=tuple(interfaces))
         return
     import torch
 
     if not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine")
     torch.cuda.set_device(torch.device(device))
-    start_agent()  # made on this device: CUDA's current device is per thread
+    start_agent(interfaces=tuple(interfaces))  # made on this device: CUDA's current device is per thread
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -182,7 +189,7 @@ def _serve(args: argparse.Namespace) -> int:
     identity = _identity(args)
     if not args.weights.is_dir():
         raise ConfigError(f"weights directory {str(args.weights)!r} does not exist")
-    _use_device(args.device)
+    _use_device(args.device, args.interface)
     labels = {"host": socket.gethostname()}
     for item in args.label:
         key, sep, value = item.partition("=")
@@ -200,7 +207,13 @@ def _serve(args: argparse.Namespace) -> int:
             metrics = SourceMetrics()
             start_metrics_server(args.metrics_port)
         source = WeightSource(
-            registry, weights, source_id=args.source_id, ttl=args.ttl, labels=labels, metrics=metrics
+            registry,
+            weights,
+            source_id=args.source_id,
+            ttl=args.ttl,
+            labels=labels,
+            metrics=metrics,
+            interfaces=args.interface,
         )
 
         def announce(record: SourceRecord) -> None:

@@ -177,6 +177,8 @@ class _Evaluation:
     probes: list[ProbeRecord] = field(default_factory=list)
     registry_error: RegistryError | None = None
     finished_at: float | None = None
+    #: manifest fingerprint -> the candidates that published it (more than one key: they disagree)
+    manifests: dict[str, list[str]] = field(default_factory=dict)
 
 
 class _Load:
@@ -244,7 +246,12 @@ class _Load:
             probes=evaluation.probes,
             reason=done.reason,
             registry_error=str(evaluation.registry_error) if evaluation.registry_error is not None else None,
+            manifest_disagreement=dict(evaluation.manifests) if len(evaluation.manifests) > 1 else {},
         )
+        if report.manifest_disagreement:
+            # not evidence of who is right (anyone who can write the registry can publish many
+            # records): only a pin, the Hub or verified bytes decide; the operator should know
+            self.log.warning("evaluate.manifests_disagree", manifests=report.manifest_disagreement)
         self.log.info(
             "load.done",
             outcome=report.outcome,
@@ -339,6 +346,9 @@ class _Load:
             for observer in self.config.observers:
                 observer.probe_done(probe)
             if isinstance(result, Candidate):
+                if result.manifest is not None:
+                    key = result.manifest.manifest_fingerprint
+                    self.evaluation.manifests.setdefault(key, []).append(record.source_id)
                 with contextlib.suppress(anyio.BrokenResourceError):  # the load already ended
                     send.send_nowait(result)
 

@@ -93,6 +93,8 @@ class LoadReport:
     reason: str = ""
     #: why the registry could not be listed, when it could not (the load may still reach the Hub)
     registry_error: str | None = None
+    #: when candidates published different manifests: fingerprint -> their source ids
+    manifest_disagreement: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def final(self) -> Loaded | None:
@@ -140,6 +142,7 @@ class LoadReport:
             "attempts": [a.to_dict() for a in self.attempts],
             "probes": [p.to_dict() for p in self.probes],
             "registry_error": self.registry_error,
+            "manifest_disagreement": self.manifest_disagreement,
         }
 
     def to_json(self, *, indent: int | None = None) -> str:

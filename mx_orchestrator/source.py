@@ -18,7 +18,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +91,7 @@ class WeightSource:
         poll_interval: float = 0.001,
         metrics: Any = None,
         drain_timeout: float = 5.0,
+        interfaces: Sequence[str] = (),
     ) -> None:
         self.registry = registry
         self.weights = weights
@@ -102,6 +103,7 @@ class WeightSource:
         self._poll_interval = poll_interval
         self._metrics = metrics  # a mx_orchestrator.metrics.SourceMetrics, or None
         self.drain_timeout = drain_timeout
+        self.interfaces = tuple(interfaces)
         self.record: SourceRecord | None = None
 
     def _build_record(self, agent: RdmaAgent, extra: Mapping[str, str]) -> SourceRecord:
@@ -143,7 +145,8 @@ class WeightSource:
         else:
             from ._backends.nixl import get_agent
 
-            agent = get_agent()
+            # interfaces: what the transport listens on and advertises (e.g. loopback only)
+            agent = get_agent(interfaces=self.interfaces)
         w = self.weights
         try:
             deregister = agent.register([(a, n, w.device_id) for a, n in w.spans], w.mem_type)

@@ -285,3 +285,51 @@ async def test_fan_out_a_loaded_target_serves_the_next_target(
     assert (out / "model.safetensors").read_bytes() == (minilm_dir() / "model.safetensors").read_bytes()
     assert await registry.get("fanout") is None  # unpublished when it stopped
     await registry.aclose()
+
+
+def _host_ipv4_addresses() -> dict[str, str]:
+    """Interface -> IPv4 address, from the kernel (SIOCGIFADDR), loopback excluded."""
+    import fcntl
+    import socket
+    import struct
+
+    found = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue  # no IPv4 address on this interface
+            address = socket.inet_ntoa(raw[20:24])
+            if not address.startswith("127."):
+                found[name] = address
+    return found
+
+
+async def test_a_source_restricted_to_loopback_advertises_no_other_address_and_still_serves(
+    peers: Peers, registry_url: str
+) -> None:
+    import base64
+    import socket
+
+    others = _host_ipv4_addresses()
+    assert others, "this machine has no non-loopback IPv4 interface: nothing to restrict"
+    peers.start(("everywhere", "arena"))
+    peers.start(("loopback-only", "arena"), interfaces=("lo",))
+    registry = SqliteRegistry(registry_url.removeprefix("sqlite://"))
+    published = {}
+    for sid in ("everywhere", "loopback-only"):
+        record = await registry.get(sid)
+        assert record is not None
+        published[sid] = base64.b64decode(record.transport["nixl_metadata"])
+    packed = [socket.inet_aton(a) for a in others.values()]
+    assert any(p in published["everywhere"] for p in packed)  # the control: UCX advertises them by default
+    assert not any(p in published["loopback-only"] for p in packed)
+    assert not any(a.encode() in published["loopback-only"] for a in others.values())
+    await registry.remove("everywhere")
+    target = Target("arena")
+    report, registry2 = await load(registry_url, target)
+    assert report.loaded and report.final is not None and report.final.source_id == "loopback-only"
+    assert_same_weights(target)
+    await registry.aclose()
+    await registry2.aclose()

@@ -388,6 +388,10 @@ async def test_records_with_garbage_connections_and_another_manifest_never_shape
             assert [a.outcome.name for a in report.attempts][:3] == ["SourceUnreachable"] * 3
             assert target.allocations == [honest.total_bytes]  # nothing was allocated for the liars
             assert_equal_weights(target)
+            assert sorted(map(sorted, report.manifest_disagreement.values())) == [
+                ["honest"],
+                ["liar-0", "liar-1", "liar-2"],
+            ]
 
 
 def test_the_peer_attempt_runs_without_nixl_imported(tmp_path: Path) -> None:

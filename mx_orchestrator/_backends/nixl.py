@@ -55,7 +55,16 @@ class NixlAgent:
         *,
         progress_thread: bool = False,
         error_handling: str = "peer",
+        interfaces: Sequence[str] = (),
     ) -> None:
+        """``interfaces``: the network devices UCX may listen on and advertise (e.g. ``("lo",)``);
+        empty: UCX's choice (every interface)."""
+        if interfaces:
+            missing = [i for i in interfaces if not os.path.exists(f"/sys/class/net/{i}")]
+            if missing:
+                raise ConfigError(f"no network interface {missing[0]!r} on this machine")
+            # read by UCX when the backend below creates its context: nothing else is advertised
+            os.environ["UCX_NET_DEVICES"] = ",".join(interfaces)
         # NIXL logs every agent and backend creation at INFO on stderr; keep it
         # quiet unless the user asked otherwise
         os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
@@ -273,9 +282,15 @@ class _WarmAgent:
         self.created_seconds: float | None = None
 
     def start(self, name: str | None = None, **options: Any) -> None:
+        options = {k: v for k, v in options.items() if v}  # an empty setting is the default
         with self._lock:
             if self._thread is not None or self._ready.is_set():
+                if options and options != self._options:
+                    raise ConfigError(
+                        f"this process's transport agent already exists with other settings ({self._options})"
+                    )
                 return
+            self._options = dict(options)
             agent_name = name or f"mxo-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             # CUDA's current device is per thread: the agent is made on the caller's
             device = _current_cuda_device()

@@ -44,6 +44,7 @@ class SourceProcess:
         model_id: str = MODEL_ID,
         ttl: float = 15.0,
         labels: dict[str, str] | None = None,
+        interfaces: tuple[str, ...] = (),
     ) -> None:
         self.source_id = source_id
         env = dict(os.environ, PYTHONUNBUFFERED="1", MXO_LOG_LEVEL="warning")
@@ -54,6 +55,8 @@ class SourceProcess:
         ]  # fmt: skip
         for key, value in (labels or {}).items():
             command += ["--label", f"{key}={value}"]
+        for interface in interfaces:
+            command += ["--interface", interface]
         self.proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
         )
@@ -118,6 +121,7 @@ class Peers:
         model_id: str = MODEL_ID,
         ttl: float = 15.0,
         labels: dict[str, dict[str, str]] | None = None,
+        interfaces: tuple[str, ...] = (),
     ) -> list[SourceProcess]:
         """Start one source per ``(source_id, layout)`` in parallel; return once all are published."""
         procs = [
@@ -129,6 +133,7 @@ class Peers:
                 model_id,
                 ttl,
                 (labels or {}).get(sid),
+                interfaces,
             )
             for sid, layout in specs
         ]
