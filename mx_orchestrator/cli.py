@@ -137,7 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     fingerprint = sub.add_parser(
         "fingerprint", help="print the content fingerprint of a checkpoint (for pull --expect)"
     )
-    fingerprint.add_argument("--weights", required=True, type=Path, help="directory of *.safetensors")
+    source = fingerprint.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", type=Path, help="directory of *.safetensors")
+    source.add_argument(
+        "--repo",
+        default=None,
+        help="Hub repo ORG/NAME: download it (sha256-verified against the Hub) and pin that",
+    )
+    fingerprint.add_argument("--revision", default=None, help="Hub revision (default: main)")
+    fingerprint.add_argument(
+        "--hub-endpoint", default=None, help="Hub URL (default $HF_ENDPOINT or huggingface.co)"
+    )
     fingerprint.add_argument(
         "--json", action="store_true", help="also every tensor's dtype, shape and SHA-256"
     )
@@ -341,14 +351,42 @@ def _sources(args: argparse.Namespace) -> int:
 
 
 def _fingerprint(args: argparse.Namespace) -> int:
+    """Pin a checkpoint on disk, or what the Hub serves ("trust the Hub's bytes, fetch them from peers")."""
     from .checkpoint import fingerprint_directory
 
-    fingerprint, tensors = fingerprint_directory(args.weights)
+    if args.repo is not None:
+        fingerprint, tensors = _fingerprint_hub(args)
+    else:
+        fingerprint, tensors = fingerprint_directory(args.weights)
     if args.json:
         print(json.dumps({"fingerprint": fingerprint, "tensors": tensors}, indent=2))
     else:
         print(fingerprint)
     return 0
+
+
+def _fingerprint_hub(args: argparse.Namespace) -> tuple[str, dict[str, dict[str, object]]]:
+    from .buffers import dtype_name
+    from .integrity import digests
+    from .models import content_fingerprint
+    from .pipeline import Orchestrator
+    from .target import Target
+
+    options = StrategyOptions(repo_id=args.repo, revision=args.revision, hub_endpoint=args.hub_endpoint)
+    target = Target("arena", verify=True)
+    report = anyio.run(
+        Orchestrator(None, [load_strategy("hf_download", options)]).load, ModelIdentity(args.repo), target
+    )
+    if not report.loaded or not report.to_dict()["verified"]:
+        raise MxoError(f"{args.repo}: the Hub download was not loaded and sha256-verified ({report.reason})")
+    tensors = target.tensors()
+    sha = digests(tensors)
+    rows: dict[str, dict[str, object]] = {
+        n: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "sha256": sha[n]}
+        for n, t in tensors.items()
+    }
+    pinned = ((n, dtype_name(t.dtype), tuple(t.shape), sha[n]) for n, t in tensors.items())
+    return content_fingerprint(pinned), rows
 
 
 # -- demo ----------------------------------------------------------------

@@ -54,6 +54,7 @@ __all__ = [
     "mxsum",
     "mxsum_many",
     "digests",
+    "fingerprint_of",
     "serving_algorithms",
     "tensor_digest",
 ]
@@ -379,6 +380,15 @@ def digests(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     names = list(tensors)
     with ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="mxo-sha256") as pool:
         return dict(zip(names, pool.map(lambda n: tensor_digest(tensors[n]), names), strict=True))
+
+
+def fingerprint_of(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The content fingerprint of tensors in memory (SHA-256 of each, on every core)."""
+    from .buffers import dtype_name
+    from .models import content_fingerprint
+
+    sha = digests(tensors)
+    return content_fingerprint((n, dtype_name(t.dtype), tuple(t.shape), sha[n]) for n, t in tensors.items())
 
 
 def bad_digests(tensors: Mapping[str, torch.Tensor], pinned: Manifest) -> list[str]:

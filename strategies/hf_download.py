@@ -42,8 +42,8 @@ from mx_orchestrator.checkpoint import (
     safe_relative_path,
 )
 from mx_orchestrator.errors import CheckpointError
-from mx_orchestrator.integrity import digests
-from mx_orchestrator.models import ModelIdentity, content_fingerprint
+from mx_orchestrator.integrity import fingerprint_of
+from mx_orchestrator.models import ModelIdentity
 from mx_orchestrator.outcomes import (
     Corrupt,
     Loaded,
@@ -166,7 +166,7 @@ class HfDownload:
                 raise EdgeFailure(SourceFailed, f"cannot read the downloaded checkpoint: {load_error}")
             if ctx.expect is not None:
                 with ctx.phases.timed("verify"):
-                    found = _fingerprint(target)
+                    found = fingerprint_of(target.tensors())
                 if found != ctx.expect:  # another revision than the one pinned
                     raise EdgeFailure(
                         ManifestMismatch, f"the Hub's content is not the pinned content: {found}"
@@ -253,14 +253,6 @@ class HfDownload:
             raise EdgeFailure(LocalFailure, f"allocation failed: {exc}") from exc
         for name, tensor in read_tensors(paths):
             buffers.tensors[name].copy_(tensor)
-
-
-def _fingerprint(target: Target) -> str:
-    """The content fingerprint of what the target now holds (SHA-256 of every tensor, on all cores)."""
-    manifest = target.manifest
-    assert manifest is not None
-    sha = digests(target.tensors())
-    return content_fingerprint((s.name, s.dtype, s.shape, sha[s.name]) for s in manifest.tensors)
 
 
 def _verify(fetched: _Fetched) -> list[str]:

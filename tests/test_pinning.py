@@ -153,6 +153,54 @@ async def test_relabelled_dtypes_over_honest_bytes_do_not_match_the_pin() -> Non
 
 
 @pytest.mark.hub
+def test_a_hub_download_pins_the_same_content_as_the_checkpoint_on_disk(tmp_path: Path, pin: str) -> None:
+    import os
+
+    with HubServer({MODEL_ID: minilm_dir()}) as hub:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mx_orchestrator",
+                "fingerprint",
+                "--repo",
+                MODEL_ID,
+                "--hub-endpoint",
+                hub.endpoint,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=dict(os.environ, HF_HOME=str(tmp_path / "hf")),
+        )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == pin
+
+
+@pytest.mark.nixl
+def test_pull_expect_from_the_cli_loads_the_pinned_content(peers: Peers, registry_url: str, pin: str) -> None:
+    import json
+
+    peers.start(("honest", "arena"))
+    mxo = [
+        sys.executable,
+        "-m",
+        "mx_orchestrator",
+        "pull",
+        "--model-id",
+        MODEL_ID,
+        "--registry",
+        registry_url,
+        "--json",
+    ]
+    good = subprocess.run([*mxo, "--expect", pin], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([*mxo, "--expect", "mxc1-" + "0" * 64], capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0 and json.loads(good.stdout)["verified"] is True
+    assert bad.returncode == 1
+    assert {a["outcome"] for a in json.loads(bad.stdout)["attempts"]} == {"ManifestMismatch"}
+
+
+@pytest.mark.hub
 async def test_the_hub_loads_only_the_pinned_content(
     tmp_path: Path, altered_checkpoint: Path, pin: str
 ) -> None:
