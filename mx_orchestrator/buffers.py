@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 from .errors import ConfigError
 from .integrity import checksums, digests, serving_algorithms
 from .layout import regions_from_addresses
-from .models import DTYPES, Manifest, ModelIdentity
+from .models import Manifest, ModelIdentity, dtype_name, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -40,26 +40,8 @@ __all__ = [
     "OnDevice",
     "allocate",
     "device_index",
-    "dtype_name",
-    "torch_dtype",
     "wrap",
 ]
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype name (``F32`` -> ``torch.float32``)."""
-    import torch
-
-    return getattr(torch, DTYPES[name][1])  # type: ignore[no-any-return]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The safetensors name of a torch dtype; :class:`ConfigError` for one a manifest cannot carry."""
-    wanted = str(dtype).removeprefix("torch.")
-    for name, (_, attr) in DTYPES.items():
-        if attr == wanted:
-            return name
-    raise ConfigError(f"unsupported tensor dtype {dtype}")
 
 
 def device_index(device: str) -> int:

@@ -154,9 +154,8 @@ def fingerprint_directory(directory: Path) -> tuple[str, dict[str, dict[str, obj
     What ``mxo fingerprint --weights DIR`` prints, and what ``mxo pull --expect``
     compares a source's manifest with.
     """
-    from .buffers import dtype_name
     from .integrity import tensor_digest
-    from .models import content_fingerprint
+    from .models import content_fingerprint, dtype_name
 
     rows: dict[str, dict[str, object]] = {}
     pinned: list[tuple[str, str, tuple[int, ...], str]] = []

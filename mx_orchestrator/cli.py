@@ -366,9 +366,8 @@ def _fingerprint(args: argparse.Namespace) -> int:
 
 
 def _fingerprint_hub(args: argparse.Namespace) -> tuple[str, dict[str, dict[str, object]]]:
-    from .buffers import dtype_name
     from .integrity import digests
-    from .models import content_fingerprint
+    from .models import content_fingerprint, dtype_name
     from .pipeline import Orchestrator
     from .target import Target
 

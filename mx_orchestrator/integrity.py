@@ -384,8 +384,7 @@ def digests(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
 
 def fingerprint_of(tensors: Mapping[str, torch.Tensor]) -> str:
     """The content fingerprint of tensors in memory (SHA-256 of each, on every core)."""
-    from .buffers import dtype_name
-    from .models import content_fingerprint
+    from .models import content_fingerprint, dtype_name
 
     sha = digests(tensors)
     return content_fingerprint((n, dtype_name(t.dtype), tuple(t.shape), sha[n]) for n, t in tensors.items())

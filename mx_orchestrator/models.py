@@ -16,9 +16,12 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import ManifestError
+from .errors import ConfigError, ManifestError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DTYPES",
@@ -34,6 +37,8 @@ __all__ = [
     "SourceState",
     "TensorSpec",
     "content_fingerprint",
+    "dtype_name",
+    "torch_dtype",
 ]
 
 #: The one dtype table: safetensors' name -> (element size in bytes, torch dtype attribute).
@@ -70,6 +75,22 @@ MAX_MANIFEST_BYTES = 64 << 20  # serialised JSON
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,99}$")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (``F32`` -> ``torch.float32``)."""
+    import torch
+
+    return getattr(torch, DTYPES[name][1])  # type: ignore[no-any-return]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype; :class:`ConfigError` for one a manifest cannot carry."""
+    wanted = str(dtype).removeprefix("torch.")
+    for name, (_, attr) in DTYPES.items():
+        if attr == wanted:
+            return name
+    raise ConfigError(f"unsupported tensor dtype {dtype}")
 
 
 def _require(condition: bool, message: str) -> None:

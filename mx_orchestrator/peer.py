@@ -33,6 +33,7 @@ import anyio
 
 from ._backends import EdgeFailure
 from ._backends.rdma import RdmaAgent, descriptor_rows
+from .buffers import Buffers
 from .errors import ConfigError
 from .layout import Descriptors
 from .models import Candidate, Manifest
@@ -57,6 +58,7 @@ __all__ = [
     "PeerStrategy",
     "PullPlan",
     "ReadPlanner",
+    "allocate",
     "check",
     "parse_advert",
     "pool_for",
@@ -290,6 +292,24 @@ AgentSource = Callable[[], Awaitable[RdmaAgent]]
 _FAILED = (SourceFailed, TimedOut, SourceUnreachable)
 
 
+async def allocate(plan: PullPlan, target: Target, ctx: AttemptContext, strategy: str) -> Buffers | Outcome:
+    """The target's memory for ``plan`` (timed as ``allocate``), or the ``LocalFailure`` ending the attempt.
+
+    Pre-faulting a large target takes a while: it runs off the event loop.
+    """
+    began = anyio.current_time()
+    try:
+        with ctx.phases.timed("allocate"):
+            return await anyio.to_thread.run_sync(target.prepare, plan.local_manifest)
+    except (MemoryError, RuntimeError) as exc:  # torch's out-of-memory error is a RuntimeError
+        return LocalFailure(
+            strategy=strategy,
+            source_id=ctx.source_id,
+            seconds=anyio.current_time() - began,
+            detail=f"allocation failed: {exc}",
+        )
+
+
 async def transfer(
     plan: PullPlan, target: Target, agent_source: AgentSource, ctx: AttemptContext, strategy: str
 ) -> Outcome:
@@ -329,18 +349,11 @@ async def transfer(
                 detail=f"metadata names agent {remote_name!r}, record says {plan.advert.agent_name!r}",
             )
             return outcome
-        try:
-            with phases.timed("allocate"):
-                # pre-faulting a large target takes a while: off the event loop
-                buffers = await anyio.to_thread.run_sync(target.prepare, plan.local_manifest)
-        except (MemoryError, RuntimeError) as exc:  # torch's out-of-memory error is a RuntimeError
-            outcome = LocalFailure(
-                strategy=strategy,
-                source_id=sid,
-                seconds=anyio.current_time() - began,
-                detail=f"allocation failed: {exc}",
-            )
+        allocated = await allocate(plan, target, ctx, strategy)
+        if not isinstance(allocated, Buffers):
+            outcome = allocated
             return outcome
+        buffers = allocated
         with phases.timed("register"):
             release = agent.register([(a, n, buffers.device_id) for a, n in buffers.spans], buffers.mem_type)
         try:

@@ -27,11 +27,11 @@ import structlog
 
 from ._backends import EdgeFailure
 from ._backends.rdma import RdmaAgent
-from .buffers import Buffers, allocate, dtype_name
+from .buffers import Buffers, allocate
 from .checkpoint import read_tensors, safetensors_files
 from .errors import ConfigError
 from .layout import LayoutSpec, parse_layout, plan_layout
-from .models import ModelIdentity, SourceRecord
+from .models import ModelIdentity, SourceRecord, dtype_name
 from .registry.base import SourceRegistry
 
 if TYPE_CHECKING:

@@ -22,9 +22,10 @@ import anyio
 
 from mx_orchestrator._backends import EdgeFailure
 from mx_orchestrator._backends.cuda_ipc import IpcRegion, host_identity, open_region, read_export
+from mx_orchestrator.buffers import Buffers
 from mx_orchestrator.layout import plan_region_reads, plan_tensor_reads
-from mx_orchestrator.outcomes import LayoutMismatch, LocalFailure, NotApplicable, Outcome, SourceUnreachable
-from mx_orchestrator.peer import PullPlan, check, verify_landed
+from mx_orchestrator.outcomes import LayoutMismatch, NotApplicable, Outcome, SourceUnreachable
+from mx_orchestrator.peer import PullPlan, allocate, check, verify_landed
 from mx_orchestrator.strategy import AttemptContext
 from mx_orchestrator.target import Target
 
@@ -101,11 +102,9 @@ class CudaIpc:
         began = anyio.current_time()
         sid = ctx.source_id
         phases = ctx.phases
-        try:
-            with phases.timed("allocate"):
-                buffers = await anyio.to_thread.run_sync(target.prepare, plan.local_manifest)
-        except (MemoryError, RuntimeError) as exc:
-            return LocalFailure(strategy=self.name, source_id=sid, detail=f"allocation failed: {exc}")
+        buffers = await allocate(plan, target, ctx, self.name)
+        if not isinstance(buffers, Buffers):
+            return buffers
         try:
             with phases.timed("connect"):
                 remote = [open_region(r) for r in regions]
