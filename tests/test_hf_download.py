@@ -127,7 +127,8 @@ async def test_persistent_server_errors_end_in_source_failed(hub: HubServer, tmp
 @pytest.mark.faults
 async def test_truncated_body_fails_then_recovers_when_the_fault_goes(hub: HubServer, tmp_path: Path) -> None:
     hub.faults.truncate.add(WEIGHTS)
-    report = await load(hub, tmp_path, max_tries=2)
+    # huggingface_hub itself resumes a cut body five times, a second apart: one try of ours is enough
+    report = await load(hub, tmp_path, max_tries=1)
     assert report.attempts[0].outcome.name == "SourceFailed", report.attempts[0].outcome
     hub.faults.truncate.clear()
     assert (await load(hub, tmp_path)).loaded
