@@ -20,11 +20,12 @@ from typing import Any, NoReturn
 import anyio
 
 from . import __version__
+from .config import check_port, check_seconds
 from .errors import ConfigError, MxoError
 from .logs import configure_logging
 from .models import ModelIdentity, SourceRecord
 from .registry import open_registry, records_of
-from .render import print_report, print_sources, source_rows
+from .render import print_report, print_sources, printable, source_rows
 from .report import LoadReport
 from .strategy import Strategy, StrategyOptions, load_strategy
 
@@ -37,7 +38,34 @@ def default_registry_url() -> str:
     return os.environ.get("MXO_REGISTRY", "sqlite://")
 
 
+def _seconds(name: str) -> Callable[[str], float]:
+    """An argparse type: seconds checked by the same rule as the API's (:mod:`mx_orchestrator.config`)."""
+
+    def parse(text: str) -> float:
+        try:
+            return check_seconds(name, float(text))
+        except (ValueError, ConfigError) as exc:
+            raise argparse.ArgumentTypeError(
+                str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}"
+            ) from None
+
+    return parse
+
+
+def _port(text: str) -> int:
+    try:
+        return check_port("port", int(text))
+    except (ValueError, ConfigError) as exc:
+        raise argparse.ArgumentTypeError(
+            str(exc) if isinstance(exc, ConfigError) else f"not a port: {text!r}"
+        ) from None
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)  # --help shows defaults
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"mxo: error: {message} (see '{self.prog} --help')\n")
 
@@ -50,6 +78,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--log-level", default=None, help="debug, info, warning (default; or $MXO_LOG_LEVEL)")
     p.add_argument("--log-format", choices=("console", "json"), default="console")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (or $MXO_DEBUG=1)")
 
 
 def _identity(args: argparse.Namespace) -> ModelIdentity:
@@ -79,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="cpu", help="cpu or cuda:N")
     serve.add_argument("--source-id", default=None, help="stable id for this source (default host-pid)")
     serve.add_argument(
-        "--ttl", type=float, default=15.0, help="seconds without heartbeat before the record expires"
+        "--ttl",
+        type=_seconds("ttl"),
+        default=15.0,
+        help="seconds without heartbeat before the record expires",
     )
     serve.add_argument(
         "--label",
@@ -88,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="locality label published with the record (repeatable)",
     )
-    serve.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    serve.add_argument(
+        "--metrics-port", type=_port, default=None, help="serve Prometheus metrics on this port"
+    )
     serve.add_argument(
         "--interface",
         action="append",
@@ -106,15 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument(
         "--strategies",
         default=None,
-        help=f"comma-separated, in order (default {DEFAULT_STRATEGIES},hf_download when --repo is given)",
+        help=(
+            f"comma-separated, tried in this order (default: {DEFAULT_STRATEGIES}; "
+            "with cuda_ipc first for --device cuda:N and hf_download last when --repo is given)"
+        ),
     )
     pull.add_argument(
         "--repo", default=None, help="Hub repo ORG/NAME for hf_download (default: the model id)"
     )
     pull.add_argument("--hub-endpoint", default=None, help="Hub URL (default $HF_ENDPOINT or huggingface.co)")
-    pull.add_argument("--timeout", type=float, default=120.0, help="overall deadline in seconds")
     pull.add_argument(
-        "--attempt-timeout", type=float, default=60.0, help="deadline of one attempt in seconds"
+        "--timeout", type=_seconds("load_timeout"), default=120.0, help="overall deadline in seconds"
+    )
+    pull.add_argument(
+        "--attempt-timeout",
+        type=_seconds("attempt_timeout"),
+        default=60.0,
+        help="deadline of one attempt in seconds",
     )
     pull.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     pull.add_argument(
@@ -267,9 +309,10 @@ def _pull(args: argparse.Namespace) -> int:
     from .target import Target
 
     identity = _identity(args)
-    target = Target(
-        args.layout, args.device, verify=not args.no_verify
-    )  # checks the flags, allocates nothing
+    # checks the flags and allocates nothing
+    target = Target(args.layout, args.device, verify=not args.no_verify)
+    if args.out is not None:
+        _check_out(args.out)
     _use_device(args.device)  # before any strategy starts the transport's agent
     import torch  # noqa: F401  # start-up work (~1 s, beside the agent's creation), not inside the load
 
@@ -305,15 +348,27 @@ def _pull(args: argparse.Namespace) -> int:
                 await registry.aclose()
 
     report = anyio.run(run)
-    if report.loaded and args.out is not None:
-        save_checkpoint(target.tensors(), args.out / "model.safetensors")
     if args.json:
         print(report.to_json(indent=2), flush=True)
     else:
         print_report(report)
+    if report.loaded and args.out is not None:
+        # the report is out first: a write that fails now loses nothing of what the load learned
+        save_checkpoint(target.tensors(), args.out / "model.safetensors")
     if report.loaded and args.republish:
         _republish(args, target)
     return 0 if report.loaded else 1
+
+
+def _check_out(out: Path) -> None:
+    """``--out``: a directory that exists or can be made, and writable; checked before any byte moves."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {existing or out} is not a writable directory")
+    if (out / "model.safetensors").is_dir():
+        raise ConfigError(f"--out {out}: {out / 'model.safetensors'} is a directory")
 
 
 def _republish(args: argparse.Namespace, target: Any) -> None:
@@ -398,20 +453,36 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The edge of the program: every problem ends in one ``mxo: error:`` line (``--debug`` or
+    ``MXO_DEBUG=1`` adds the traceback); exit 2 for usage and configuration, 1 for a failed load."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False) or os.environ.get("MXO_DEBUG"))
     configure_logging(args.log_level, args.log_format)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
-    except MxoError as exc:
-        print(f"mxo: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
-    except OSError as exc:
-        print(f"mxo: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # the one place that turns anything into one line
+        error = _leaf(exc)
+        if debug:
+            import traceback
+
+            traceback.print_exception(exc)
+        if isinstance(error, (MxoError, OSError)):
+            print(f"mxo: error: {printable(error)}", file=sys.stderr)
+            return 2
+        hint = "" if debug else " (run with --debug for the traceback)"
+        print(f"mxo: error: {type(error).__name__}: {printable(error)}{hint}", file=sys.stderr)
+        return 1
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups, which task groups raise."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 if __name__ == "__main__":  # pragma: no cover

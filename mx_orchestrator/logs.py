@@ -21,7 +21,8 @@ __all__ = ["configure_logging", "escape_controls", "redact_secrets"]
 
 _SECRET_KEYS = re.compile(r"(token|password|secret|authorization|api_key)", re.IGNORECASE)
 _SECRET_VALUES = [
-    re.compile(r"hf_[A-Za-z0-9]{8,}"),
+    # a HuggingFace token is hf_ and 34 letters or digits: `strategy=hf_download` is not one
+    re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{34}(?![A-Za-z0-9_])"),
     re.compile(r"(rediss?://[^:/@\s]*:)[^@\s]+(@)"),
 ]
 

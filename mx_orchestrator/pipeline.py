@@ -32,6 +32,7 @@ import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .config import check_count, check_seconds
 from .errors import ConfigError, ManifestError, RegistryError
 from .models import Candidate, ModelIdentity, SourceRecord, SourceState
 from .outcomes import Cancelled, Loaded, LocalFailure, Outcome, TimedOut
@@ -108,8 +109,11 @@ class Orchestrator:
         names = [s.name for s in strategies]
         if len(set(names)) != len(names):
             raise ConfigError(f"strategy names must be unique, got {names}")
-        if probe_concurrency < 1:
-            raise ConfigError("probe_concurrency must be at least 1")
+        check_count("probe_concurrency", probe_concurrency)
+        check_seconds("probe_timeout", probe_timeout)
+        check_seconds("attempt_timeout", attempt_timeout)
+        check_seconds("load_timeout", load_timeout, optional=True)
+        check_seconds("rank_window", rank_window)
         if any(s.uses_peers for s in strategies) and registry is None and prober is None:
             raise ConfigError("peer strategies need a registry to find sources")
         self.registry = registry

@@ -29,6 +29,7 @@ from ._backends import EdgeFailure
 from ._backends.rdma import RdmaAgent
 from .buffers import Buffers, allocate
 from .checkpoint import read_tensors, safetensors_files
+from .config import check_seconds
 from .errors import ConfigError
 from .layout import LayoutSpec, parse_layout, plan_layout
 from .models import ModelIdentity, SourceRecord, dtype_name
@@ -93,6 +94,9 @@ class WeightSource:
         drain_timeout: float = 5.0,
         interfaces: Sequence[str] = (),
     ) -> None:
+        check_seconds("ttl", ttl)
+        check_seconds("drain_timeout", drain_timeout)
+        check_seconds("poll_interval", poll_interval)
         self.registry = registry
         self.weights = weights
         self.source_id = source_id or f"{socket.gethostname()}-{os.getpid()}"

@@ -67,12 +67,19 @@ def test_secrets_are_redacted_from_log_events() -> None:
             "event": "x",
             "hf_token": "hf_abcdefghijklmnop",
             "url": "rediss://:s3cret@redis.example:6380/0",
-            "detail": "401 for token hf_ZZZZZZZZZZZZZZZZ",
+            "detail": f"401 for token hf_{'Z' * 34}",
+            "strategy": "hf_download",
+            "note": "hf_short is no token, nor is xhf_" + "Q" * 34,
         },
     )
     text = json.dumps(event)
     assert "abcdefghijklmnop" not in text and "s3cret" not in text and "ZZZZZZZZ" not in text
     assert event["hf_token"] == "***"
+    assert event["detail"] == "401 for token hf_***"
+    # redaction is by the token's exact shape: names that merely start with hf_ are left alone
+    assert (
+        event["strategy"] == "hf_download" and event["note"] == "hf_short is no token, nor is xhf_" + "Q" * 34
+    )
 
 
 def test_json_log_format_writes_json_lines_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:

@@ -70,6 +70,10 @@ class NixlAgent:
         os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
         # UCX logs to stdout by default, which would corrupt `--json` output
         os.environ.setdefault("UCX_LOG_FILE", "/dev/stderr")
+        # UCX prints its own ERROR lines for a peer that went away, which the outcome
+        # already reports; $MXO_TRANSPORT_LOGS=1 shows them
+        if not os.environ.get("MXO_TRANSPORT_LOGS"):
+            os.environ.setdefault("UCX_LOG_LEVEL", "fatal")
         try:
             api = _bindings()
         except (ImportError, OSError) as exc:  # not installed, or its native library is broken

@@ -1,0 +1,52 @@
+"""Numbers that configure a load or a source, checked once where they enter (API and CLI alike).
+
+Every duration must be a finite number of seconds at or above a floor below
+which it cannot work: an attempt deadline shorter than connecting can take
+only ever times out (and must not blame a source for it), a TTL of zero makes
+a source's record expire as it is written. The CLI's argument types call the
+same functions, so a bad flag fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["FLOORS", "check_count", "check_port", "check_seconds"]
+
+#: The least each duration may be, in seconds, and why.
+FLOORS = {
+    "attempt_timeout": (0.1, "an attempt must have time to connect"),
+    "load_timeout": (0.1, "a load must have time to evaluate and connect"),
+    "probe_timeout": (0.01, "a probe must have time to read a manifest"),
+    "rank_window": (0.0, "it is a wait"),
+    "ttl": (1.0, "a source heartbeats every ttl/3"),
+    "drain_timeout": (0.0, "it is a wait"),
+    "poll_interval": (1e-4, "it is a pause between polls"),
+}
+
+
+def check_seconds(name: str, value: Any, *, optional: bool = False) -> float:
+    """``value`` as seconds, or :class:`ConfigError` naming ``name`` and what is wrong."""
+    if value is None and optional:
+        return math.inf
+    floor, why = FLOORS[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number of seconds, got {value!r:.40}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number of seconds, got {value}")
+    if value < floor:
+        raise ConfigError(f"{name} must be at least {floor:g} s ({why}), got {value:g}")
+    return float(value)
+
+
+def check_count(name: str, value: Any, *, minimum: int = 1, maximum: int = 1 << 20) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be a whole number in {minimum}..{maximum}, got {value!r:.40}")
+    return value
+
+
+def check_port(name: str, value: Any) -> int:
+    return check_count(name, value, minimum=1, maximum=65535)

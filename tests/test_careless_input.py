@@ -1,0 +1,188 @@
+"""Careless input at the edge of the program: one line naming the file or flag, the right exit code, no traceback,
+nothing published, nothing moved."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mx_orchestrator import ConfigError, ModelIdentity, Orchestrator
+from mx_orchestrator.errors import CheckpointError
+from mx_orchestrator.source import load_weights
+from mx_orchestrator.testing import FakeStrategy, succeed
+
+IDENTITY = ModelIdentity("acme/careless")
+
+
+def mxo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mx_orchestrator", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_one_line(out: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    assert out.returncode == code, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("mxo: error:")]
+    assert len(lines) == 1, out.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def safetensors_bytes(header: dict[str, object], data: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def corpus() -> dict[str, bytes]:
+    good = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    return {
+        "empty": b"",
+        "truncated-length": b"\x10\x00\x00",
+        "header-not-json": struct.pack("<Q", 9) + b"not json!",
+        "length-past-the-end": struct.pack("<Q", 1 << 40) + b"{}",
+        "data-missing": safetensors_bytes(good, b"\x00" * 4),
+        "overlapping": safetensors_bytes(
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\x00" * 12,
+        ),
+        "unknown-dtype": safetensors_bytes(
+            {"w": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)
+        ),
+        "shape-size-mismatch": safetensors_bytes(
+            {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(corpus()))
+def test_a_malformed_checkpoint_is_one_line_naming_the_file_and_nothing_is_published(
+    case: str, tmp_path: Path
+) -> None:
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(corpus()[case])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        load_weights(IDENTITY, weights)
+    registry = f"sqlite://{tmp_path}/r.db"
+    out = mxo("serve", "--model-id", IDENTITY.model_id, "--weights", str(weights), "--registry", registry)
+    assert_one_line(out, 2, "model.safetensors")
+    listed = mxo("sources", "--registry", registry, "--json")
+    assert json.loads(listed.stdout) == []  # nothing was published
+
+
+@pytest.mark.parametrize(
+    "index",
+    ["{not json", '{"weight_map": 3}', '{"weight_map": {"w": 7}}', '{"weight_map": {"w": "../outside.safetensors"}}',
+     '{"weight_map": {"w": "missing.safetensors"}}', '["a list"]', '{"weight_map": {}}'],
+)  # fmt: skip
+def test_a_broken_index_is_one_line_naming_it(index: str, tmp_path: Path) -> None:
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match=r"index\.json"):
+        load_weights(IDENTITY, weights)
+    out = mxo(
+        "serve",
+        "--model-id",
+        IDENTITY.model_id,
+        "--weights",
+        str(weights),
+        "--registry",
+        f"sqlite://{tmp_path}/r.db",
+    )
+    assert_one_line(out, 2, "index.json")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.binary(max_size=200),
+    st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5), max_size=3),
+)
+def test_any_bad_header_is_a_checkpoint_error_never_another_exception(
+    tmp_path: Path, junk: bytes, header: dict[str, object]
+) -> None:
+    for name, data in (("a.safetensors", junk), ("b.safetensors", safetensors_bytes({"t": header}, junk))):
+        directory = tmp_path / name.replace(".", "-")
+        directory.mkdir(exist_ok=True)
+        for old in directory.iterdir():
+            old.unlink()
+        (directory / name).write_bytes(data)
+        try:
+            load_weights(IDENTITY, directory)
+        except CheckpointError as exc:
+            assert name in str(exc)
+        except ConfigError as exc:  # e.g. a file that holds no tensors at all
+            assert "no tensors" in str(exc)
+
+
+@pytest.mark.parametrize(
+    "flag,value,needle",
+    [("--attempt-timeout", "0", "attempt_timeout"), ("--attempt-timeout", "-1", "attempt_timeout"),
+     ("--attempt-timeout", "nan", "attempt_timeout"), ("--timeout", "nan", "load_timeout"),
+     ("--timeout", "inf", "load_timeout"), ("--timeout", "soon", "not a number")],
+)  # fmt: skip
+def test_bad_numbers_on_pull_are_usage_errors(flag: str, value: str, needle: str, tmp_path: Path) -> None:
+    out = mxo("pull", "--model-id", "a/b", "--registry", f"sqlite://{tmp_path}/r.db", flag, value)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and needle in out.stderr
+    assert out.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "0.5"])
+def test_bad_ttls_on_serve_are_usage_errors(value: str, tmp_path: Path) -> None:
+    out = mxo("serve", "--model-id", "a/b", "--weights", str(tmp_path), "--ttl", value)
+    assert out.returncode == 2 and "ttl" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"attempt_timeout": 0}, {"attempt_timeout": float("nan")}, {"load_timeout": -5}, {"probe_timeout": float("inf")},
+     {"rank_window": -1}, {"probe_concurrency": 0}, {"attempt_timeout": True}],
+)  # fmt: skip
+def test_the_api_validates_the_same_numbers(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        Orchestrator(None, [FakeStrategy("hub", {None: [succeed()]}, uses_peers=False)], **kwargs)  # type: ignore[arg-type]
+
+
+def test_an_unwritable_out_fails_before_any_attempt(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    for out_dir, needle in ((blocked, "not a directory"), (blocked / "below", "not a writable directory")):
+        out = mxo(
+            "pull",
+            "--model-id",
+            "a/b",
+            "--registry",
+            f"sqlite://{tmp_path}/r.db",
+            "--out",
+            str(out_dir),
+            "--json",
+        )
+        assert_one_line(out, 2, "--out", needle)
+        assert out.stdout == ""  # no load started, so no report
+    import os
+
+    if os.geteuid() != 0:  # root writes anywhere: the mode means nothing to it
+        out = mxo(
+            "pull",
+            "--model-id",
+            "a/b",
+            "--registry",
+            f"sqlite://{tmp_path}/r.db",
+            "--out",
+            str(read_only / "x"),
+        )
+        assert_one_line(out, 2, "--out")
