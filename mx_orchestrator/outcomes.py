@@ -89,9 +89,15 @@ class SourceFailed(_OutcomeBase):
 
 @dataclass(frozen=True, kw_only=True)
 class TimedOut(_OutcomeBase):
-    """The attempt did not finish before its deadline; any bytes that landed are untrusted."""
+    """The attempt did not finish before its deadline; any bytes that landed are untrusted.
+
+    ``deadline``: the seconds the attempt was given; ``planned_bytes``: what it
+    was moving (0 when unknown). The policy blames the source only when that
+    deadline is evidence of a stall (:attr:`~mx_orchestrator.policy.Policy.stall_floor`).
+    """
 
     deadline: float = 0.0
+    planned_bytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -26,7 +26,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -323,9 +323,13 @@ async def transfer(
     began = anyio.current_time()
     sid = ctx.source_id
     phases = ctx.phases
+    phases.planned_bytes = plan.nbytes
 
     def failed(exc: EdgeFailure) -> Outcome:
-        return exc.outcome(strategy, sid, anyio.current_time() - began)
+        outcome = exc.outcome(strategy, sid, anyio.current_time() - began)
+        if isinstance(outcome, TimedOut):  # what the policy needs to tell a stall from a short deadline
+            outcome = replace(outcome, deadline=ctx.deadline - began, planned_bytes=plan.nbytes)
+        return outcome
 
     try:
         with phases.timed("agent"):

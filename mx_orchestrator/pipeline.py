@@ -475,8 +475,9 @@ class _Load:
             strategy=strategy.name,
             source_id=step.source_id,
             seconds=seconds,
-            deadline=config.attempt_timeout,
-            detail=f"no completion within the attempt deadline of {config.attempt_timeout:.3g}s",
+            deadline=deadline - began,
+            planned_bytes=phases.planned_bytes,
+            detail=f"no completion within the attempt deadline of {deadline - began:.3g}s",
         )
 
     async def count_reader(self, step: Attempt, delta: int) -> bool:

@@ -15,6 +15,7 @@ Nothing here performs I/O, sleeps or reads a clock.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -222,10 +223,21 @@ class Policy:
 
     rules: Mapping[type[Outcome], Rule] = field(default_factory=lambda: DEFAULT_RULES)
     max_attempts: int = 64
+    #: a ``TimedOut`` blames its source only if the attempt had at least this long ...
+    stall_floor: float = 5.0
+    #: ... and at least as long as its planned bytes take at this rate (bytes/s): anything
+    #: shorter is the target's own deadline, not evidence that the source stalled
+    stall_rate: float = 50e6
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if not (math.isfinite(self.stall_floor) and self.stall_floor >= 0 and self.stall_rate > 0):
+            raise ValueError("stall_floor must be finite and >= 0, stall_rate > 0")
+
+    def stall_evidence(self, outcome: TimedOut) -> float:
+        """The least deadline (seconds) after which a ``TimedOut`` may be blamed on its source."""
+        return max(self.stall_floor, outcome.planned_bytes / self.stall_rate)
 
     def with_rules(self, overrides: Mapping[type[Outcome], Rule]) -> Policy:
         merged = dict(self.rules)
@@ -242,6 +254,16 @@ class Policy:
                 report_unreachable=False,
                 reason=f"{action.reason}; STALE suppressed: {outcome.name} is never the source's fault",
             )
+        if isinstance(outcome, TimedOut) and (action.mark_stale or action.report_unreachable):
+            needed = self.stall_evidence(outcome)
+            if not outcome.deadline >= needed:  # NaN counts as no evidence
+                action = replace(
+                    action,
+                    mark_stale=False,
+                    report_unreachable=False,
+                    reason=f"{action.reason}; STALE suppressed: the attempt had {outcome.deadline:.3g}s, "
+                    f"less than the {needed:.3g}s that would show a stall",
+                )
         if not action.delay >= 0:  # also catches NaN from a user's wait object
             action = replace(action, delay=0.0)
         if action.kind is not ActionKind.FINISH and state.attempts_total >= self.max_attempts:

@@ -62,6 +62,8 @@ class Phases:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        #: bytes the attempt set out to move, once it knows (a stall is judged against them)
+        self.planned_bytes = 0
 
     def add(self, phase: str, seconds: float) -> None:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds

@@ -102,6 +102,7 @@ class CudaIpc:
         began = anyio.current_time()
         sid = ctx.source_id
         phases = ctx.phases
+        ctx.phases.planned_bytes = plan.nbytes
         buffers = await allocate(plan, target, ctx, self.name)
         if not isinstance(buffers, Buffers):
             return buffers

@@ -17,6 +17,7 @@ from mx_orchestrator import ConfigError, ModelIdentity, Orchestrator
 from mx_orchestrator.errors import CheckpointError
 from mx_orchestrator.source import load_weights
 from mx_orchestrator.testing import FakeStrategy, succeed
+from mx_orchestrator.testing.peers import MODEL_ID, Peers
 
 IDENTITY = ModelIdentity("acme/careless")
 
@@ -186,3 +187,21 @@ def test_an_unwritable_out_fails_before_any_attempt(tmp_path: Path) -> None:
             str(read_only / "x"),
         )
         assert_one_line(out, 2, "--out")
+
+
+@pytest.mark.nixl
+def test_a_pull_that_times_out_by_its_own_short_deadline_leaves_the_healthy_source_ready(
+    peers: Peers, registry_url: str
+) -> None:
+    """A fresh process with the shortest attempt deadline the CLI accepts: the attempt ends waiting for the
+    process's own transport agent, which is no fault of the source."""
+    peers.start(("healthy", "arena"))
+    out = mxo(
+        "pull", "--model-id", MODEL_ID, "--registry", registry_url, "--attempt-timeout", "0.1", "--json"
+    )
+    report = json.loads(out.stdout)
+    timed_out = [a for a in report["attempts"] if a["outcome"] == "TimedOut"]
+    assert timed_out, report["attempts"]  # the deadline did strike
+    assert not any(a["marked_stale"] for a in report["attempts"])
+    (row,) = json.loads(mxo("sources", "--registry", registry_url, "--json").stdout)
+    assert row["effective_state"] == "READY" and row["times_ejected"] == 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mx_orchestrator import ModelIdentity, Orchestrator, SourceState
+from mx_orchestrator import ModelIdentity, Orchestrator, Policy, SourceState
 from mx_orchestrator._backends.nixl import get_agent
 from mx_orchestrator.checkpoint import save_checkpoint
 from mx_orchestrator.peer import release_connections
@@ -192,8 +192,14 @@ async def test_frozen_source_times_out_is_marked_stale_and_another_serves(
     frozen, _healthy = peers.start(("frozen", "arena"), ("healthy", "arena"))
     frozen.signal(19)  # SIGSTOP
     target = Target("arena")
+    # a policy that takes 1 s without completion as a stall (the default wants 5 s and more for
+    # larger transfers, so that a target's own short deadline never blames a source)
     report, registry = await load(
-        registry_url, target, selection=ordered("frozen", "healthy"), attempt_timeout=1.5
+        registry_url,
+        target,
+        selection=ordered("frozen", "healthy"),
+        attempt_timeout=1.5,
+        policy=Policy(stall_floor=1.0, stall_rate=1e9),
     )
     first = report.attempts[0]
     assert first.outcome.name == "TimedOut" and first.marked_stale

@@ -21,7 +21,7 @@ import anyio
 import pytest
 import torch
 
-from mx_orchestrator import LoadReport, ModelIdentity, Orchestrator, SourceState
+from mx_orchestrator import DEFAULT_POLICY, LoadReport, ModelIdentity, Orchestrator, Policy, SourceState
 from mx_orchestrator.buffers import Buffers
 from mx_orchestrator.models import Candidate, Manifest
 from mx_orchestrator.outcomes import (
@@ -63,12 +63,15 @@ class Fabric:
         self.agent = self.network.agent("target")
         self.sources: dict[str, tuple[FakeRdmaAgent, Buffers]] = {}
 
-    async def load(self, target: Any, *strategies: Any, attempt_timeout: float = 5.0) -> LoadReport:
+    async def load(
+        self, target: Any, *strategies: Any, attempt_timeout: float = 5.0, policy: Policy = DEFAULT_POLICY
+    ) -> LoadReport:
         chosen = list(strategies) or [RdmaRegion(agent=self.agent), RdmaTensor(agent=self.agent)]
         order = {sid: float(i) for i, sid in enumerate(self.sources)}
         return await Orchestrator(
             self.registry,
             chosen,
+            policy=policy,
             attempt_timeout=attempt_timeout,
             rank_window=0.05,
             selection=lambda _t: lambda c: (order.get(c.source_id, 99.0),),
@@ -183,7 +186,9 @@ async def test_a_source_dying_mid_read_is_source_failed_and_stale() -> None:
 async def test_a_frozen_source_times_out_at_the_attempt_deadline_and_releases_everything() -> None:
     async with fabric(("frozen", "arena"), ("ok", "arena"), frozen={"frozen": True}) as f:
         began = anyio.current_time()
-        report = await f.load(Target("arena"), attempt_timeout=0.3)
+        # a policy that takes 0.2 s without progress as a stall (the default wants 5 s: a short
+        # deadline of the target's own never blames a source)
+        report = await f.load(Target("arena"), attempt_timeout=0.3, policy=Policy(stall_floor=0.2))
         elapsed = anyio.current_time() - began
     first = report.attempts[0]
     assert isinstance(first.outcome, TimedOut) and first.marked_stale

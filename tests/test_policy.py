@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import pytest
 import tenacity
 from hypothesis import given, settings
@@ -49,6 +52,8 @@ EXPECTED = {
 
 
 def make(outcome_type: type[Outcome], source: str | None = "src") -> Outcome:
+    if outcome_type is TimedOut:  # a deadline long enough to be evidence of a stall
+        return TimedOut(strategy="s", source_id=source, detail="x", deadline=60.0)
     return outcome_type(strategy="s", source_id=source, detail="x")
 
 
@@ -195,3 +200,29 @@ def test_not_applicable_for_one_candidate_moves_to_the_next_candidate_never_stal
     assert whole.kind is Kind.NEXT_STRATEGY
     assert one.kind is Kind.NEXT_CANDIDATE and not one.mark_stale and not one.report_unreachable
     assert not one.forget_source  # another strategy may still use that source
+
+
+@given(
+    deadline=st.floats(allow_nan=False, allow_infinity=False, min_value=-1e9, max_value=1e9) | st.just(float("nan")),
+    planned=st.integers(min_value=0, max_value=1 << 45),
+    rule=st.sampled_from([next_candidate(mark_stale=True), next_candidate(report_unreachable=True),
+                          retry(stop=tenacity.stop_after_attempt(1))]),
+)  # fmt: skip
+def test_a_target_s_own_short_deadline_never_blames_the_source(
+    deadline: float, planned: int, rule: Any
+) -> None:
+    """Whatever the rule: a TimedOut marks STALE only with a deadline that is evidence of a stall."""
+    policy = DEFAULT_POLICY.with_rules({TimedOut: rule})
+    outcome = TimedOut(strategy="s", source_id="src", deadline=deadline, planned_bytes=planned)
+    action = policy.decide(outcome, DecisionState())
+    evidence = max(policy.stall_floor, planned / policy.stall_rate)
+    if not deadline >= evidence:
+        assert not action.mark_stale and not action.report_unreachable
+    else:
+        assert action.mark_stale or action.report_unreachable or action.kind is ActionKind.RETRY
+
+
+def test_a_long_transfer_needs_a_longer_deadline_before_it_blames() -> None:
+    sixteen_gb = TimedOut(strategy="s", source_id="src", deadline=60.0, planned_bytes=16 << 30)
+    assert not DEFAULT_POLICY.decide(sixteen_gb, DecisionState()).mark_stale  # 60 s < 16 GiB at 50 MB/s
+    assert DEFAULT_POLICY.decide(replace(sixteen_gb, deadline=400.0), DecisionState()).mark_stale
