@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 
@@ -32,6 +33,8 @@ from .strategy import Strategy, StrategyOptions, load_strategy
 __all__ = ["build_parser", "main"]
 
 DEFAULT_STRATEGIES = "rdma_region,rdma_tensor"
+
+T = TypeVar("T")
 
 
 def default_registry_url() -> str:
@@ -157,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds("attempt_timeout"),
         default=60.0,
         help="deadline of one attempt in seconds",
+    )
+    pull.add_argument(
+        "--reader-lease",
+        type=_seconds("reader_lease"),
+        default=10.0,
+        help="seconds a reader's count on a source lasts unless renewed (a killed pull's count runs out)",
     )
     pull.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     pull.add_argument(
@@ -341,11 +350,13 @@ def _pull(args: argparse.Namespace) -> int:
                 load_timeout=args.timeout,
                 observers=[display],
                 expect=args.expect,
+                reader_lease=args.reader_lease,
             ) as orchestrator:
-                return await orchestrator.load(identity, target, progress=display)
+                return await _until_signal(orchestrator.load(identity, target, progress=display))
         finally:
             if registry is not None:
-                await registry.aclose()
+                with anyio.CancelScope(shield=True):
+                    await registry.aclose()
 
     report = anyio.run(run)
     if args.json:
@@ -358,6 +369,37 @@ def _pull(args: argparse.Namespace) -> int:
     if report.loaded and args.republish:
         _republish(args, target)
     return 0 if report.loaded else 1
+
+
+class Interrupted(MxoError):
+    """SIGTERM or SIGINT ended the command; what it held (reader leases, connections) was given back."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name}; reader leases and connections released"
+        )
+        self.signum = signum
+
+
+async def _until_signal(work: Awaitable[T]) -> T:
+    """``await work``; on SIGTERM or SIGINT it is cancelled cleanly (every ``finally`` runs): Interrupted."""
+    result: list[T] = []
+    received: list[int] = []
+
+    async def run(scope: anyio.CancelScope) -> None:
+        result.append(await work)
+        scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, tg.cancel_scope)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                received.append(signum)
+                tg.cancel_scope.cancel()
+                break
+    if received:
+        raise Interrupted(received[0])
+    return result[0]
 
 
 def _check_out(out: Path) -> None:
@@ -466,6 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # the one place that turns anything into one line
         error = _leaf(exc)
+        if isinstance(error, Interrupted):
+            print(f"mxo: {error}", file=sys.stderr)
+            return 128 + error.signum
         if debug:
             import traceback
 

@@ -23,6 +23,7 @@ FLOORS = {
     "probe_timeout": (0.01, "a probe must have time to read a manifest"),
     "rank_window": (0.0, "it is a wait"),
     "ttl": (1.0, "a source heartbeats every ttl/3"),
+    "reader_lease": (0.5, "a target renews its lease every lease/3"),
     "drain_timeout": (0.0, "it is a wait"),
     "poll_interval": (1e-4, "it is a pause between polls"),
 }

@@ -448,6 +448,12 @@ class SourceRecord:
     ejected_until: float = 0.0
     stale_reason: str = ""
     unreachable_reports: int = 0
+    #: reader leases: target reader id -> when its lease expires (unix time); ``load`` counts the live ones
+    readers: Mapping[str, float] = field(default_factory=dict)
+
+    def live_readers(self, now: float) -> int:
+        """Readers whose lease has not expired at ``now`` (a crashed target's lease simply runs out)."""
+        return sum(1 for expires in self.readers.values() if expires > now)
 
     def __post_init__(self) -> None:
         # records are written by anyone who can write the registry: every field is checked
@@ -477,6 +483,13 @@ class SourceRecord:
                 f"source record {name} must be a finite number in {low}..{high}, got {value!r:.40}",
             )  # fmt: skip
         _require(isinstance(self.stale_reason, str) and len(self.stale_reason) <= 4096, "bad stale_reason")
+        _require(len(self.readers) <= 65_536, "source record lists too many readers")
+        for reader, expires in self.readers.items():
+            _require(
+                isinstance(reader, str) and 0 < len(reader) <= 256 and reader.isprintable()
+                and isinstance(expires, float) and math.isfinite(expires),
+                "source record readers must map printable ids to finite expiry times",
+            )  # fmt: skip
         for key, value in self.labels.items():
             _require(
                 isinstance(key, str) and isinstance(value, str) and key.isprintable() and value.isprintable(),
@@ -499,6 +512,7 @@ class SourceRecord:
             "ejected_until": self.ejected_until,
             "stale_reason": self.stale_reason,
             "unreachable_reports": self.unreachable_reports,
+            "readers": dict(self.readers),
         }
 
     @classmethod
@@ -524,6 +538,7 @@ class SourceRecord:
                 ejected_until=float(data.get("ejected_until", 0.0)),
                 stale_reason=str(data.get("stale_reason", "")),
                 unreachable_reports=int(data.get("unreachable_reports", 0)),
+                readers={str(k): float(v) for k, v in (data.get("readers") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ManifestError):

@@ -103,6 +103,7 @@ class Orchestrator:
         target_id: str | None = None,
         observers: Sequence[LoadObserver] = (),
         expect: str | None = None,
+        reader_lease: float = 10.0,
     ) -> None:
         if not strategies:
             raise ConfigError("an orchestrator needs at least one strategy")
@@ -114,6 +115,7 @@ class Orchestrator:
         check_seconds("attempt_timeout", attempt_timeout)
         check_seconds("load_timeout", load_timeout, optional=True)
         check_seconds("rank_window", rank_window)
+        self.reader_lease = check_seconds("reader_lease", reader_lease)
         if any(s.uses_peers for s in strategies) and registry is None and prober is None:
             raise ConfigError("peer strategies need a registry to find sources")
         self.registry = registry
@@ -452,15 +454,19 @@ class _Load:
         outcome: Outcome | None = None
         # an attempt that fails must not leave its source's manifest shaping the target
         empty_before = isinstance(self.target, Target) and self.target.buffers is None
-        counted = await self.count_reader(step, +1)
+        leased = await self.lease_reader(step, config.reader_lease)
         try:
-            outcome = await self.attempt_within(strategy, ctx, deadline - began, step)
+            async with anyio.create_task_group() as renewals:
+                if leased:
+                    renewals.start_soon(self.renew_lease, step)
+                outcome = await self.attempt_within(strategy, ctx, deadline - began, step)
+                renewals.cancel_scope.cancel()
         finally:
             if empty_before and not isinstance(outcome, Loaded):
                 self.target.release()
-            if counted:
+            if leased:
                 with anyio.CancelScope(shield=True):
-                    await self.count_reader(step, -1)
+                    await self.lease_reader(step, None)
         if outcome is not None:
             return outcome
         seconds = anyio.current_time() - began
@@ -480,19 +486,30 @@ class _Load:
             detail=f"no completion within the attempt deadline of {deadline - began:.3g}s",
         )
 
-    async def count_reader(self, step: Attempt, delta: int) -> bool:
-        """Best-effort reader accounting for least-loaded selection; never fails an attempt."""
+    async def lease_reader(self, step: Attempt, seconds: float | None) -> bool:
+        """Take, renew or (``None``) give back this load's reader lease on the attempt's source.
+
+        Best effort (it feeds least-loaded selection and the source's drain);
+        never fails an attempt. A target killed mid-read stops renewing and its
+        lease runs out within ``reader_lease`` seconds.
+        """
         registry = self.config.registry
         if step.candidate is None or registry is None:
             return False
         record = step.candidate.record
+        reader = f"{self.config.target_id}/{self.run_id}"
         result = await self.registry_call(
-            lambda: registry.add_load(record.source_id, record.generation, delta),
-            "source.load_accounting_failed",
+            lambda: registry.lease_reader(record.source_id, record.generation, reader, seconds),
+            "source.reader_lease_failed",
             within=_READER_ACCOUNTING_TIMEOUT,
             source=record.source_id,
         )
         return not isinstance(result, RegistryError)
+
+    async def renew_lease(self, step: Attempt) -> None:
+        while True:
+            await anyio.sleep(self.config.reader_lease / 3)
+            await self.lease_reader(step, self.config.reader_lease)
 
     async def attempt_within(
         self, strategy: Strategy, ctx: AttemptContext, budget: float, step: Attempt

@@ -114,6 +114,10 @@ def source_row(record: SourceRecord, now: float) -> dict[str, Any]:
     """A record as ``mxo sources --json`` shows it: no transport data, ages and the effective state."""
     data = record.to_dict()
     data.pop("transport", None)
+    data.pop("readers", None)
+    data["load"] = record.live_readers(
+        now
+    )  # a lease that ran out is no reader, even before the next heartbeat
     data["heartbeat_age_s"] = round(now - record.heartbeat_at, 3)
     data["ejected_for_s"] = round(max(0.0, record.ejected_until - now), 3)
     data["effective_state"] = "EXPIRED" if is_expired(record, now) else record.state.value

@@ -195,7 +195,12 @@ class WeightSource:
         try:
             with anyio.fail_after(2):
                 record = await self.registry.drain(self.source_id, self.generation)
-            while record is not None and record.load > 0 and anyio.current_time() < deadline:
+            # live leases only: a reader that crashed stops renewing and no longer holds us up
+            while (
+                record is not None
+                and record.live_readers(time.time()) > 0
+                and anyio.current_time() < deadline
+            ):
                 agent.poll_notifications()
                 await anyio.sleep(0.01)
                 record = await self.registry.get(self.source_id)

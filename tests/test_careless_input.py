@@ -205,3 +205,54 @@ def test_a_pull_that_times_out_by_its_own_short_deadline_leaves_the_healthy_sour
     assert not any(a["marked_stale"] for a in report["attempts"])
     (row,) = json.loads(mxo("sources", "--registry", registry_url, "--json").stdout)
     assert row["effective_state"] == "READY" and row["times_ejected"] == 0
+
+
+def _readers(registry_url: str) -> int:
+    rows = json.loads(mxo("sources", "--registry", registry_url, "--json").stdout)
+    return sum(r["load"] for r in rows)
+
+
+def _wait_for(predicate: object, seconds: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.nixl
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGKILL"])
+def test_a_pull_ended_mid_transfer_gives_its_reader_lease_back_within_the_lease(
+    peers: Peers, registry_url: str, signum: str
+) -> None:
+    import os
+    import signal
+
+    (source,) = peers.start(("frozen", "arena"), ttl=3.0)
+    source.signal(signal.SIGSTOP)  # the READ is posted and never completes: the pull is mid-transfer
+    pull = subprocess.Popen(
+        [sys.executable, "-m", "mx_orchestrator", "pull", "--model-id", MODEL_ID, "--registry", registry_url,
+         "--attempt-timeout", "60", "--reader-lease", "1", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert _wait_for(lambda: _readers(registry_url) == 1, 30), "the pull never became a reader"
+        pull.send_signal(getattr(signal, signum))
+        code = pull.wait(timeout=30)
+        if signum == "SIGTERM":
+            assert code == 128 + signal.SIGTERM and "interrupted by SIGTERM" in (
+                pull.stderr.read() if pull.stderr else ""
+            )
+            assert _readers(registry_url) == 0  # given back on the way out
+        else:
+            assert _wait_for(lambda: _readers(registry_url) == 0, 3), (
+                "the killed pull's lease did not run out"
+            )
+    finally:
+        if pull.poll() is None:
+            os.kill(pull.pid, signal.SIGKILL)
+        pull.wait()
+        source.signal(signal.SIGCONT)

@@ -148,27 +148,32 @@ async def test_list_by_state_and_remove(
     assert [r.source_id for r in await registry.list(None, None)] == ["b"]
 
 
-async def test_heartbeat_updates_load(
+async def test_heartbeat_of_another_generation_changes_nothing(
     registry: SourceRegistry, identity: ModelIdentity, clock: Clock
 ) -> None:
     a = rec(identity, "a", clock)
     await registry.publish(a)
-    await registry.heartbeat("a", a.generation, load=3)
-    listed = await registry.list(identity.key)
-    assert listed[0].load == 3
+    assert await registry.heartbeat("a", a.generation) is not None
     assert await registry.heartbeat("a", "wrong-generation") is None
 
 
-async def test_add_load_counts_readers_and_never_goes_negative(
+async def test_reader_leases_count_as_load_and_run_out_unless_renewed(
     registry: SourceRegistry, identity: ModelIdentity, clock: Clock
 ) -> None:
     a = rec(identity, "a", clock)
     await registry.publish(a)
-    await registry.add_load("a", a.generation, +1)
-    await registry.add_load("a", a.generation, +1)
+    await registry.lease_reader("a", a.generation, "t1/run", 10)
+    await registry.lease_reader("a", a.generation, "t2/run", 2)
+    await registry.lease_reader("a", a.generation, "t1/run", 10)  # a renewal is not a second reader
     assert (await registry.list(identity.key))[0].load == 2
-    for _ in range(3):
-        await registry.add_load("a", a.generation, -1)
+    await registry.lease_reader("a", a.generation, "t1/run", None)  # given back
+    await registry.lease_reader("a", a.generation, "never-held", None)  # giving back twice is harmless
+    assert (await registry.list(identity.key))[0].load == 1
+    clock.now += 3  # t2 crashed: it never renewed
+    await registry.heartbeat("a", a.generation)
+    record = (await registry.list(identity.key))[0]
+    assert record.load == 0 and record.readers == {}
+    await registry.lease_reader("a", "other-generation", "t3/run", 10)  # a previous life's lease: ignored
     assert (await registry.list(identity.key))[0].load == 0
 
 
@@ -203,7 +208,7 @@ async def test_a_draining_source_is_not_offered_but_still_listed_as_draining(
 ) -> None:
     a = rec(identity, "a", clock)
     await registry.publish(a)
-    await registry.add_load("a", a.generation, +1)
+    await registry.lease_reader("a", a.generation, "reader", 30)
     drained = await registry.drain("a", a.generation)
     assert drained is not None and drained.state is SourceState.DRAINING and drained.load == 1
     assert await registry.list(identity.key) == []

@@ -39,7 +39,8 @@ async def main():
     for i in range(40):
         r = make_record(ident, f"{sys.argv[2]}-{i}")
         await reg.publish(r, make_manifest(ident, 2))
-        await reg.heartbeat(r.source_id, r.generation, load=i % 3)
+        for k in range(i % 3):
+            await reg.lease_reader(r.source_id, r.generation, f"reader-{k}", 60)
     await reg.aclose()
 anyio.run(main)
 """

@@ -31,13 +31,13 @@ async def test_shutdown_drains_in_flight_readers_then_unpublishes(identity: Mode
     async with anyio.create_task_group() as tg:
         record = await tg.start(source.run)
         assert agent.stats.registrations == 1 and (await registry.list(identity.key))[0].source_id == "src"
-        await registry.add_load("src", record.generation, +1)  # a reader is mid-transfer
+        await registry.lease_reader("src", record.generation, "t/run", 30)  # a reader is mid-transfer
         tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
             await anyio.sleep(0.2)
             during = await registry.get("src")
             assert during is not None and during.state is SourceState.DRAINING
-            await registry.add_load("src", record.generation, -1)  # the reader finishes
+            await registry.lease_reader("src", record.generation, "t/run", None)  # the reader finishes
             with anyio.fail_after(2):
                 while await registry.get("src") is not None:  # noqa: ASYNC110 - polling the registry is the point
                     await anyio.sleep(0.02)

@@ -11,7 +11,7 @@ earlier; a new process generation starts with a clean record.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
@@ -23,7 +23,7 @@ __all__ = [
     "SourceRegistry",
     "apply_drain",
     "apply_heartbeat",
-    "apply_load",
+    "apply_reader",
     "apply_publish",
     "apply_unreachable",
     "apply_mark_stale",
@@ -59,19 +59,21 @@ def is_listed(record: SourceRecord, now: float, state: SourceState | None) -> bo
     return record.state is state
 
 
-def apply_heartbeat(record: SourceRecord, now: float, load: int | None = None) -> SourceRecord:
-    """Refresh liveness; a STALE source whose cool-down has passed becomes READY again."""
+def apply_heartbeat(record: SourceRecord, now: float) -> SourceRecord:
+    """Refresh liveness and drop expired reader leases; a STALE source whose cool-down has passed
+    becomes READY again."""
     state = record.state
     reason = record.stale_reason
     if state is SourceState.STALE and now >= record.ejected_until:
         state, reason = SourceState.READY, ""
-    return replace(
-        record,
-        heartbeat_at=now,
-        state=state,
-        stale_reason=reason,
-        load=record.load if load is None else max(0, load),
+    return _with_readers(
+        replace(record, heartbeat_at=now, state=state, stale_reason=reason), record.readers, now
     )
+
+
+def _with_readers(record: SourceRecord, readers: Mapping[str, float], now: float) -> SourceRecord:
+    live = {reader: expires for reader, expires in readers.items() if expires > now}
+    return replace(record, readers=live, load=len(live))
 
 
 def apply_publish(previous: SourceRecord | None, record: SourceRecord, now: float) -> SourceRecord:
@@ -102,9 +104,18 @@ def apply_drain(record: SourceRecord) -> SourceRecord:
     return replace(record, state=SourceState.DRAINING)
 
 
-def apply_load(record: SourceRecord, delta: int) -> SourceRecord:
-    """Count readers in or out; never below zero (a reader's exit may outlive a restart)."""
-    return replace(record, load=max(0, record.load + delta))
+def apply_reader(record: SourceRecord, reader: str, expires_at: float | None, now: float) -> SourceRecord:
+    """Take, renew (``expires_at``) or give back (``None``) one reader's lease; ``load`` counts live leases.
+
+    Leases, not counters: a target that crashes or is killed mid-read stops
+    renewing, and its lease runs out on its own.
+    """
+    readers = dict(record.readers)
+    if expires_at is None:
+        readers.pop(reader, None)
+    else:
+        readers[reader] = expires_at
+    return _with_readers(record, readers, now)
 
 
 def apply_unreachable(
@@ -144,9 +155,7 @@ class SourceRegistry(Protocol):
 
     async def publish(self, record: SourceRecord, manifest: Manifest | None = None) -> None: ...
 
-    async def heartbeat(
-        self, source_id: str, generation: str, *, load: int | None = None
-    ) -> SourceRecord | None: ...
+    async def heartbeat(self, source_id: str, generation: str) -> SourceRecord | None: ...
 
     async def drain(self, source_id: str, generation: str) -> SourceRecord | None:
         """Mark a source DRAINING (no new readers); returns the record, whose ``load`` counts readers left."""
@@ -158,8 +167,11 @@ class SourceRegistry(Protocol):
         """One target could not reach the source; True when this report ejected it."""
         ...
 
-    async def add_load(self, source_id: str, generation: str, delta: int) -> None:
-        """Count a reader in (+1) or out (-1): the data the least-loaded selection ranks by."""
+    async def lease_reader(self, source_id: str, generation: str, reader: str, seconds: float | None) -> None:
+        """Take or renew ``reader``'s lease for ``seconds`` (``None``: give it back).
+
+        ``load`` counts the live leases: the data the least-loaded selection ranks by.
+        """
         ...
 
     async def list(
@@ -207,13 +219,9 @@ class RecordTransitions:
     async def _change(self, source_id: str, change: Change) -> SourceRecord | None:
         raise NotImplementedError
 
-    async def heartbeat(
-        self, source_id: str, generation: str, *, load: int | None = None
-    ) -> SourceRecord | None:
+    async def heartbeat(self, source_id: str, generation: str) -> SourceRecord | None:
         now = self._clock()
-        return await self._change(
-            source_id, _for_generation(generation, lambda r: apply_heartbeat(r, now, load))
-        )
+        return await self._change(source_id, _for_generation(generation, lambda r: apply_heartbeat(r, now)))
 
     async def mark_stale(self, source_id: str, generation: str, *, reason: str, reporter: str = "") -> bool:
         now = self._clock()
@@ -237,5 +245,9 @@ class RecordTransitions:
     async def drain(self, source_id: str, generation: str) -> SourceRecord | None:
         return await self._change(source_id, _for_generation(generation, apply_drain))
 
-    async def add_load(self, source_id: str, generation: str, delta: int) -> None:
-        await self._change(source_id, _for_generation(generation, lambda r: apply_load(r, delta)))
+    async def lease_reader(self, source_id: str, generation: str, reader: str, seconds: float | None) -> None:
+        now = self._clock()
+        expires = None if seconds is None else now + seconds
+        await self._change(
+            source_id, _for_generation(generation, lambda r: apply_reader(r, reader, expires, now))
+        )

@@ -197,11 +197,9 @@ class FakeRegistry(MemoryRegistry):
         self._enter("list", identity_key or "")
         return await super().list(identity_key, state)
 
-    async def heartbeat(
-        self, source_id: str, generation: str, *, load: int | None = None
-    ) -> SourceRecord | None:
+    async def heartbeat(self, source_id: str, generation: str) -> SourceRecord | None:
         self._enter("heartbeat", source_id)
-        return await super().heartbeat(source_id, generation, load=load)
+        return await super().heartbeat(source_id, generation)
 
     async def drain(self, source_id: str, generation: str) -> SourceRecord | None:
         self._enter("drain", source_id)
@@ -213,9 +211,9 @@ class FakeRegistry(MemoryRegistry):
         self._enter("report_unreachable", source_id)
         return await super().report_unreachable(source_id, generation, reason=reason, reporter=reporter)
 
-    async def add_load(self, source_id: str, generation: str, delta: int) -> None:
-        self._enter("add_load", source_id)
-        await super().add_load(source_id, generation, delta)
+    async def lease_reader(self, source_id: str, generation: str, reader: str, seconds: float | None) -> None:
+        self._enter("lease_reader", source_id)
+        await super().lease_reader(source_id, generation, reader, seconds)
 
     async def mark_stale(self, source_id: str, generation: str, *, reason: str, reporter: str = "") -> bool:
         self._enter("mark_stale", source_id)
@@ -257,6 +255,8 @@ def make_record(
         ttl=ttl,
         heartbeat_at=time.time(),
         labels=labels,
+        # ``load`` readers, each holding a lease for an hour
+        readers={f"reader-{i}": time.time() + 3600.0 for i in range(load)},
     )
 
 
