@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -86,6 +86,9 @@ class _Fetched:
     nbytes: int
     verified: bool
     sha256: dict[str, str | None]
+    #: weight files the index does not name, and their bytes: listed, never downloaded
+    skipped_bytes: int = 0
+    skipped: list[str] = field(default_factory=list)
 
 
 class HfDownload:
@@ -192,7 +195,13 @@ class HfDownload:
             seconds=anyio.current_time() - began,
             verified=fetched.verified,
             detail=f"{repo}@{fetched.commit[:12]}: {len(fetched.weights)} safetensors files"
-            + ("; sha256 verified" if fetched.verified else ""),
+            + ("; sha256 verified" if fetched.verified else "")
+            + (
+                f"; skipped {fetched.skipped_bytes:,} bytes the index does not use "
+                f"({', '.join(fetched.skipped[:3])})"
+                if fetched.skipped
+                else ""
+            ),
         )
 
     # -- blocking part (worker thread) -------------------------------------------
@@ -219,28 +228,44 @@ class HfDownload:
             raise EdgeFailure(SourceUnreachable, f"{repo}@{commit[:12]} has no safetensors files")
         if stop.is_set() or time.monotonic() >= wall_deadline:
             raise EdgeFailure(TimedOut, "the attempt's deadline passed before the download")
-        snapshot = self.client.snapshot(repo, commit, list(wanted), wall_deadline, counter)
+        # a sharded checkpoint: the index is fetched first and names the only weight files to
+        # fetch (a Mistral-style consolidated.safetensors beside the shards is not downloaded)
+        index = next((p for p in wanted if PurePosixPath(p).name == INDEX_NAME), None)
+        first = [p for p in wanted if not p.endswith(".safetensors")] if index is not None else list(wanted)
+        snapshot = self.client.snapshot(repo, commit, first, wall_deadline, counter)
+        skipped: list[str] = []
+        if index is not None:
+            try:
+                shard_names = read_index(snapshot / index)
+            except CheckpointError as exc:
+                raise EdgeFailure(SourceFailed, str(exc)) from None
+            base = PurePosixPath(index).parent
+            named = sorted(str(base / n) for n in shard_names)
+            absent = [w for w in named if w not in wanted]
+            if absent:
+                raise EdgeFailure(SourceFailed, f"the index names files the repo lacks: {absent[:3]}")
+            skipped = [w for w in weights if w not in named]
+            weights = named
+            for path in skipped:
+                del wanted[path]
+            snapshot = self.client.snapshot(repo, commit, weights, wall_deadline, counter)
         files: dict[str, Path] = {}
         for path in wanted:
             local = snapshot / path
             if not local.is_file():
                 raise EdgeFailure(SourceFailed, f"{path} missing from the downloaded snapshot")
             files[path] = local
-        index = next((p for p in files if PurePosixPath(p).name == INDEX_NAME), None)
-        if index is not None:
-            # a sharded checkpoint: the index says which files hold the weights
-            try:
-                shard_names = read_index(files[index])
-            except CheckpointError as exc:
-                raise EdgeFailure(SourceFailed, str(exc)) from None
-            base = PurePosixPath(index).parent
-            weights = sorted(str(base / n) for n in shard_names)
-            absent = [w for w in weights if w not in files]
-            if absent:
-                raise EdgeFailure(SourceFailed, f"the index names files the repo lacks: {absent[:3]}")
+        sizes = {entry.path: entry.size for entry in listing.files}
         verified = verify and all(wanted[p] is not None for p in weights)
         return _Fetched(
-            commit, files, weights, sum(f.stat().st_size for f in files.values()), verified, wanted
+            commit,
+            files,
+            weights,
+            sum(f.stat().st_size for f in files.values()),
+            verified,
+            wanted,
+            skipped_bytes=sum(sizes.get(p) or 0 for p in skipped),
+            skipped=skipped,
         )
 
     @staticmethod

@@ -204,3 +204,37 @@ async def test_download_progress_reaches_the_callback(hub: HubServer, tmp_path: 
     report = await orch.load(IDENTITY, Target("arena"), progress=lambda done, total: seen.append(done))
     assert report.loaded
     assert seen and max(seen) >= 90_856_960  # every byte of the weights was counted
+
+
+@pytest.mark.hub
+async def test_a_sharded_repo_downloads_only_the_files_its_index_names(tmp_path: Path) -> None:
+    """Shards, their index and a Mistral-style consolidated.safetensors beside them: the latter is not fetched."""
+    import json as jsonlib
+
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(minilm_dir() / WEIGHTS))
+    names = sorted(tensors)
+    repo = tmp_path / "sharded"
+    repo.mkdir()
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in halves.items():
+        save_file({n: tensors[n] for n in part}, str(repo / file), metadata={"format": "pt"})
+    save_file(tensors, str(repo / "consolidated.safetensors"), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {n: f for f, part in halves.items() for n in part}}
+    (repo / "model.safetensors.index.json").write_text(jsonlib.dumps(index))
+    (repo / "config.json").write_text("{}")
+    with HubServer({"acme/sharded": repo}) as hub:
+        target = Target("arena")
+        report = await Orchestrator(
+            None, [HfDownload("acme/sharded", endpoint=hub.endpoint, cache_dir=tmp_path / "cache")]
+        ).load(IDENTITY, target)
+        gets = hub.file_gets()
+    assert report.loaded and report.final is not None and report.final.verified
+    assert not any("consolidated" in g for g in gets)
+    assert sum("model-0000" in g for g in gets) == 2
+    assert "skipped" in report.final.detail and "consolidated.safetensors" in report.final.detail
+    size = (repo / "consolidated.safetensors").stat().st_size
+    assert f"{size:,} bytes" in report.final.detail
+    for name, tensor in tensors.items():
+        assert torch.equal(target.tensors()[name], tensor)

@@ -41,6 +41,7 @@ def hub_available() -> str | None:
 class HubFile:
     path: str  # untrusted: vetted by the caller
     sha256: str | None  # of LFS files, as the Hub lists it
+    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,14 @@ class HubClient:
         for sibling in info.siblings or []:
             lfs = getattr(sibling, "lfs", None)
             sha = getattr(lfs, "sha256", None) if lfs is not None else None
-            files.append(HubFile(str(getattr(sibling, "rfilename", "")), str(sha) if sha else None))
+            size = getattr(sibling, "size", None)
+            files.append(
+                HubFile(
+                    str(getattr(sibling, "rfilename", "")),
+                    str(sha) if sha else None,
+                    size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None,
+                )
+            )
         return HubListing(str(info.sha or revision), tuple(files))
 
     def snapshot(
