@@ -11,10 +11,12 @@ earlier; a new process generation starts with a clean record.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
+from ..errors import ManifestError
 from ..models import Manifest, SourceRecord, SourceState
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "SourceRegistry",
     "apply_drain",
     "apply_heartbeat",
+    "decode_record",
+    "encode_record",
     "apply_reader",
     "apply_publish",
     "apply_unreachable",
@@ -189,6 +193,20 @@ class SourceRegistry(Protocol):
     async def remove(self, source_id: str, generation: str | None = None) -> bool: ...
 
     async def aclose(self) -> None: ...
+
+
+def decode_record(text: str | bytes | None) -> SourceRecord | None:
+    """A stored record, or ``None`` for garbage: a row a buggy or hostile writer left breaks no listing."""
+    if text is None:
+        return None
+    try:
+        return SourceRecord.from_dict(json.loads(text))
+    except (ValueError, ManifestError, RecursionError):
+        return None
+
+
+def encode_record(record: SourceRecord) -> str:
+    return json.dumps(record.to_dict())
 
 
 Change = Callable[[SourceRecord | None], SourceRecord | None]

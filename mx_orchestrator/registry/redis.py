@@ -17,15 +17,22 @@ problems surface as :class:`~mx_orchestrator.errors.RegistryUnavailable`.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, ManifestError, RegistryUnavailable
+from ..errors import ConfigError, RegistryUnavailable
 from ..models import Manifest, SourceRecord, SourceState
-from .base import Change, EjectionPolicy, RecordTransitions, apply_publish, is_listed
+from .base import (
+    Change,
+    EjectionPolicy,
+    RecordTransitions,
+    apply_publish,
+    decode_record,
+    encode_record,
+    is_listed,
+)
 
 __all__ = ["RedisRegistry"]
 
@@ -84,15 +91,6 @@ class RedisRegistry(RecordTransitions):
         except RedisError as exc:
             raise RegistryUnavailable(f"redis registry error: {exc}") from exc
 
-    @staticmethod
-    def _decode(text: str | None) -> SourceRecord | None:
-        if text is None:
-            return None
-        try:
-            return SourceRecord.from_dict(json.loads(text))
-        except (ValueError, ManifestError):
-            return None  # garbage is skipped, never fatal to a listing
-
     async def _change(self, source_id: str, change: Change) -> SourceRecord | None:
         """Apply ``change`` to the stored record atomically (WATCH/MULTI, retried on conflict)."""
         from redis.exceptions import WatchError
@@ -104,7 +102,7 @@ class RedisRegistry(RecordTransitions):
                 while True:
                     try:
                         await pipe.watch(key)
-                        current = self._decode(await pipe.get(key))
+                        current = decode_record(await pipe.get(key))
                         updated = change(current)
                         if updated is None:
                             await pipe.unwatch()
@@ -112,7 +110,7 @@ class RedisRegistry(RecordTransitions):
                         now = self._clock()
                         expiry = _expiry(updated, now)
                         pipe.multi()
-                        pipe.set(key, json.dumps(updated.to_dict()), ex=expiry)
+                        pipe.set(key, encode_record(updated), ex=expiry)
                         pipe.expire(self._k("manifest", source_id, updated.generation), expiry)
                         pipe.sadd(self._k("idx", updated.identity_key), source_id)
                         pipe.sadd(self._k("all"), source_id)
@@ -159,7 +157,7 @@ class RedisRegistry(RecordTransitions):
             if gone:
                 await self._r.srem(index, *gone)
             now = self._clock()
-            records = (self._decode(t) for t in texts)
+            records = (decode_record(t) for t in texts)
             return [
                 r
                 for r in records
@@ -172,7 +170,7 @@ class RedisRegistry(RecordTransitions):
 
     async def get(self, source_id: str) -> SourceRecord | None:
         text = await self._call(lambda: self._r.get(self._k("src", source_id)))
-        return self._decode(text)
+        return decode_record(text)
 
     async def get_manifest(self, source_id: str, generation: str) -> Manifest | None:
         text = await self._call(lambda: self._r.get(self._k("manifest", source_id, generation)))

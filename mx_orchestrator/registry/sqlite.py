@@ -8,7 +8,6 @@ worker thread, one at a time per registry object.
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import threading
@@ -19,9 +18,17 @@ from typing import TypeVar
 
 import anyio
 
-from ..errors import ConfigError, ManifestError, RegistryUnavailable
+from ..errors import ConfigError, RegistryUnavailable
 from ..models import Manifest, SourceRecord, SourceState
-from .base import Change, EjectionPolicy, RecordTransitions, apply_publish, is_listed
+from .base import (
+    Change,
+    EjectionPolicy,
+    RecordTransitions,
+    apply_publish,
+    decode_record,
+    encode_record,
+    is_listed,
+)
 
 __all__ = ["SqliteRegistry", "default_registry_path"]
 
@@ -112,13 +119,6 @@ class SqliteRegistry(RecordTransitions):
         return await anyio.to_thread.run_sync(call, limiter=self._limiter)
 
     @staticmethod
-    def _decode(text: str) -> SourceRecord | None:
-        try:
-            return SourceRecord.from_dict(json.loads(text))
-        except (ValueError, ManifestError):
-            return None  # a garbage row is skipped, never fatal to a listing
-
-    @staticmethod
     def _update(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -131,13 +131,13 @@ class SqliteRegistry(RecordTransitions):
 
     def _load(self, conn: sqlite3.Connection, source_id: str) -> SourceRecord | None:
         row = conn.execute("SELECT record FROM sources WHERE source_id=?", (source_id,)).fetchone()
-        return self._decode(row[0]) if row else None
+        return decode_record(row[0]) if row else None
 
     @staticmethod
     def _store(conn: sqlite3.Connection, record: SourceRecord) -> None:
         conn.execute(
             "INSERT OR REPLACE INTO sources(source_id, identity_key, generation, record) VALUES (?,?,?,?)",
-            (record.source_id, record.identity_key, record.generation, json.dumps(record.to_dict())),
+            (record.source_id, record.identity_key, record.generation, encode_record(record)),
         )
 
     # -- contract -------------------------------------------------------------
@@ -179,7 +179,7 @@ class SqliteRegistry(RecordTransitions):
                 rows = conn.execute(
                     "SELECT record FROM sources WHERE identity_key=?", (identity_key,)
                 ).fetchall()
-            records = (self._decode(row[0]) for row in rows)
+            records = (decode_record(row[0]) for row in rows)
             return [r for r in records if r is not None and is_listed(r, now, state)]
 
         return await self._run(query)
