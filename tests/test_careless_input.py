@@ -256,3 +256,51 @@ def test_a_pull_ended_mid_transfer_gives_its_reader_lease_back_within_the_lease(
             os.kill(pull.pid, signal.SIGKILL)
         pull.wait()
         source.signal(signal.SIGCONT)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    field=st.sampled_from(
+        ["attempt_timeout", "load_timeout", "probe_timeout", "rank_window", "reader_lease"]
+    ),
+    value=st.floats(allow_nan=True, allow_infinity=True)
+    | st.integers(-(10**6), 10**6)
+    | st.booleans()
+    | st.text(max_size=3),
+)
+def test_any_number_given_to_the_api_is_accepted_or_a_config_error(field: str, value: object) -> None:
+    from mx_orchestrator.config import FLOORS
+
+    strategy = FakeStrategy("hub", {None: [succeed()]}, uses_peers=False)
+    try:
+        orchestrator = Orchestrator(None, [strategy], **{field: value})  # type: ignore[arg-type]
+    except ConfigError as exc:
+        assert field in str(exc)
+        return
+    floor, _ = FLOORS[field]
+    assert isinstance(value, (int, float)) and not isinstance(value, bool)
+    assert value >= floor and value < float("inf")
+    assert orchestrator is not None
+
+
+@pytest.mark.hub
+async def test_a_broken_index_on_the_hub_is_a_typed_source_failure(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    from mx_orchestrator.target import Target
+    from mx_orchestrator.testing.hub import HubServer
+    from strategies.hf_download import HfDownload
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "model.safetensors.index.json").write_text('{"weight_map": 3}')
+    (repo / "model-00001.safetensors").write_bytes(
+        safetensors_bytes({"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"x")
+    )
+    with HubServer({"acme/broken": repo}) as hub, capture_logs() as events:
+        report = await Orchestrator(
+            None, [HfDownload("acme/broken", endpoint=hub.endpoint, cache_dir=tmp_path / "c")]
+        ).load(IDENTITY, Target("arena"))
+    (attempt,) = report.attempts
+    assert attempt.outcome.name == "SourceFailed" and "index.json" in attempt.outcome.detail
+    assert not any(e["event"] == "attempt.strategy_raised" for e in events)  # typed, not a crash
