@@ -81,17 +81,23 @@ async def loads(
     repeat: int,
     verify: bool,
     reuse: bool,
+    pinned: bool = False,
 ) -> dict[str, Any]:
     registry = SqliteRegistry(url.removeprefix("sqlite://"))
+    expect = None
+    if pinned:  # the pin of what the source serves: its manifest's content fingerprint
+        (record,) = await registry.list(identity.key)
+        manifest = await registry.get_manifest(record.source_id, record.generation)
+        expect = manifest.content_fingerprint if manifest is not None else None
     runs = []
     target = Target("arena", device, verify=verify)
     try:
         for _ in range(repeat + 1):  # the first is a warm-up (CUDA context, IPC mapping)
             if not reuse:
                 target = Target("arena", device, verify=verify)
-            report = await Orchestrator(registry, strategies, rank_window=0.0, attempt_timeout=300).load(
-                identity, target
-            )
+            report = await Orchestrator(
+                registry, strategies, rank_window=0.0, attempt_timeout=300, expect=expect
+            ).load(identity, target)
             runs.append(summary(report))
             if not reuse:
                 del target
@@ -220,6 +226,11 @@ def main() -> None:
                             loads, url, identity, [RdmaRegion()], f"cuda:{dst}", args.repeat, verify, True
                         ),
                     )
+            # a pinned load: the SHA-256 of every landed tensor (copied to the host, all cores)
+            emit(
+                "cuda_ipc_pinned_reused_target",
+                anyio.run(loads, url, identity, [CudaIpc()], f"cuda:{dst}", 1, True, True, True),
+            )
             # the device checksum over the whole set, on the GPU, and its CPU twin
             target = Target("arena", f"cuda:{dst}", verify=False)
             registry = SqliteRegistry(url.removeprefix("sqlite://"))
