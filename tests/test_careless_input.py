@@ -231,7 +231,8 @@ def test_a_pull_ended_mid_transfer_gives_its_reader_lease_back_within_the_lease(
     import os
     import signal
 
-    (source,) = peers.start(("frozen", "arena"), ttl=3.0)
+    # a TTL that outlasts the test: the frozen source cannot heartbeat, its record must stay listed
+    (source,) = peers.start(("frozen", "arena"), ttl=60.0)
     source.signal(signal.SIGSTOP)  # the READ is posted and never completes: the pull is mid-transfer
     pull = subprocess.Popen(
         [sys.executable, "-m", "mx_orchestrator", "pull", "--model-id", MODEL_ID, "--registry", registry_url,
