@@ -36,7 +36,7 @@ from .config import check_count, check_seconds
 from .errors import ConfigError, ManifestError, RegistryError
 from .models import Candidate, ModelIdentity, SourceRecord, SourceState
 from .outcomes import Cancelled, Loaded, LocalFailure, Outcome, TimedOut
-from .plan import EXHAUSTED, Attempt, Done, Planner, StrategySlot, Wait
+from .plan import EXHAUSTED, Attempt, Done, Planner, StrategySlot, Wait, attempt_budget
 from .policy import DEFAULT_POLICY, Action, Policy
 from .registry.base import SourceRegistry
 from .report import AttemptRecord, LoadReport, ProbeRecord
@@ -435,7 +435,9 @@ class _Load:
         config = self.config
         strategy = config.strategies[step.strategy_index]
         began = anyio.current_time()
-        deadline = min(began + config.attempt_timeout, self.deadline)
+        # the load's deadline is shared among the attempts it could still make
+        budget = attempt_budget(self.deadline - began, self.planner.attempts_left(), config.attempt_timeout)
+        deadline = min(began + budget, self.deadline)
         ctx = AttemptContext(
             identity=self.identity,
             target=self.target,

@@ -26,7 +26,7 @@ from .models import Candidate
 from .policy import Action, ActionKind, DecisionState
 from .selection import RankKey
 
-__all__ = ["EXHAUSTED", "TRANSITIONS", "Attempt", "Done", "Planner", "StrategySlot", "Wait"]
+__all__ = ["EXHAUSTED", "TRANSITIONS", "Attempt", "Done", "Planner", "StrategySlot", "Wait", "attempt_budget"]
 
 #: The reason a plan ends when nothing is left to try.
 EXHAUSTED = "every strategy and candidate was tried"
@@ -111,6 +111,27 @@ class Planner:
     @property
     def evaluating(self) -> bool:
         return self._evaluating
+
+    def attempts_left(self) -> int:
+        """How many first attempts the plan could still make, the pending one included.
+
+        The untried, unforgotten candidates of the current peer strategy, plus one
+        for every peerless strategy (the Hub) after it: what a load's remaining
+        budget is shared among.
+        """
+        pending = self._pending
+        index = pending.strategy_index if pending is not None else self._index
+        left = 1 if pending is not None else 0
+        if index < len(self._strategies) and self._strategies[index].uses_peers:
+            left += sum(
+                1
+                for sid in self._known
+                if sid not in self._forgotten
+                and (index, sid) not in self._tried
+                and (pending is None or sid != pending.source_id)
+            )
+        left += sum(1 for slot in self._strategies[index + 1 :] if not slot.uses_peers)
+        return max(1, left)
 
     @property
     def candidates_known(self) -> int:
@@ -219,3 +240,15 @@ TRANSITIONS: Mapping[ActionKind, Callable[[Planner, Attempt, Action], None]] = {
     ActionKind.NEXT_STRATEGY: Planner._next_strategy,
     ActionKind.NEXT_CANDIDATE: Planner._next_candidate,
 }
+
+
+def attempt_budget(remaining: float, attempts_left: int, attempt_timeout: float) -> float:
+    """Seconds for the next attempt: its timeout, or its share of what is left of the load's deadline.
+
+    A load's deadline is a promise: a source that hangs must leave time for the
+    candidates after it, so no attempt takes more than an even share of what
+    remains (``inf`` remaining: no load deadline, the attempt timeout alone).
+    """
+    if attempts_left <= 1 or remaining == float("inf"):
+        return min(attempt_timeout, remaining)
+    return min(attempt_timeout, remaining / attempts_left)

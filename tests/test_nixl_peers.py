@@ -339,3 +339,27 @@ async def test_a_source_restricted_to_loopback_advertises_no_other_address_and_s
     assert_same_weights(target)
     await registry.aclose()
     await registry2.aclose()
+
+
+@pytest.mark.faults
+def test_with_a_frozen_and_a_healthy_source_every_pull_keeps_its_deadline(
+    peers: Peers, registry_url: str
+) -> None:
+    """Whichever source ranks first (each pull is a new target id), the healthy one loads within --timeout."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    frozen, _healthy = peers.start(("frozen", "arena"), ("healthy", "arena"), ttl=120.0)
+    frozen.signal(19)  # SIGSTOP: it answers nothing, ever
+    command = [sys.executable, "-m", "mx_orchestrator", "pull", "--model-id", MODEL_ID,
+               "--registry", registry_url, "--timeout", "8", "--json"]  # fmt: skip
+    for _ in range(3):
+        began = time.monotonic()
+        out = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - began
+        report = json.loads(out.stdout)
+        assert out.returncode == 0 and report["source"] == "healthy", report["attempts"]
+        assert report["seconds"] < 8.0 and elapsed < 15.0
+    frozen.signal(18)  # SIGCONT, so the fixture can reap it

@@ -461,3 +461,29 @@ def test_unreachable_reports_from_several_targets_eject_the_source(
         assert registry.state_of("flaky") is SourceState.STALE
 
     backend(main)
+
+
+def test_a_hanging_first_source_leaves_the_rest_of_the_load_deadline_to_the_next(
+    identity: ModelIdentity, virtual_clock: Runner
+) -> None:
+    """The load's deadline is a promise: the wedged source gets its share (20 s / 2), not all of it."""
+
+    async def main() -> None:
+        registry, prober = await scenario(identity, ["frozen", "healthy"])
+        strategy = FakeStrategy("rdma_region", {"frozen": [wedge()], "healthy": [succeed(delay=1.0)]})
+        order = {"frozen": 0.0, "healthy": 1.0}
+        began = anyio.current_time()
+        report = await Orchestrator(
+            registry,
+            [strategy],
+            prober=prober,
+            attempt_timeout=60,
+            load_timeout=20,
+            selection=lambda _t: lambda c: (order[c.source_id],),
+        ).load(identity)
+        elapsed = anyio.current_time() - began
+        first, second = report.attempts
+        assert isinstance(first.outcome, TimedOut) and 9.9 <= first.outcome.deadline <= 10.1
+        assert second.outcome.name == "Loaded" and report.loaded and elapsed < 12.0
+
+    virtual_clock(main)

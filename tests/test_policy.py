@@ -226,3 +226,35 @@ def test_a_long_transfer_needs_a_longer_deadline_before_it_blames() -> None:
     sixteen_gb = TimedOut(strategy="s", source_id="src", deadline=60.0, planned_bytes=16 << 30)
     assert not DEFAULT_POLICY.decide(sixteen_gb, DecisionState()).mark_stale  # 60 s < 16 GiB at 50 MB/s
     assert DEFAULT_POLICY.decide(replace(sixteen_gb, deadline=400.0), DecisionState()).mark_stale
+
+
+@given(
+    remaining=st.floats(min_value=0.0, max_value=1e6) | st.just(float("inf")),
+    left=st.integers(min_value=1, max_value=1000),
+    timeout=st.floats(min_value=0.1, max_value=1e4),
+)
+def test_an_attempt_never_takes_more_than_its_share_of_the_load_deadline(
+    remaining: float, left: int, timeout: float
+) -> None:
+    from mx_orchestrator.plan import attempt_budget
+
+    budget = attempt_budget(remaining, left, timeout)
+    assert 0.0 <= budget <= timeout and budget <= remaining
+    if remaining != float("inf"):
+        assert budget * left <= remaining * (1 + 1e-9)  # every attempt still has its share
+
+
+def test_attempts_left_counts_untried_candidates_and_later_peerless_strategies(
+    identity: ModelIdentity,
+) -> None:
+    planner = Planner(
+        [StrategySlot("rdma_region"), StrategySlot("hf_download", uses_peers=False)], rendezvous("t")
+    )
+    for i in range(3):
+        planner.add_candidate(Candidate(make_record(identity, f"c{i}")))
+    step = planner.next_step()
+    assert isinstance(step, Attempt)
+    assert planner.attempts_left() == 4  # this attempt, two more candidates, the Hub
+    planner.record(next_candidate()(make(SourceFailed, step.source_id), DecisionState()))
+    planner.next_step()
+    assert planner.attempts_left() == 3
