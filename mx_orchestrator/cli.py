@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=_port, default=None, help="serve Prometheus metrics on this port"
     )
     serve.add_argument(
+        "--max-readers",
+        type=int,
+        default=8,
+        help="targets reading at once; one more is refused before any byte moves (0: no cap)",
+    )
+    serve.add_argument(
         "--interface",
         action="append",
         default=[],
@@ -275,6 +281,7 @@ def _serve(args: argparse.Namespace) -> int:
             labels=labels,
             metrics=metrics,
             interfaces=args.interface,
+            max_readers=args.max_readers,
         )
 
         def announce(record: SourceRecord) -> None:

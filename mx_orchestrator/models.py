@@ -450,6 +450,11 @@ class SourceRecord:
     unreachable_reports: int = 0
     #: reader leases: target reader id -> when its lease expires (unix time); ``load`` counts the live ones
     readers: Mapping[str, float] = field(default_factory=dict)
+    #: how many readers the source admits at once (0: no cap)
+    max_readers: int = 0
+
+    def at_capacity(self, now: float) -> bool:
+        return self.max_readers > 0 and self.live_readers(now) >= self.max_readers
 
     def live_readers(self, now: float) -> int:
         """Readers whose lease has not expired at ``now`` (a crashed target's lease simply runs out)."""
@@ -468,7 +473,7 @@ class SourceRecord:
             "source record endpoint must be a printable string",
         )
         _require(isinstance(self.state, SourceState), "source record state is not a SourceState")
-        for name in ("load", "times_ejected", "unreachable_reports"):
+        for name in ("load", "times_ejected", "unreachable_reports", "max_readers"):
             value = getattr(self, name)
             _require(_is_int(value) and 0 <= value < 1 << 31, f"source record {name} must be in 0..2**31")
         for name, low, high in (
@@ -513,6 +518,7 @@ class SourceRecord:
             "stale_reason": self.stale_reason,
             "unreachable_reports": self.unreachable_reports,
             "readers": dict(self.readers),
+            "max_readers": self.max_readers,
         }
 
     @classmethod
@@ -539,6 +545,7 @@ class SourceRecord:
                 stale_reason=str(data.get("stale_reason", "")),
                 unreachable_reports=int(data.get("unreachable_reports", 0)),
                 readers={str(k): float(v) for k, v in (data.get("readers") or {}).items()},
+                max_readers=int(data.get("max_readers", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ManifestError):

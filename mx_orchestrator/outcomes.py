@@ -12,6 +12,7 @@ from typing import Any, TypeAlias
 
 __all__ = [
     "ALL_OUTCOME_TYPES",
+    "SourceBusy",
     "Cancelled",
     "Corrupt",
     "LayoutMismatch",
@@ -83,6 +84,11 @@ class SourceUnreachable(_OutcomeBase):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SourceBusy(_OutcomeBase):
+    """The source is at its reader cap: a new reader is refused before any byte moves (capacity, no fault)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class SourceFailed(_OutcomeBase):
     """The transfer failed because of the remote side (disconnect, remote error)."""
 
@@ -123,6 +129,7 @@ Outcome: TypeAlias = (
     | ManifestMismatch
     | NotApplicable
     | SourceUnreachable
+    | SourceBusy
     | SourceFailed
     | TimedOut
     | Corrupt
@@ -136,6 +143,7 @@ ALL_OUTCOME_TYPES: tuple[type[Outcome], ...] = (
     ManifestMismatch,
     NotApplicable,
     SourceUnreachable,
+    SourceBusy,
     SourceFailed,
     TimedOut,
     Corrupt,

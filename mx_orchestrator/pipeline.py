@@ -35,7 +35,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .config import check_count, check_seconds
 from .errors import ConfigError, ManifestError, RegistryError
 from .models import Candidate, ModelIdentity, SourceRecord, SourceState
-from .outcomes import Cancelled, Loaded, LocalFailure, Outcome, TimedOut
+from .outcomes import Cancelled, Loaded, LocalFailure, Outcome, SourceBusy, TimedOut
 from .plan import EXHAUSTED, Attempt, Done, Planner, StrategySlot, Wait, attempt_budget
 from .policy import DEFAULT_POLICY, Action, Policy
 from .registry.base import SourceRegistry
@@ -457,6 +457,11 @@ class _Load:
         # an attempt that fails must not leave its source's manifest shaping the target
         empty_before = isinstance(self.target, Target) and self.target.buffers is None
         leased = await self.lease_reader(step, config.reader_lease)
+        if leased is False and step.candidate is not None:  # refused before any byte moved
+            cap = step.candidate.record.max_readers
+            return SourceBusy(
+                strategy=strategy.name, source_id=step.source_id, detail=f"at its cap of {cap} readers"
+            )
         try:
             async with anyio.create_task_group() as renewals:
                 if leased:
@@ -466,7 +471,7 @@ class _Load:
         finally:
             if empty_before and not isinstance(outcome, Loaded):
                 self.target.release()
-            if leased:
+            if leased is not None:
                 with anyio.CancelScope(shield=True):
                     await self.lease_reader(step, None)
         if outcome is not None:
@@ -488,16 +493,17 @@ class _Load:
             detail=f"no completion within the attempt deadline of {deadline - began:.3g}s",
         )
 
-    async def lease_reader(self, step: Attempt, seconds: float | None) -> bool:
+    async def lease_reader(self, step: Attempt, seconds: float | None) -> bool | None:
         """Take, renew or (``None``) give back this load's reader lease on the attempt's source.
 
-        Best effort (it feeds least-loaded selection and the source's drain);
-        never fails an attempt. A target killed mid-read stops renewing and its
-        lease runs out within ``reader_lease`` seconds.
+        True: held; False: refused, the source is at its reader cap; ``None``: no
+        registry to ask, or it failed (best effort: the attempt goes ahead). A
+        target killed mid-read stops renewing and its lease runs out within
+        ``reader_lease`` seconds.
         """
         registry = self.config.registry
         if step.candidate is None or registry is None:
-            return False
+            return None
         record = step.candidate.record
         reader = f"{self.config.target_id}/{self.run_id}"
         result = await self.registry_call(
@@ -506,7 +512,7 @@ class _Load:
             within=_READER_ACCOUNTING_TIMEOUT,
             source=record.source_id,
         )
-        return not isinstance(result, RegistryError)
+        return None if isinstance(result, RegistryError) else result
 
     async def renew_lease(self, step: Attempt) -> None:
         while True:

@@ -33,6 +33,7 @@ from .outcomes import (
     ManifestMismatch,
     NotApplicable,
     Outcome,
+    SourceBusy,
     SourceFailed,
     SourceUnreachable,
     TimedOut,
@@ -106,7 +107,7 @@ Rule = Callable[[Outcome, DecisionState], Action]
 
 #: Outcome types that never mark their source STALE, whatever the rule says.
 NEVER_STALE: frozenset[type[Outcome]] = frozenset(
-    {Loaded, LayoutMismatch, ManifestMismatch, LocalFailure, NotApplicable, Cancelled}
+    {Loaded, LayoutMismatch, ManifestMismatch, LocalFailure, NotApplicable, Cancelled, SourceBusy}
 )
 
 
@@ -205,6 +206,7 @@ DEFAULT_RULES: Mapping[type[Outcome], Rule] = MappingProxyType(
         ManifestMismatch: next_candidate(forget=True),
         NotApplicable: next_strategy_or_candidate(),
         SourceUnreachable: next_candidate(report_unreachable=True),
+        SourceBusy: next_candidate(),
         SourceFailed: next_candidate(mark_stale=True),
         TimedOut: next_candidate(mark_stale=True),
         Corrupt: next_candidate(mark_stale=True),

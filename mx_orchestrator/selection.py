@@ -33,10 +33,12 @@ def rendezvous_score(target_id: str, source_id: str) -> int:
 
 
 def rendezvous(target_id: str) -> RankKey:
-    """Highest rendezvous score first."""
+    """Sources below their reader cap first, then highest rendezvous score first."""
 
     def key(candidate: Candidate) -> tuple[float, ...]:
-        return (-float(rendezvous_score(target_id, candidate.source_id)),)
+        record = candidate.record
+        full = record.max_readers > 0 and record.load >= record.max_readers
+        return (float(full), -float(rendezvous_score(target_id, candidate.source_id)))
 
     return key
 

@@ -29,7 +29,7 @@ from ._backends import EdgeFailure
 from ._backends.rdma import RdmaAgent
 from .buffers import Buffers, allocate
 from .checkpoint import read_tensors, safetensors_files
-from .config import check_seconds
+from .config import check_count, check_seconds
 from .errors import ConfigError
 from .layout import LayoutSpec, parse_layout, plan_layout
 from .models import ModelIdentity, SourceRecord, dtype_name
@@ -38,9 +38,13 @@ from .registry.base import SourceRegistry
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ServedWeights", "WeightSource", "load_weights", "serve_until_signal"]
+__all__ = ["DEFAULT_MAX_READERS", "ServedWeights", "WeightSource", "load_weights", "serve_until_signal"]
 
 _log = structlog.get_logger("mx_orchestrator.source")
+
+#: Readers a source admits at once by default: enough for a fan-out tree to grow, few enough that
+#: each reader keeps a useful share of the source's memory bandwidth or link.
+DEFAULT_MAX_READERS = 8
 
 
 #: Weights a source serves: the one buffer type of targets and sources.
@@ -93,6 +97,7 @@ class WeightSource:
         metrics: Any = None,
         drain_timeout: float = 5.0,
         interfaces: Sequence[str] = (),
+        max_readers: int = DEFAULT_MAX_READERS,
     ) -> None:
         check_seconds("ttl", ttl)
         check_seconds("drain_timeout", drain_timeout)
@@ -108,6 +113,8 @@ class WeightSource:
         self._metrics = metrics  # a mx_orchestrator.metrics.SourceMetrics, or None
         self.drain_timeout = drain_timeout
         self.interfaces = tuple(interfaces)
+        #: targets reading at once; a new one beyond it is refused before any byte moves (0: no cap)
+        self.max_readers = check_count("max_readers", max_readers, minimum=0)
         self.record: SourceRecord | None = None
 
     def _build_record(self, agent: RdmaAgent, extra: Mapping[str, str]) -> SourceRecord:
@@ -120,6 +127,7 @@ class WeightSource:
             heartbeat_at=time.time(),
             ttl=self.ttl,
             labels=self.labels,
+            max_readers=self.max_readers,
             transport={
                 "nixl_agent": agent.name,
                 "nixl_metadata": base64.b64encode(agent.metadata()).decode(),

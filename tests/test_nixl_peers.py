@@ -363,3 +363,33 @@ def test_with_a_frozen_and_a_healthy_source_every_pull_keeps_its_deadline(
         assert out.returncode == 0 and report["source"] == "healthy", report["attempts"]
         assert report["seconds"] < 8.0 and elapsed < 15.0
     frozen.signal(18)  # SIGCONT, so the fixture can reap it
+
+
+@pytest.mark.faults
+def test_a_reader_cap_holds_when_many_targets_race_for_one_source(peers: Peers, registry_url: str) -> None:
+    """Six pulls at once against a source admitting two: two read, four are told it is full (never STALE)."""
+    import json
+    import subprocess
+    import sys
+
+    (source,) = peers.start(("seed", "arena"), ttl=120.0, max_readers=2)
+    source.signal(19)  # SIGSTOP: the admitted reads never complete, so their leases stay held
+    command = [sys.executable, "-m", "mx_orchestrator", "pull", "--model-id", MODEL_ID, "--registry",
+               registry_url, "--timeout", "20", "--attempt-timeout", "10", "--json"]  # fmt: skip
+    pulls = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for _ in range(6)
+    ]
+    try:
+        outs = [json.loads(p.communicate(timeout=60)[0]) for p in pulls]
+    finally:
+        for p in pulls:
+            if p.poll() is None:
+                p.kill()
+        source.signal(18)
+    firsts = [o["attempts"][0] for o in outs]
+    busy = [a for a in firsts if a["outcome"] == "SourceBusy"]
+    admitted = [a for a in firsts if a["outcome"] != "SourceBusy"]
+    assert len(admitted) == 2 and len(busy) == 4, [a["outcome"] for a in firsts]
+    assert not any(a["marked_stale"] for o in outs for a in o["attempts"] if a["outcome"] == "SourceBusy")
+    assert all(a["bytes"] == 0 for a in busy)

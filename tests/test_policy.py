@@ -29,6 +29,7 @@ from mx_orchestrator.outcomes import (
     LocalFailure,
     ManifestMismatch,
     NotApplicable,
+    SourceBusy,
     SourceFailed,
     SourceUnreachable,
 )
@@ -43,6 +44,7 @@ EXPECTED = {
     ManifestMismatch: (ActionKind.NEXT_CANDIDATE, False),
     NotApplicable: (ActionKind.NEXT_STRATEGY, False),
     SourceUnreachable: (ActionKind.NEXT_CANDIDATE, False),
+    SourceBusy: (ActionKind.NEXT_CANDIDATE, False),
     SourceFailed: (ActionKind.NEXT_CANDIDATE, True),
     TimedOut: (ActionKind.NEXT_CANDIDATE, True),
     Corrupt: (ActionKind.NEXT_CANDIDATE, True),
@@ -258,3 +260,9 @@ def test_attempts_left_counts_untried_candidates_and_later_peerless_strategies(
     planner.record(next_candidate()(make(SourceFailed, step.source_id), DecisionState()))
     planner.next_step()
     assert planner.attempts_left() == 3
+
+
+def test_a_full_source_is_never_stale_nor_reported_whatever_the_rule() -> None:
+    for rule in (next_candidate(mark_stale=True), next_candidate(report_unreachable=True), retry()):
+        action = DEFAULT_POLICY.with_rules({SourceBusy: rule}).decide(make(SourceBusy), DecisionState())
+        assert not action.mark_stale and not action.report_unreachable

@@ -246,3 +246,19 @@ async def test_a_wrong_password_or_no_tls_is_a_typed_registry_error(secure_redis
         with pytest.raises(RegistryUnavailable):
             await registry.list()
         await registry.aclose()
+
+
+async def test_a_source_at_its_reader_cap_refuses_a_new_reader_but_renews_the_ones_it_has(
+    registry: SourceRegistry, identity: ModelIdentity, clock: Clock
+) -> None:
+    a = replace(rec(identity, "a", clock), max_readers=2)
+    await registry.publish(a)
+    assert await registry.lease_reader("a", a.generation, "r1", 10)
+    assert await registry.lease_reader("a", a.generation, "r2", 10)
+    assert not await registry.lease_reader("a", a.generation, "r3", 10)  # full: refused, nothing written
+    assert await registry.lease_reader("a", a.generation, "r1", 10)  # a renewal always passes
+    assert (await registry.list(identity.key))[0].load == 2
+    await registry.lease_reader("a", a.generation, "r2", None)
+    assert await registry.lease_reader("a", a.generation, "r3", 10)  # room again
+    clock.now += 11  # every lease ran out: a crashed reader frees its seat on its own
+    assert await registry.lease_reader("a", a.generation, "r4", 10)

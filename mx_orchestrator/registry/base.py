@@ -171,10 +171,11 @@ class SourceRegistry(Protocol):
         """One target could not reach the source; True when this report ejected it."""
         ...
 
-    async def lease_reader(self, source_id: str, generation: str, reader: str, seconds: float | None) -> None:
+    async def lease_reader(self, source_id: str, generation: str, reader: str, seconds: float | None) -> bool:
         """Take or renew ``reader``'s lease for ``seconds`` (``None``: give it back).
 
-        ``load`` counts the live leases: the data the least-loaded selection ranks by.
+        ``load`` counts the live leases: the data the least-loaded selection ranks
+        by. False when a new reader was refused: the source is at ``max_readers``.
         """
         ...
 
@@ -263,9 +264,20 @@ class RecordTransitions:
     async def drain(self, source_id: str, generation: str) -> SourceRecord | None:
         return await self._change(source_id, _for_generation(generation, apply_drain))
 
-    async def lease_reader(self, source_id: str, generation: str, reader: str, seconds: float | None) -> None:
+    async def lease_reader(self, source_id: str, generation: str, reader: str, seconds: float | None) -> bool:
         now = self._clock()
         expires = None if seconds is None else now + seconds
-        await self._change(
-            source_id, _for_generation(generation, lambda r: apply_reader(r, reader, expires, now))
-        )
+        admitted = True
+
+        def transition(record: SourceRecord) -> SourceRecord:
+            nonlocal admitted
+            # a new reader at the cap is refused (a renewal or a give-back never is): checked and
+            # written in one atomic change, so racing targets cannot all squeeze in
+            live = {r for r, e in record.readers.items() if e > now}
+            if expires is not None and reader not in live and record.at_capacity(now):
+                admitted = False
+                return record
+            return apply_reader(record, reader, expires, now)
+
+        await self._change(source_id, _for_generation(generation, transition))
+        return admitted

@@ -211,9 +211,9 @@ class FakeRegistry(MemoryRegistry):
         self._enter("report_unreachable", source_id)
         return await super().report_unreachable(source_id, generation, reason=reason, reporter=reporter)
 
-    async def lease_reader(self, source_id: str, generation: str, reader: str, seconds: float | None) -> None:
+    async def lease_reader(self, source_id: str, generation: str, reader: str, seconds: float | None) -> bool:
         self._enter("lease_reader", source_id)
-        await super().lease_reader(source_id, generation, reader, seconds)
+        return await super().lease_reader(source_id, generation, reader, seconds)
 
     async def mark_stale(self, source_id: str, generation: str, *, reason: str, reporter: str = "") -> bool:
         self._enter("mark_stale", source_id)

@@ -45,6 +45,7 @@ class SourceProcess:
         ttl: float = 15.0,
         labels: dict[str, str] | None = None,
         interfaces: tuple[str, ...] = (),
+        max_readers: int | None = None,
     ) -> None:
         self.source_id = source_id
         env = dict(os.environ, PYTHONUNBUFFERED="1", MXO_LOG_LEVEL="warning")
@@ -57,6 +58,8 @@ class SourceProcess:
             command += ["--label", f"{key}={value}"]
         for interface in interfaces:
             command += ["--interface", interface]
+        if max_readers is not None:
+            command += ["--max-readers", str(max_readers)]
         self.proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
         )
@@ -122,6 +125,7 @@ class Peers:
         ttl: float = 15.0,
         labels: dict[str, dict[str, str]] | None = None,
         interfaces: tuple[str, ...] = (),
+        max_readers: int | None = None,
     ) -> list[SourceProcess]:
         """Start one source per ``(source_id, layout)`` in parallel; return once all are published."""
         procs = [
@@ -134,6 +138,7 @@ class Peers:
                 ttl,
                 (labels or {}).get(sid),
                 interfaces,
+                max_readers,
             )
             for sid, layout in specs
         ]
