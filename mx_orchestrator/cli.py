@@ -374,7 +374,8 @@ def _pull(args: argparse.Namespace) -> int:
         # the report is out first: a write that fails now loses nothing of what the load learned
         save_checkpoint(target.tensors(), args.out / "model.safetensors")
     if report.loaded and args.republish:
-        _republish(args, target)
+        # one hop further than the peer it loaded from; loaded from the Hub, it is a seed itself
+        _republish(args, target, hops=0 if report.source_hops is None else report.source_hops + 1)
     return 0 if report.loaded else 1
 
 
@@ -420,14 +421,14 @@ def _check_out(out: Path) -> None:
         raise ConfigError(f"--out {out}: {out / 'model.safetensors'} is a directory")
 
 
-def _republish(args: argparse.Namespace, target: Any) -> None:
+def _republish(args: argparse.Namespace, target: Any, *, hops: int) -> None:
     from .source import ServedWeights, WeightSource, serve_until_signal
 
     weights = ServedWeights.from_target(target)
 
     async def run() -> None:
         registry = open_registry(args.registry or default_registry_url())
-        source = WeightSource(registry, weights, source_id=args.source_id)
+        source = WeightSource(registry, weights, source_id=args.source_id, hops=hops)
         try:
             await serve_until_signal(
                 source, lambda r: print(f"[mxo] serving as {r.source_id}", file=sys.stderr, flush=True)

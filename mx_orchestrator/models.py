@@ -452,6 +452,8 @@ class SourceRecord:
     readers: Mapping[str, float] = field(default_factory=dict)
     #: how many readers the source admits at once (0: no cap)
     max_readers: int = 0
+    #: fan-out distance: 0 for a seed, 1 for a target that loaded from a seed and republished, ...
+    hops: int = 0
 
     def at_capacity(self, now: float) -> bool:
         return self.max_readers > 0 and self.live_readers(now) >= self.max_readers
@@ -473,7 +475,7 @@ class SourceRecord:
             "source record endpoint must be a printable string",
         )
         _require(isinstance(self.state, SourceState), "source record state is not a SourceState")
-        for name in ("load", "times_ejected", "unreachable_reports", "max_readers"):
+        for name in ("load", "times_ejected", "unreachable_reports", "max_readers", "hops"):
             value = getattr(self, name)
             _require(_is_int(value) and 0 <= value < 1 << 31, f"source record {name} must be in 0..2**31")
         for name, low, high in (
@@ -519,6 +521,7 @@ class SourceRecord:
             "unreachable_reports": self.unreachable_reports,
             "readers": dict(self.readers),
             "max_readers": self.max_readers,
+            "hops": self.hops,
         }
 
     @classmethod
@@ -546,6 +549,7 @@ class SourceRecord:
                 unreachable_reports=int(data.get("unreachable_reports", 0)),
                 readers={str(k): float(v) for k, v in (data.get("readers") or {}).items()},
                 max_readers=int(data.get("max_readers", 0)),
+                hops=int(data.get("hops", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ManifestError):

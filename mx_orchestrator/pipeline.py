@@ -212,6 +212,7 @@ class _Load:
         )
         self.evaluation = _Evaluation()
         self.attempts: list[AttemptRecord] = []
+        self.source_hops: int | None = None
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - anyio.current_time())
@@ -253,6 +254,7 @@ class _Load:
             reason=done.reason,
             registry_error=str(evaluation.registry_error) if evaluation.registry_error is not None else None,
             manifest_disagreement=dict(evaluation.manifests) if len(evaluation.manifests) > 1 else {},
+            source_hops=self.source_hops if done.loaded else None,
         )
         if report.manifest_disagreement:
             # not evidence of who is right (anyone who can write the registry can publish many
@@ -415,6 +417,8 @@ class _Load:
             action = self.config.policy.decide(outcome, self.planner.decision_state(anyio.current_time()))
             marked = await self.carry_out(action, step, outcome)
             self.planner.record(action)
+            if isinstance(outcome, Loaded) and step.candidate is not None:
+                self.source_hops = step.candidate.record.hops
             record = AttemptRecord(outcome, action, marked, step.attempt_number, wall, phases.as_dict())
             self.attempts.append(record)
             self.log.info(

@@ -95,6 +95,8 @@ class LoadReport:
     registry_error: str | None = None
     #: when candidates published different manifests: fingerprint -> their source ids
     manifest_disagreement: dict[str, list[str]] = field(default_factory=dict)
+    #: fan-out distance of the source that delivered (``None``: not a peer); a republish is one more
+    source_hops: int | None = None
 
     @property
     def final(self) -> Loaded | None:
@@ -143,6 +145,7 @@ class LoadReport:
             "probes": [p.to_dict() for p in self.probes],
             "registry_error": self.registry_error,
             "manifest_disagreement": self.manifest_disagreement,
+            "source_hops": self.source_hops,
         }
 
     def to_json(self, *, indent: int | None = None) -> str:

@@ -19,6 +19,7 @@ __all__ = [
     "SelectionPolicy",
     "least_loaded",
     "prefer_labels",
+    "prefer_seeds",
     "rendezvous",
     "rendezvous_score",
 ]
@@ -63,6 +64,24 @@ def prefer_labels(labels: Mapping[str, str], then: SelectionPolicy = rendezvous)
         def key(candidate: Candidate) -> tuple[float, ...]:
             shared = sum(1 for k, v in wanted.items() if candidate.record.labels.get(k) == v)
             return (-float(shared), *inner(candidate))
+
+        return key
+
+    return policy
+
+
+def prefer_seeds(then: SelectionPolicy = rendezvous) -> SelectionPolicy:
+    """Fewest fan-out hops first (seeds, then their first copies...), then ``then``.
+
+    The default ``rendezvous`` ignores hops, which spreads a fleet over every copy
+    (fan-out grows like log N); this keeps reads close to the seeds instead.
+    """
+
+    def policy(target_id: str) -> RankKey:
+        inner = then(target_id)
+
+        def key(candidate: Candidate) -> tuple[float, ...]:
+            return (float(candidate.record.hops), *inner(candidate))
 
         return key
 

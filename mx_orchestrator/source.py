@@ -98,6 +98,7 @@ class WeightSource:
         drain_timeout: float = 5.0,
         interfaces: Sequence[str] = (),
         max_readers: int = DEFAULT_MAX_READERS,
+        hops: int = 0,
     ) -> None:
         check_seconds("ttl", ttl)
         check_seconds("drain_timeout", drain_timeout)
@@ -115,6 +116,8 @@ class WeightSource:
         self.interfaces = tuple(interfaces)
         #: targets reading at once; a new one beyond it is refused before any byte moves (0: no cap)
         self.max_readers = check_count("max_readers", max_readers, minimum=0)
+        #: 0 for a seed; a republished target is one more than the source it loaded from
+        self.hops = check_count("hops", hops, minimum=0, maximum=1 << 16)
         self.record: SourceRecord | None = None
 
     def _build_record(self, agent: RdmaAgent, extra: Mapping[str, str]) -> SourceRecord:
@@ -128,6 +131,7 @@ class WeightSource:
             ttl=self.ttl,
             labels=self.labels,
             max_readers=self.max_readers,
+            hops=self.hops,
             transport={
                 "nixl_agent": agent.name,
                 "nixl_metadata": base64.b64encode(agent.metadata()).decode(),

@@ -260,7 +260,10 @@ async def test_fan_out_a_loaded_target_serves_the_next_target(
     target = Target("arena")
     report, registry = await load(registry_url, target)
     assert report.loaded
-    fanout = WeightSource(registry, ServedWeights.from_target(target), source_id="fanout", ttl=30)
+    assert report.source_hops == 0  # loaded from a seed
+    fanout = WeightSource(
+        registry, ServedWeights.from_target(target), source_id="fanout", ttl=30, hops=report.source_hops + 1
+    )
     async with anyio.create_task_group() as tg:
         await tg.start(fanout.run)
         origin.kill()
@@ -287,7 +290,7 @@ async def test_fan_out_a_loaded_target_serves_the_next_target(
         tg.cancel_scope.cancel()
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     second = json.loads(result.stdout)
-    assert second["source"] == "fanout" and second["verified"]
+    assert second["source"] == "fanout" and second["verified"] and second["source_hops"] == 1
     assert (out / "model.safetensors").read_bytes() == (minilm_dir() / "model.safetensors").read_bytes()
     assert await registry.get("fanout") is None  # unpublished when it stopped
     await registry.aclose()

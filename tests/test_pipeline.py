@@ -487,3 +487,22 @@ def test_a_hanging_first_source_leaves_the_rest_of_the_load_deadline_to_the_next
         assert second.outcome.name == "Loaded" and report.loaded and elapsed < 12.0
 
     virtual_clock(main)
+
+
+def test_prefer_seeds_ranks_fewer_hops_first_and_the_report_says_how_far_the_source_was(
+    identity: ModelIdentity, backend: Runner
+) -> None:
+    from dataclasses import replace as with_fields
+
+    from mx_orchestrator import prefer_seeds
+
+    async def main() -> None:
+        registry = FakeRegistry()
+        manifest = make_manifest(identity)
+        for sid, hops in (("copy-2", 2), ("seed", 0), ("copy-1", 1)):
+            await registry.publish(with_fields(make_record(identity, sid), hops=hops), manifest)
+        strategy = FakeStrategy("rdma_region", default=succeed())
+        report = await Orchestrator(registry, [strategy], selection=prefer_seeds()).load(identity)
+        assert report.final is not None and report.final.source_id == "seed" and report.source_hops == 0
+
+    backend(main)
