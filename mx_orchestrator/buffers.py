@@ -171,11 +171,7 @@ def _empty_bytes(nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.frombuffer(memory, dtype=torch.uint8, count=nbytes, offset=offset)
 
 
-def wrap(
-    identity: ModelIdentity,
-    tensors: Mapping[str, torch.Tensor],
-    checksums: Mapping[str, str] | None = None,
-) -> Buffers:
+def wrap(identity: ModelIdentity, tensors: Mapping[str, torch.Tensor]) -> Buffers:
     """Describe memory an engine owns; every tensor contiguous, all on one device."""
     if not tensors:
         raise ConfigError("no tensors to describe")
@@ -186,11 +182,7 @@ def wrap(
         if not t.is_contiguous():
             raise ConfigError(f"tensor {name!r} is not contiguous")
     (device,) = devices
-    sums = checksums or {}
-    rows = [
-        (name, dtype_name(t.dtype), tuple(t.shape), t.data_ptr(), sums.get(name))
-        for name, t in tensors.items()
-    ]
+    rows = [(name, dtype_name(t.dtype), tuple(t.shape), t.data_ptr(), None) for name, t in tensors.items()]
     # host memory can be read across adjacent allocations; GPU memory cannot
     manifest, bases = regions_from_addresses(identity, rows, merge_adjacent=device.type == "cpu")
     spans = [(b, r.nbytes) for b, r in zip(bases, manifest.regions, strict=True)]

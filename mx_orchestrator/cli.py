@@ -21,7 +21,7 @@ from typing import Any, NoReturn, TypeVar
 import anyio
 
 from . import __version__
-from .config import check_port, check_seconds
+from .config import check_count, check_port, check_seconds
 from .errors import ConfigError, MxoError
 from .logs import configure_logging
 from .models import ModelIdentity, SourceRecord
@@ -41,27 +41,29 @@ def default_registry_url() -> str:
     return os.environ.get("MXO_REGISTRY", "sqlite://")
 
 
-def _seconds(name: str) -> Callable[[str], float]:
-    """An argparse type: seconds checked by the same rule as the API's (:mod:`mx_orchestrator.config`)."""
+def _checked(convert: Callable[[str], Any], check: Callable[[Any], T], what: str) -> Callable[[str], T]:
+    """An argparse type: the flag is converted, then checked by the same rule as the API's
+    (:mod:`mx_orchestrator.config`), so a bad value fails before any work starts."""
 
-    def parse(text: str) -> float:
+    def parse(text: str) -> T:
         try:
-            return check_seconds(name, float(text))
-        except (ValueError, ConfigError) as exc:
-            raise argparse.ArgumentTypeError(
-                str(exc) if isinstance(exc, ConfigError) else f"not a number: {text!r}"
-            ) from None
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        try:
+            return check(value)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
 
 
-def _port(text: str) -> int:
-    try:
-        return check_port("port", int(text))
-    except (ValueError, ConfigError) as exc:
-        raise argparse.ArgumentTypeError(
-            str(exc) if isinstance(exc, ConfigError) else f"not a port: {text!r}"
-        ) from None
+def _seconds(name: str) -> Callable[[str], float]:
+    return _checked(float, lambda v: check_seconds(name, v), "a number")
+
+
+_port = _checked(int, lambda v: check_port("port", v), "a port")
+_readers = _checked(int, lambda v: check_count("max_readers", v, minimum=0), "a whole number")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-readers",
-        type=int,
+        type=_readers,
         default=8,
         help="targets reading at once; one more is refused before any byte moves (0: no cap)",
     )
@@ -471,8 +473,7 @@ def _fingerprint(args: argparse.Namespace) -> int:
 
 
 def _fingerprint_hub(args: argparse.Namespace) -> tuple[str, dict[str, dict[str, object]]]:
-    from .integrity import digests
-    from .models import content_fingerprint, dtype_name
+    from .integrity import pin_of
     from .pipeline import Orchestrator
     from .target import Target
 
@@ -483,14 +484,7 @@ def _fingerprint_hub(args: argparse.Namespace) -> tuple[str, dict[str, dict[str,
     )
     if not report.loaded or not report.to_dict()["verified"]:
         raise MxoError(f"{args.repo}: the Hub download was not loaded and sha256-verified ({report.reason})")
-    tensors = target.tensors()
-    sha = digests(tensors)
-    rows: dict[str, dict[str, object]] = {
-        n: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "sha256": sha[n]}
-        for n, t in tensors.items()
-    }
-    pinned = ((n, dtype_name(t.dtype), tuple(t.shape), sha[n]) for n, t in tensors.items())
-    return content_fingerprint(pinned), rows
+    return pin_of(target.tensors())
 
 
 # -- demo ----------------------------------------------------------------

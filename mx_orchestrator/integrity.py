@@ -55,6 +55,7 @@ __all__ = [
     "mxsum_many",
     "digests",
     "fingerprint_of",
+    "pin_of",
     "serving_algorithms",
     "tensor_digest",
 ]
@@ -73,18 +74,21 @@ _HOST_THREADS = min(4, os.cpu_count() or 1)
 
 def checksum_tensor(tensor: torch.Tensor) -> str:
     """xxh3-64 of a tensor's bytes (copied to the host first if it lives on a GPU)."""
-    import torch
-
-    flat = tensor.detach().reshape(-1).view(torch.uint8)
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    return xxhash.xxh3_64_hexdigest(flat.numpy().data)
+    return xxhash.xxh3_64_hexdigest(_host_bytes(tensor))
 
 
 def _bytes(tensor: torch.Tensor) -> torch.Tensor:
     import torch
 
     return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+def _host_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's bytes in host memory, for the host-only hashes (a GPU tensor is copied off)."""
+    flat = _bytes(tensor)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    return flat.numpy().data
 
 
 def _host_terms(tensor: torch.Tensor) -> list[int]:
@@ -367,12 +371,7 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     Computed on the host (a GPU tensor is copied off first: SHA-256 is a serial
     hash that no device computes faster than a CPU core streams it).
     """
-    import torch
-
-    flat = tensor.detach().reshape(-1).view(torch.uint8)
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    return hashlib.sha256(flat.numpy().data).hexdigest()
+    return hashlib.sha256(_host_bytes(tensor)).hexdigest()
 
 
 def digests(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -382,12 +381,22 @@ def digests(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
         return dict(zip(names, pool.map(lambda n: tensor_digest(tensors[n]), names), strict=True))
 
 
-def fingerprint_of(tensors: Mapping[str, torch.Tensor]) -> str:
-    """The content fingerprint of tensors in memory (SHA-256 of each, on every core)."""
+def pin_of(tensors: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, dict[str, object]]]:
+    """The content fingerprint of tensors in memory, and each one's dtype, shape and SHA-256
+    (hashed on every core)."""
     from .models import content_fingerprint, dtype_name
 
     sha = digests(tensors)
-    return content_fingerprint((n, dtype_name(t.dtype), tuple(t.shape), sha[n]) for n, t in tensors.items())
+    pinned = [(n, dtype_name(t.dtype), tuple(t.shape), sha[n]) for n, t in tensors.items()]
+    rows: dict[str, dict[str, object]] = {
+        n: {"dtype": d, "shape": list(s), "sha256": h} for n, d, s, h in pinned
+    }
+    return content_fingerprint(pinned), rows
+
+
+def fingerprint_of(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The content fingerprint of tensors in memory."""
+    return pin_of(tensors)[0]
 
 
 def bad_digests(tensors: Mapping[str, torch.Tensor], pinned: Manifest) -> list[str]:

@@ -9,7 +9,7 @@ the descriptors with the strategy's pure read planner. It returns a
 and allocated nothing.
 
 :func:`transfer` carries a plan out through an :class:`~._backends.rdma.RdmaAgent`:
-allocate (if the target has no memory yet), register, connect, READ under the
+connect, allocate (if the target has no memory yet), register, READ under the
 attempt's deadline, verify. Every failure arrives as an
 :class:`~._backends.EdgeFailure` already mapped to its outcome type; the
 registration and the remote agent are released on every path.
@@ -286,7 +286,7 @@ def release_connections() -> None:
         pool.close()
 
 
-#: Gives the transfer its agent once the target's memory exists (raises EdgeFailure when there is none).
+#: Gives the transfer its agent, waiting while it is still being made (EdgeFailure when there is none).
 AgentSource = Callable[[], Awaitable[RdmaAgent]]
 
 _FAILED = (SourceFailed, TimedOut, SourceUnreachable)
@@ -372,7 +372,9 @@ async def transfer(
                 )
         finally:
             release()
-        outcome = await _verified(plan, target, ctx, strategy, seconds, began)
+        outcome = await verify_landed(
+            plan, target, ctx, strategy, seconds, began, f"{len(plan.local)} descriptors"
+        )
         return outcome
     except EdgeFailure as exc:
         outcome = failed(exc)
@@ -383,31 +385,24 @@ async def transfer(
             pool.release(key, failed=outcome is None or isinstance(outcome, (*_FAILED, Corrupt)))
 
 
-async def _verified(
-    plan: PullPlan, target: Target, ctx: AttemptContext, strategy: str, seconds: float, began: float
-) -> Outcome:
-    total = plan.nbytes
-    if ctx.progress is not None:
-        ctx.progress(total, total)
-    detail = f"{len(plan.local)} descriptors"
-    return await verify_landed(plan.source, target, ctx, strategy, total, seconds, began, detail)
-
-
 async def verify_landed(
-    source: Manifest,
+    plan: PullPlan,
     target: Target,
     ctx: AttemptContext,
     strategy: str,
-    total: int,
     seconds: float,
     began: float,
     detail: str,
 ) -> Outcome:
-    """The outcome of bytes that landed: against the pin's digests when pinned, else the source's checksums.
+    """The outcome of a plan's bytes that landed: against the pin's digests when pinned, else the
+    source's checksums.
 
     A pinned load is never ``verified`` unless every digest was checked (a pin
     is verified even with ``verify=False``: it is the caller's explicit demand).
     """
+    source, total = plan.source, plan.nbytes
+    if ctx.progress is not None:
+        ctx.progress(total, total)
     sid = ctx.source_id
     if ctx.expect is not None:
         with ctx.phases.timed("verify"):

@@ -130,11 +130,8 @@ class CudaIpc:
         finally:
             remote.clear()  # closes this process's view of the source's memory
         seconds = phases.seconds["transfer"]
-        total = plan.nbytes
-        if ctx.progress is not None:
-            ctx.progress(total, total)
         detail = f"{len(plan.local)} device copies"
-        return await verify_landed(plan.source, target, ctx, self.name, total, seconds, began, detail)
+        return await verify_landed(plan, target, ctx, self.name, seconds, began, detail)
 
 
 def _region_of(spans: list[tuple[int, int]], address: int, nbytes: int) -> int:

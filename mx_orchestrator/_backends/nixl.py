@@ -320,10 +320,6 @@ class _WarmAgent:
         finally:
             self._ready.set()
 
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set()
-
     def get(self, name: str | None = None, **options: Any) -> NixlAgent:
         self.start(name, **options)
         self._ready.wait()
