@@ -249,12 +249,17 @@ class WeightSource:
 async def serve_until_signal(
     source: WeightSource, on_ready: Callable[[SourceRecord], None] | None = None
 ) -> None:
-    """Run ``source`` until SIGINT or SIGTERM, then unpublish and return."""
-    async with anyio.create_task_group() as tg:
-        record = await tg.start(source.run)
-        if on_ready is not None:
-            on_ready(record)
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """Run ``source`` until SIGINT or SIGTERM, then unpublish and return.
+
+    The signals are caught before ``on_ready`` announces the source: whoever
+    reacts to the announcement with a SIGTERM gets a clean unpublish, not the
+    default handler's kill.
+    """
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+            record = await tg.start(source.run)
+            if on_ready is not None:
+                on_ready(record)
             async for _ in signals:
                 break
-        tg.cancel_scope.cancel()
+            tg.cancel_scope.cancel()
