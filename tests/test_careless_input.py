@@ -193,12 +193,21 @@ def test_an_unwritable_out_fails_before_any_attempt(tmp_path: Path) -> None:
 def test_a_pull_that_times_out_by_its_own_short_deadline_leaves_the_healthy_source_ready(
     peers: Peers, registry_url: str
 ) -> None:
-    """A fresh process with the shortest attempt deadline the CLI accepts: the attempt ends waiting for the
-    process's own transport agent, which is no fault of the source."""
-    peers.start(("healthy", "arena"))
-    out = mxo(
-        "pull", "--model-id", MODEL_ID, "--registry", registry_url, "--attempt-timeout", "0.1", "--json"
-    )
+    """The shortest attempt deadline the CLI accepts, against a healthy source that is merely slow to answer
+    (paused for the length of the pull): the target's own deadline strikes, which is no fault of the source.
+
+    (Waiting for the process's own agent used to be the slow part; when the agent is ready in time the
+    load simply succeeds, so the source is paused to make the deadline strike on every machine.)"""
+    import signal
+
+    (source,) = peers.start(("healthy", "arena"))
+    source.signal(signal.SIGSTOP)
+    try:
+        out = mxo(
+            "pull", "--model-id", MODEL_ID, "--registry", registry_url, "--attempt-timeout", "0.1", "--json"
+        )
+    finally:
+        source.signal(signal.SIGCONT)
     report = json.loads(out.stdout)
     timed_out = [a for a in report["attempts"] if a["outcome"] == "TimedOut"]
     assert timed_out, report["attempts"]  # the deadline did strike
