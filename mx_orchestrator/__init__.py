@@ -24,6 +24,7 @@ from .outcomes import (
     SourceBusy,
     SourceFailed,
     SourceUnreachable,
+    Superseded,
     TimedOut,
 )
 from .pipeline import LoadObserver, Orchestrator
@@ -71,6 +72,7 @@ __all__ = [
     "RegistryProber",
     "RegistryUnavailable",
     "SourceBusy",
+    "Superseded",
     "SourceFailed",
     "SourceRecord",
     "SourceRegistry",

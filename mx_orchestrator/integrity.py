@@ -31,13 +31,13 @@ import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from .models import Manifest
+from .models import Manifest, TensorSpec
 
 if TYPE_CHECKING:
     import torch
@@ -399,17 +399,33 @@ def fingerprint_of(tensors: Mapping[str, torch.Tensor]) -> str:
     return pin_of(tensors)[0]
 
 
-def bad_digests(tensors: Mapping[str, torch.Tensor], pinned: Manifest) -> list[str]:
-    """Tensors whose SHA-256 differs from ``pinned``'s digests (the caller checked the pin first)."""
-    got = digests({s.name: tensors[s.name] for s in pinned.tensors})
-    return [s.name for s in pinned.tensors if got[s.name] != s.digest]
+def _checked_specs(manifest: Manifest, names: Collection[str] | None) -> list[TensorSpec]:
+    if names is None:
+        return list(manifest.tensors)
+    chosen = set(names)
+    return [s for s in manifest.tensors if s.name in chosen]
 
 
-def bad_tensors(tensors: Mapping[str, torch.Tensor], expected: Manifest) -> list[str] | None:
+def bad_digests(
+    tensors: Mapping[str, torch.Tensor], pinned: Manifest, names: Collection[str] | None = None
+) -> list[str]:
+    """Tensors whose SHA-256 differs from ``pinned``'s digests (the caller checked the pin first).
+
+    ``names``: check only those (a part of a striped load); default every tensor.
+    """
+    specs = _checked_specs(pinned, names)
+    got = digests({s.name: tensors[s.name] for s in specs})
+    return [s.name for s in specs if got[s.name] != s.digest]
+
+
+def bad_tensors(
+    tensors: Mapping[str, torch.Tensor], expected: Manifest, names: Collection[str] | None = None
+) -> list[str] | None:
     """Names of tensors whose checksum differs from ``expected``'s (empty: all good).
 
     ``None`` when the bytes cannot be verified: no algorithm shared with this
     version, or a tensor without a value for it. Never a partial verdict.
+    ``names``: check only those (a part of a striped load); default every tensor.
     """
     device = str(next(iter(tensors.values())).device) if tensors else "cpu"
     choice = best_shared(expected.checksum_algorithm, device)
@@ -417,7 +433,7 @@ def bad_tensors(tensors: Mapping[str, torch.Tensor], expected: Manifest) -> list
         return None
     index, algorithm = choice
     wanted = {}
-    for spec in expected.tensors:
+    for spec in _checked_specs(expected, names):
         parts = (spec.checksum or "").split("+")
         if spec.checksum is None or index >= len(parts) or not parts[index]:
             return None

@@ -23,6 +23,7 @@ __all__ = [
     "Outcome",
     "SourceFailed",
     "SourceUnreachable",
+    "Superseded",
     "TimedOut",
 ]
 
@@ -119,6 +120,11 @@ class LocalFailure(_OutcomeBase):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Superseded(_OutcomeBase):
+    """A hedge: another source delivered the same bytes first, so this read was cancelled (no fault)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Cancelled(_OutcomeBase):
     """The attempt was cancelled by the caller or by the load's overall deadline."""
 
@@ -134,6 +140,7 @@ Outcome: TypeAlias = (
     | TimedOut
     | Corrupt
     | LocalFailure
+    | Superseded
     | Cancelled
 )
 
@@ -148,5 +155,6 @@ ALL_OUTCOME_TYPES: tuple[type[Outcome], ...] = (
     TimedOut,
     Corrupt,
     LocalFailure,
+    Superseded,
     Cancelled,
 )

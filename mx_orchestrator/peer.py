@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import contextlib
 import hashlib
 import json
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -47,6 +48,7 @@ from .outcomes import (
     Outcome,
     SourceFailed,
     SourceUnreachable,
+    Superseded,
     TimedOut,
 )
 from .strategy import AttemptContext
@@ -55,6 +57,7 @@ from .target import Target, TargetMismatch
 __all__ = [
     "ConnectionPool",
     "PeerAdvert",
+    "PartReader",
     "PeerStrategy",
     "PullPlan",
     "ReadPlanner",
@@ -149,6 +152,38 @@ class PullPlan:
     def local_blocks(self, spans: list[tuple[int, int]]) -> Descriptors:
         """The local descriptors on the target's real region bases."""
         return [(spans[region][0] + offset, n) for region, offset, n in self.local]
+
+    def restricted(self, tensors: Collection[int]) -> PullPlan:
+        """The same plan cut down to the bytes of the local manifest's tensors ``tensors`` (indices).
+
+        A part of a striped load: every descriptor is clipped to those tensors'
+        byte ranges, so the part moves their bytes and nothing else (a subset of
+        descriptors already checked against the target's buffers).
+        """
+        specs = self.local_manifest.tensors
+        wanted: dict[int, list[tuple[int, int]]] = {}
+        for i in sorted(tensors, key=lambda i: (specs[i].region, specs[i].offset)):
+            spec = specs[i]
+            runs = wanted.setdefault(spec.region, [])
+            if runs and runs[-1][1] == spec.offset:
+                runs[-1] = (runs[-1][0], spec.offset + spec.nbytes)
+            elif spec.nbytes:
+                runs.append((spec.offset, spec.offset + spec.nbytes))
+        local: list[tuple[int, int, int]] = []
+        remote: list[tuple[int, int]] = []
+        for (region, offset, n), (address, _) in zip(self.local, self.remote, strict=True):
+            runs = wanted.get(region, [])
+            if not runs:
+                continue
+            i = bisect.bisect_right(runs, (offset, 1 << 62)) - 1
+            i = max(i, 0)
+            while i < len(runs) and runs[i][0] < offset + n:
+                lo, hi = max(runs[i][0], offset), min(runs[i][1], offset + n)
+                if lo < hi:
+                    local.append((region, lo, hi - lo))
+                    remote.append((address + lo - offset, hi - lo))
+                i += 1
+        return replace(self, local=tuple(local), remote=tuple(remote))
 
 
 def check(
@@ -321,68 +356,164 @@ async def transfer(
     path.
     """
     began = anyio.current_time()
-    sid = ctx.source_id
-    phases = ctx.phases
-    phases.planned_bytes = plan.nbytes
-
-    def failed(exc: EdgeFailure) -> Outcome:
-        outcome = exc.outcome(strategy, sid, anyio.current_time() - began)
-        if isinstance(outcome, TimedOut):  # what the policy needs to tell a stall from a short deadline
-            outcome = replace(outcome, deadline=ctx.deadline - began, planned_bytes=plan.nbytes)
-        return outcome
-
+    ctx.phases.planned_bytes = plan.nbytes
     try:
-        with phases.timed("agent"):
+        with ctx.phases.timed("agent"):
             agent = await agent_source()
     except EdgeFailure as exc:
-        return failed(exc)
+        return _failed(exc, plan, ctx, strategy, began)
+
+    async def allocate_and_read(remote_name: str) -> Outcome:
+        allocated = await allocate(plan, target, ctx, strategy)
+        if not isinstance(allocated, Buffers):
+            return allocated
+        buffers = allocated
+        with ctx.phases.timed("register"):
+            release = agent.register([(a, n, buffers.device_id) for a, n in buffers.spans], buffers.mem_type)
+        try:
+            seconds = await _read(agent, remote_name, plan, buffers, ctx)
+        finally:
+            release()
+        return await verify_landed(
+            plan, target, ctx, strategy, seconds, began, f"{len(plan.local)} descriptors"
+        )
+
+    return await _connected(agent, plan, ctx, strategy, began, allocate_and_read)
+
+
+def _failed(exc: EdgeFailure, plan: PullPlan, ctx: AttemptContext, strategy: str, began: float) -> Outcome:
+    outcome = exc.outcome(strategy, ctx.source_id, anyio.current_time() - began)
+    if isinstance(outcome, TimedOut):  # what the policy needs to tell a stall from a short deadline
+        outcome = replace(outcome, deadline=ctx.deadline - began, planned_bytes=plan.nbytes)
+    return outcome
+
+
+async def _connected(
+    agent: RdmaAgent,
+    plan: PullPlan,
+    ctx: AttemptContext,
+    strategy: str,
+    began: float,
+    body: Callable[[str], Awaitable[Outcome]],
+) -> Outcome:
+    """``await body(remote agent name)`` over a pooled connection to the plan's source.
+
+    The connection goes back to the pool, or is dropped when the attempt failed
+    through it or was cancelled (it is not trusted again); an
+    :class:`EdgeFailure` becomes the attempt's outcome.
+    """
     pool = pool_for(agent)
     record = ctx.candidate.record if ctx.candidate is not None else None
     key: tuple[str, str, bytes] | None = None
     outcome: Outcome | None = None
     try:
-        with phases.timed("connect"):
+        with ctx.phases.timed("connect"):
             key, remote_name = pool.acquire(
-                sid or "", record.generation if record else "", plan.advert.metadata
+                ctx.source_id or "", record.generation if record else "", plan.advert.metadata
             )
         if remote_name != plan.advert.agent_name:
             outcome = SourceUnreachable(
                 strategy=strategy,
-                source_id=sid,
+                source_id=ctx.source_id,
                 seconds=anyio.current_time() - began,
                 detail=f"metadata names agent {remote_name!r}, record says {plan.advert.agent_name!r}",
             )
             return outcome
-        allocated = await allocate(plan, target, ctx, strategy)
-        if not isinstance(allocated, Buffers):
-            outcome = allocated
-            return outcome
-        buffers = allocated
-        with phases.timed("register"):
-            release = agent.register([(a, n, buffers.device_id) for a, n in buffers.spans], buffers.mem_type)
-        try:
-            with phases.timed("transfer"):
-                seconds = await agent.read(
-                    remote_name,
-                    descriptor_rows(plan.local_blocks(buffers.spans), buffers.device_id),
-                    descriptor_rows(list(plan.remote), plan.advert.device_id),
-                    local_mem=buffers.mem_type,
-                    remote_mem=plan.advert.mem_type,
-                    deadline=ctx.deadline,
-                )
-        finally:
-            release()
-        outcome = await verify_landed(
-            plan, target, ctx, strategy, seconds, began, f"{len(plan.local)} descriptors"
-        )
+        outcome = await body(remote_name)
         return outcome
     except EdgeFailure as exc:
-        outcome = failed(exc)
+        outcome = _failed(exc, plan, ctx, strategy, began)
         return outcome
     finally:
         if key is not None:
-            # cancelled (outcome None) or failed: the connection is not trusted again
             pool.release(key, failed=outcome is None or isinstance(outcome, (*_FAILED, Corrupt)))
+
+
+async def _read(
+    agent: RdmaAgent, remote_name: str, plan: PullPlan, buffers: Buffers, ctx: AttemptContext
+) -> float:
+    """The READ of ``plan`` into ``buffers`` under the attempt's deadline (EdgeFailure on failure)."""
+    with ctx.phases.timed("transfer"):
+        seconds = await agent.read(
+            remote_name,
+            descriptor_rows(plan.local_blocks(buffers.spans), buffers.device_id),
+            descriptor_rows(list(plan.remote), plan.advert.device_id),
+            local_mem=buffers.mem_type,
+            remote_mem=plan.advert.mem_type,
+            deadline=ctx.deadline,
+        )
+    if isinstance(ctx.target, Target):
+        ctx.target.bytes_written += plan.nbytes
+    return seconds
+
+
+class PartReader:
+    """Reads the parts of one striped load into a target whose memory already exists.
+
+    The target's buffers are registered once per agent for the whole load (not
+    once per part), connections come from the agent's pool; :meth:`close`
+    releases every registration (the driver calls it on every path).
+    """
+
+    def __init__(self, target: Target) -> None:
+        if target.buffers is None:
+            raise RuntimeError("a striped load allocates its target before reading parts")
+        self.target = target
+        self.buffers: Buffers = target.buffers
+        self._registered: dict[int, tuple[RdmaAgent, Callable[[], None]]] = {}
+
+    async def read(
+        self,
+        strategy: PeerStrategy,
+        plan: PullPlan,
+        tensors: Collection[int],
+        ctx: AttemptContext,
+        settle: Callable[[], Awaitable[bool]] | None = None,
+    ) -> Outcome:
+        """Read the local manifest's ``tensors`` (indices) from ``plan``'s source and verify them.
+
+        ``settle``: awaited once the READ completed, before verification; False
+        means another copy of the same bytes won (a hedge), so this one is
+        ``Superseded`` and not verified.
+        """
+        began = anyio.current_time()
+        part = plan.restricted(tensors)
+        ctx.phases.planned_bytes = part.nbytes
+        try:
+            with ctx.phases.timed("agent"):
+                agent = await strategy._agent()
+            with ctx.phases.timed("register"):
+                self._register(agent)
+        except EdgeFailure as exc:
+            return _failed(exc, part, ctx, strategy.name, began)
+        names = [plan.local_manifest.tensors[i].name for i in tensors]
+
+        async def read_and_verify(remote_name: str) -> Outcome:
+            seconds = await _read(agent, remote_name, part, self.buffers, ctx)
+            if settle is not None and not await settle():
+                return Superseded(
+                    strategy=strategy.name,
+                    source_id=ctx.source_id,
+                    bytes_moved=part.nbytes,
+                    seconds=seconds,
+                    detail="another source landed these bytes first",
+                )
+            return await verify_landed(
+                part, self.target, ctx, strategy.name, seconds, began, f"{len(part.local)} descriptors", names
+            )
+
+        return await _connected(agent, part, ctx, strategy.name, began, read_and_verify)
+
+    def _register(self, agent: RdmaAgent) -> None:
+        if id(agent) not in self._registered:
+            buffers = self.buffers
+            release = agent.register([(a, n, buffers.device_id) for a, n in buffers.spans], buffers.mem_type)
+            self._registered[id(agent)] = (agent, release)
+
+    def close(self) -> None:
+        for _, release in self._registered.values():
+            release()
+        self._registered.clear()
 
 
 async def verify_landed(
@@ -393,9 +524,10 @@ async def verify_landed(
     seconds: float,
     began: float,
     detail: str,
+    names: Collection[str] | None = None,
 ) -> Outcome:
     """The outcome of a plan's bytes that landed: against the pin's digests when pinned, else the
-    source's checksums.
+    source's checksums; ``names``: only those tensors landed (a part), the rest are not checked.
 
     A pinned load is never ``verified`` unless every digest was checked (a pin
     is verified even with ``verify=False``: it is the caller's explicit demand).
@@ -406,13 +538,13 @@ async def verify_landed(
     sid = ctx.source_id
     if ctx.expect is not None:
         with ctx.phases.timed("verify"):
-            bad: list[str] | None = await anyio.to_thread.run_sync(target.verify_pinned, source)
+            bad: list[str] | None = await anyio.to_thread.run_sync(target.verify_pinned, source, names)
         what = "SHA-256 of the pinned content"
     elif not target.verify:
         return Loaded(strategy=strategy, source_id=sid, bytes_moved=total, seconds=seconds, detail=detail)
     else:
         with ctx.phases.timed("verify"):
-            bad = await anyio.to_thread.run_sync(target.verify_against, source)
+            bad = await anyio.to_thread.run_sync(target.verify_against, source, names)
         what = "checksums"
     if bad is None:
         detail += f"; unverified: no checksum shared with the source ({source.checksum_algorithm})"
@@ -423,7 +555,7 @@ async def verify_landed(
             source_id=sid,
             bytes_moved=total,
             seconds=anyio.current_time() - began,
-            bad_tensors=tuple(bad[:32]),
+            bad_tensors=tuple(bad),
             detail=f"{len(bad)} tensors failed their {what}, e.g. {bad[:3]}",
         )
     detail += f"; {what} verified in {ctx.phases.seconds.get('verify', 0.0):.3f}s"
@@ -480,8 +612,9 @@ class PeerStrategy:
         else:
             release_connections()
 
-    async def attempt(self, ctx: AttemptContext) -> Outcome:
-        plan = check(
+    def check_for(self, ctx: AttemptContext) -> PullPlan | Outcome:
+        """This strategy's :func:`check` of the attempt's candidate and target (no I/O)."""
+        return check(
             ctx.candidate,
             ctx.target,
             type(self).plan,
@@ -489,6 +622,9 @@ class PeerStrategy:
             refusal_is_layout=self.refusal_is_layout,
             expect=ctx.expect,
         )
+
+    async def attempt(self, ctx: AttemptContext) -> Outcome:
+        plan = self.check_for(ctx)
         if not isinstance(plan, PullPlan):
             return plan
         assert isinstance(ctx.target, Target)  # check() returned a plan only for a Target

@@ -36,6 +36,7 @@ from .config import check_count, check_seconds
 from .errors import ConfigError, ManifestError, RegistryError
 from .models import Candidate, ModelIdentity, SourceRecord, SourceState
 from .outcomes import Cancelled, Loaded, LocalFailure, Outcome, SourceBusy, TimedOut
+from .peer import PeerStrategy
 from .plan import EXHAUSTED, Attempt, Done, Planner, StrategySlot, Wait, attempt_budget
 from .policy import DEFAULT_POLICY, Action, Policy
 from .registry.base import SourceRegistry
@@ -85,6 +86,13 @@ class Orchestrator:
     (``mxo fingerprint``); only a source whose manifest commits to it is read,
     and the landed bytes are checked against its digests, not against what a
     source claims.
+
+    ``stripe``: up to this many sources read disjoint parts of the model at
+    once, and a failed part moves alone to another source (see
+    :mod:`mx_orchestrator.striping`); 1 reads the whole model from one source
+    at a time. ``hedge``: in a striped load, a part in flight for longer than
+    its expected time is also asked of an idle source; the first to land wins.
+    ``min_part_bytes``: the smallest part worth a transfer of its own.
     """
 
     def __init__(
@@ -104,6 +112,9 @@ class Orchestrator:
         observers: Sequence[LoadObserver] = (),
         expect: str | None = None,
         reader_lease: float = 10.0,
+        stripe: int = 1,
+        hedge: bool = True,
+        min_part_bytes: int = 32 << 20,
     ) -> None:
         if not strategies:
             raise ConfigError("an orchestrator needs at least one strategy")
@@ -116,6 +127,11 @@ class Orchestrator:
         check_seconds("load_timeout", load_timeout, optional=True)
         check_seconds("rank_window", rank_window)
         self.reader_lease = check_seconds("reader_lease", reader_lease)
+        self.stripe = check_count("stripe", stripe, maximum=64)
+        self.hedge = hedge
+        self.min_part_bytes = check_count("min_part_bytes", min_part_bytes, maximum=1 << 50)
+        #: the best part rate (bytes/s) a striped load achieved so far: the next load's expected time
+        self.observed_rate: float | None = None
         if any(s.uses_peers for s in strategies) and registry is None and prober is None:
             raise ConfigError("peer strategies need a registry to find sources")
         self.registry = registry
@@ -213,6 +229,9 @@ class _Load:
         self.evaluation = _Evaluation()
         self.attempts: list[AttemptRecord] = []
         self.source_hops: int | None = None
+        #: the plan's strategy slot -> the orchestrator's strategy (a striped load hands a subset on)
+        self.strategy_map: list[int] = list(range(len(config.strategies)))
+        self.stripe_seconds = 0.0
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - anyio.current_time())
@@ -229,7 +248,12 @@ class _Load:
                 send.close()
                 self.evaluation.finished_at = self.started
             try:
-                done = await self.attempt_loop(receive)
+                if config.stripe > 1 and any(isinstance(s, PeerStrategy) for s in config.strategies):
+                    from .striping import StripedLoad
+
+                    done = await StripedLoad(self, receive).run()
+                else:
+                    done = await self.attempt_loop(receive)
             finally:
                 tg.cancel_scope.cancel()
                 receive.close()
@@ -255,6 +279,8 @@ class _Load:
             registry_error=str(evaluation.registry_error) if evaluation.registry_error is not None else None,
             manifest_disagreement=dict(evaluation.manifests) if len(evaluation.manifests) > 1 else {},
             source_hops=self.source_hops if done.loaded else None,
+            stripe=self.config.stripe,
+            stripe_seconds=self.stripe_seconds,
         )
         if report.manifest_disagreement:
             # not evidence of who is right (anyone who can write the registry can publish many
@@ -437,7 +463,7 @@ class _Load:
 
     async def run_attempt(self, step: Attempt, phases: Phases) -> Outcome:
         config = self.config
-        strategy = config.strategies[step.strategy_index]
+        strategy = config.strategies[self.strategy_map[step.strategy_index]]
         began = anyio.current_time()
         # the load's deadline is shared among the attempts it could still make
         budget = attempt_budget(self.deadline - began, self.planner.attempts_left(), config.attempt_timeout)

@@ -36,6 +36,7 @@ from .outcomes import (
     SourceBusy,
     SourceFailed,
     SourceUnreachable,
+    Superseded,
     TimedOut,
 )
 
@@ -107,7 +108,7 @@ Rule = Callable[[Outcome, DecisionState], Action]
 
 #: Outcome types that never mark their source STALE, whatever the rule says.
 NEVER_STALE: frozenset[type[Outcome]] = frozenset(
-    {Loaded, LayoutMismatch, ManifestMismatch, LocalFailure, NotApplicable, Cancelled, SourceBusy}
+    {Loaded, LayoutMismatch, ManifestMismatch, LocalFailure, NotApplicable, Cancelled, SourceBusy, Superseded}
 )
 
 
@@ -211,6 +212,7 @@ DEFAULT_RULES: Mapping[type[Outcome], Rule] = MappingProxyType(
         TimedOut: next_candidate(mark_stale=True),
         Corrupt: next_candidate(mark_stale=True),
         LocalFailure: next_strategy(),
+        Superseded: next_candidate(),
         Cancelled: abort(),
     }
 )

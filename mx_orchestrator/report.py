@@ -37,6 +37,9 @@ class AttemptRecord:
     attempt_number: int = 1
     seconds: float | None = None
     phases: Mapping[str, float] = field(default_factory=dict)
+    #: striped loads: the part this attempt read (its index) and its byte range in the model
+    part: int | None = None
+    byte_range: tuple[int, int] | None = None
 
     @property
     def wall_seconds(self) -> float:
@@ -61,6 +64,8 @@ class AttemptRecord:
             "marked_stale": self.marked_stale,
             "attempt_number": self.attempt_number,
             "detail": o.detail,
+            "part": self.part,
+            "range": list(self.byte_range) if self.byte_range is not None else None,
         }
         return data
 
@@ -97,6 +102,28 @@ class LoadReport:
     manifest_disagreement: dict[str, list[str]] = field(default_factory=dict)
     #: fan-out distance of the source that delivered (``None``: not a peer); a republish is one more
     source_hops: int | None = None
+    #: striped loads: how many sources could read at once (1: one source delivers everything)
+    stripe: int = 1
+    #: striped loads: seconds from the first part's start to the last part's landing
+    stripe_seconds: float = 0.0
+
+    @property
+    def striped(self) -> bool:
+        """The model was delivered in parts (possibly by several sources)."""
+        return any(a.part is not None for a in self.attempts)
+
+    def loaded_parts(self) -> list[AttemptRecord]:
+        """The part attempts that landed (a striped load's bytes add up to the model exactly once)."""
+        return [a for a in self.attempts if a.part is not None and isinstance(a.outcome, Loaded)]
+
+    def bytes_by_source(self) -> dict[str, int]:
+        """Bytes each source delivered in landed attempts (their own bytes, re-reads included)."""
+        totals: dict[str, int] = {}
+        for record in self.attempts:
+            o = record.outcome
+            if isinstance(o, Loaded) and o.source_id is not None:
+                totals[o.source_id] = totals.get(o.source_id, 0) + o.bytes_moved
+        return totals
 
     @property
     def final(self) -> Loaded | None:
@@ -124,21 +151,36 @@ class LoadReport:
         record = self.final_record
         nbytes = final.bytes_moved if final else 0
         transfer = record.transfer_seconds if record is not None else 0.0
+        strategy = final.strategy if final else None
+        source = final.source_id if final else None
+        verified = bool(final and final.verified)
+        by_source = self.bytes_by_source()
+        if self.striped and self.loaded:
+            parts = [a.outcome for a in self.loaded_parts()]
+            nbytes = sum(o.bytes_moved for o in parts)
+            transfer = self.stripe_seconds
+            strategy = "+".join(dict.fromkeys(o.strategy for o in parts))
+            source = max(by_source, key=lambda sid: by_source[sid]) if by_source else None
+            verified = all(getattr(o, "verified", False) for o in parts)
         return {
             "run_id": self.run_id,
             "model": self.identity.model_id,
             "identity": self.identity.key,
             "outcome": self.outcome,
             "reason": self.reason,
-            "strategy": final.strategy if final else None,
-            "source": final.source_id if final else None,
+            "strategy": strategy,
+            "source": source,
+            "sources": sorted(by_source),
+            "bytes_by_source": by_source,
+            "stripe": self.stripe,
+            "parts": len(self.loaded_parts()),
             "bytes": nbytes,
             "seconds": round(self.seconds, 6),
             "gbps": gbps(nbytes, self.seconds),
             "transfer_seconds": round(transfer, 6),
             "transfer_gbps": gbps(nbytes, transfer),
             "agent_wait_seconds": round(self.agent_wait_seconds, 6),
-            "verified": bool(final and final.verified),
+            "verified": verified,
             "evaluation_seconds": round(self.evaluation_seconds, 6),
             "candidates_evaluated": len(self.probes),
             "attempts": [a.to_dict() for a in self.attempts],

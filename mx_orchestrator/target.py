@@ -14,7 +14,7 @@ pure check uses it to decide everything before any I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
 from .buffers import Buffers, OnDevice, allocate, wrap
@@ -51,6 +51,8 @@ class Target(OnDevice):
         self._buffers: Buffers | None = None
         #: bytes of every allocation this target made, in order (its own accounting)
         self.allocations: list[int] = []
+        #: bytes of every READ that completed into this target (a re-read counts again)
+        self.bytes_written = 0
         if verify and device != "cpu":
             warm_device_checksum(device)  # compiled while the load discovers and allocates
 
@@ -127,13 +129,16 @@ class Target(OnDevice):
 
     # -- verification ---------------------------------------------------------
 
-    def verify_pinned(self, pinned: Manifest) -> list[str]:
-        """Tensors whose SHA-256 differs from the digests of ``pinned`` (whose fingerprint was checked)."""
-        return bad_digests(self.tensors(), pinned)
+    def verify_pinned(self, pinned: Manifest, names: Collection[str] | None = None) -> list[str]:
+        """Tensors whose SHA-256 differs from the digests of ``pinned`` (whose fingerprint was checked).
 
-    def verify_against(self, source: Manifest) -> list[str] | None:
+        ``names``: only those tensors (a part of a striped load).
+        """
+        return bad_digests(self.tensors(), pinned, names)
+
+    def verify_against(self, source: Manifest, names: Collection[str] | None = None) -> list[str] | None:
         """Tensors whose checksum differs from ``source``'s (empty: all good; ``None``: cannot tell)."""
-        return bad_tensors(self.tensors(), source)
+        return bad_tensors(self.tensors(), source, names)
 
 
 def describe_manifest_difference(source: Manifest, target: Manifest) -> str:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ import anyio
 import pytest
 import torch
 
-from mx_orchestrator import DEFAULT_POLICY, LoadReport, ModelIdentity, Orchestrator, Policy, SourceState
+from mx_orchestrator import ModelIdentity, Orchestrator, Policy, SourceState
 from mx_orchestrator.buffers import Buffers
 from mx_orchestrator.models import Candidate, Manifest
 from mx_orchestrator.outcomes import (
@@ -37,9 +35,9 @@ from mx_orchestrator.outcomes import (
 from mx_orchestrator.peer import PullPlan, check, pool_for
 from mx_orchestrator.source import WeightSource, load_weights
 from mx_orchestrator.target import Target
-from mx_orchestrator.testing import FakeRdmaAgent, FakeRdmaNetwork, FakeRegistry
 from strategies.rdma_region import RdmaRegion
 from strategies.rdma_tensor import RdmaTensor
+from tests.fabric import fabric as shared_fabric
 
 IDENTITY = ModelIdentity("acme/fake-peer")
 
@@ -54,54 +52,9 @@ def weights() -> dict[str, torch.Tensor]:
     }
 
 
-class Fabric:
-    """One fake network, one registry, the sources started on them and the target's agent."""
-
-    def __init__(self) -> None:
-        self.network = FakeRdmaNetwork()
-        self.registry = FakeRegistry()
-        self.agent = self.network.agent("target")
-        self.sources: dict[str, tuple[FakeRdmaAgent, Buffers]] = {}
-
-    async def load(
-        self, target: Any, *strategies: Any, attempt_timeout: float = 5.0, policy: Policy = DEFAULT_POLICY
-    ) -> LoadReport:
-        chosen = list(strategies) or [RdmaRegion(agent=self.agent), RdmaTensor(agent=self.agent)]
-        order = {sid: float(i) for i, sid in enumerate(self.sources)}
-        return await Orchestrator(
-            self.registry,
-            chosen,
-            policy=policy,
-            attempt_timeout=attempt_timeout,
-            rank_window=0.05,
-            selection=lambda _t: lambda c: (order.get(c.source_id, 99.0),),
-        ).load(IDENTITY, target)
-
-    def assert_nothing_held(self, *, after_closing_the_pool: bool = True) -> None:
-        """Nothing held by any agent; pooled connections are dropped first unless told otherwise."""
-        if after_closing_the_pool:
-            pool_for(self.agent).close()
-        for agent in self.network.agents.values():
-            stats = agent.stats
-            assert (stats.handles_open, stats.remote_agents) == (0, 0), agent.name
-        assert self.agent.stats.registrations == 0
-
-
-@asynccontextmanager
-async def fabric(*specs: tuple[str, str], **faults: dict[str, bool]) -> AsyncIterator[Fabric]:
+def fabric(*specs: tuple[str, str], **faults: dict[str, bool]) -> Any:
     """Sources ``(source_id, layout)`` serving :func:`weights`, in rank order; ``faults[sid]`` for their agents."""
-    f = Fabric()
-    async with anyio.create_task_group() as tg:
-        for sid, layout in specs:
-            agent = f.network.agent(sid, **faults.get(sid, {}))
-            served = load_weights(IDENTITY, weights(), layout)
-            f.sources[sid] = (agent, served)
-            await tg.start(
-                WeightSource(f.registry, served, source_id=sid, agent=agent, poll_interval=0.01).run
-            )
-        yield f
-        tg.cancel_scope.cancel()
-    f.assert_nothing_held()
+    return shared_fabric(IDENTITY, weights, *specs, **faults)
 
 
 def assert_equal_weights(target: Target) -> None:

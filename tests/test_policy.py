@@ -32,6 +32,7 @@ from mx_orchestrator.outcomes import (
     SourceBusy,
     SourceFailed,
     SourceUnreachable,
+    Superseded,
 )
 from mx_orchestrator.plan import Attempt, Done, Planner, StrategySlot, Wait
 from mx_orchestrator.policy import NEVER_STALE, Action, next_candidate, retry
@@ -45,6 +46,7 @@ EXPECTED = {
     NotApplicable: (ActionKind.NEXT_STRATEGY, False),
     SourceUnreachable: (ActionKind.NEXT_CANDIDATE, False),
     SourceBusy: (ActionKind.NEXT_CANDIDATE, False),
+    Superseded: (ActionKind.NEXT_CANDIDATE, False),
     SourceFailed: (ActionKind.NEXT_CANDIDATE, True),
     TimedOut: (ActionKind.NEXT_CANDIDATE, True),
     Corrupt: (ActionKind.NEXT_CANDIDATE, True),
