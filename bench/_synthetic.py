@@ -67,6 +67,31 @@ def weight_set(name: str, device: str = "cpu"):  # type: ignore[no-untyped-def]
     raise SystemExit(f"unknown set {name!r}")
 
 
+class SyntheticSource:
+    """This script as a child process serving ``set_name``; ready once constructed, :meth:`stop` ends it."""
+
+    def __init__(self, set_name: str, layout: str, registry_url: str, source_id: str) -> None:
+        import os
+        import subprocess
+        from pathlib import Path
+
+        self.source_id = source_id
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), set_name, layout, registry_url, source_id],
+            stdout=subprocess.PIPE,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"source for {set_name}/{layout} failed to start")
+        self.info = json.loads(line)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
 def main() -> None:
     from pathlib import Path
 

@@ -47,6 +47,7 @@ from strategies.rdma_region import RdmaRegion  # noqa: E402
 from strategies.rdma_tensor import RdmaTensor  # noqa: E402
 
 sys.path.append(str(HERE))  # bench helpers; last, so bench/nixl.py never shadows the nixl package
+from _synthetic import SyntheticSource as Source  # noqa: E402
 from _timing import orchestrated, ratios, raw_nixl  # noqa: E402
 
 
@@ -94,24 +95,6 @@ def process_vm_readv_gbps(pid: int, address: int, nbytes: int, repeat: int) -> f
             done += got
         times.append(time.perf_counter() - began)
     return nbytes / statistics.median(times) / 1e9
-
-
-class Source:
-    def __init__(self, set_name: str, layout: str, registry_url: str, source_id: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "_synthetic.py"), set_name, layout, registry_url, source_id],
-            stdout=subprocess.PIPE,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"source for {set_name}/{layout} failed to start")
-        self.info = json.loads(line)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
 
 
 def fresh_pull(identity: ModelIdentity, registry_url: str, runs: int = 3) -> dict[str, Any]:

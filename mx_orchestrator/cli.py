@@ -64,6 +64,7 @@ def _seconds(name: str) -> Callable[[str], float]:
 
 _port = _checked(int, lambda v: check_port("port", v), "a port")
 _readers = _checked(int, lambda v: check_count("max_readers", v, minimum=0), "a whole number")
+_stripe = _checked(int, lambda v: check_count("stripe", v, maximum=64), "a whole number from 1 to 64")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -174,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds("reader_lease"),
         default=10.0,
         help="seconds a reader's count on a source lasts unless renewed (a killed pull's count runs out)",
+    )
+    pull.add_argument(
+        "--stripe",
+        type=_stripe,
+        default=1,
+        metavar="K",
+        help="read disjoint parts from up to K sources at once; a failed part alone moves on (default 1)",
+    )
+    pull.add_argument(
+        "--hedge",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --stripe: ask an idle source for a part in flight past its expected time (default on)",
     )
     pull.add_argument("--no-verify", action="store_true", help="skip checksum verification")
     pull.add_argument(
@@ -360,6 +374,8 @@ def _pull(args: argparse.Namespace) -> int:
                 observers=[display],
                 expect=args.expect,
                 reader_lease=args.reader_lease,
+                stripe=args.stripe,
+                hedge=args.hedge,
             ) as orchestrator:
                 return await _until_signal(orchestrator.load(identity, target, progress=display))
         finally:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = ["Part", "PartPlanner", "expected_seconds"]
@@ -135,6 +135,17 @@ class PartPlanner:
         """The index of the other copy of a hedged part still in flight (``None``: no twin)."""
         twin = self._twin.get(part.index)
         return twin if twin is not None and twin in self._in_flight else None
+
+    def byte_runs(self, tensors: Iterable[int]) -> list[tuple[int, int]]:
+        """The byte ranges of ``tensors`` (indices) in the model, adjacent ones merged."""
+        runs: list[tuple[int, int]] = []
+        for i in sorted(tensors):
+            start, end = self._offsets[i], self._offsets[i + 1]
+            if runs and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], end)
+            elif end > start:
+                runs.append((start, end))
+        return runs
 
     def landed_tensors(self) -> list[int]:
         return [i for i, done in enumerate(self._landed) if done]

@@ -3,8 +3,9 @@
 :class:`Orchestrator` is configuration plus :meth:`Orchestrator.load`; each
 load is driven by a private :class:`_Load`, which holds everything that lives
 for one load (identity, target, run id, deadline, planner, log, attempts,
-evaluation). This is the only module that drives I/O on the orchestrator's
-behalf; every decision it carries out comes from pure code
+evaluation). This module (with :mod:`~mx_orchestrator.striping`, its striped
+half) is the only one that drives I/O on the orchestrator's behalf; every
+decision it carries out comes from pure code
 (:class:`~mx_orchestrator.plan.Planner`, :class:`~mx_orchestrator.policy.Policy`,
 the selection key). It runs on anyio, so under asyncio and trio alike.
 

@@ -241,7 +241,11 @@ class Policy:
 
     def stall_evidence(self, outcome: TimedOut) -> float:
         """The least deadline (seconds) after which a ``TimedOut`` may be blamed on its source."""
-        return max(self.stall_floor, outcome.planned_bytes / self.stall_rate)
+        return self.stall_seconds(outcome.planned_bytes)
+
+    def stall_seconds(self, planned_bytes: int) -> float:
+        """The least time without completion that is evidence of a stall, for ``planned_bytes``."""
+        return max(self.stall_floor, planned_bytes / self.stall_rate)
 
     def with_rules(self, overrides: Mapping[type[Outcome], Rule]) -> Policy:
         merged = dict(self.rules)

@@ -40,6 +40,9 @@ class AttemptRecord:
     #: striped loads: the part this attempt read (its index) and its byte range in the model
     part: int | None = None
     byte_range: tuple[int, int] | None = None
+    #: striped loads: the byte ranges of the part that landed verified (the whole range when
+    #: ``Loaded``, the good tensors of a ``Corrupt`` part, nothing otherwise)
+    landed: tuple[tuple[int, int], ...] = ()
 
     @property
     def wall_seconds(self) -> float:
@@ -66,6 +69,7 @@ class AttemptRecord:
             "detail": o.detail,
             "part": self.part,
             "range": list(self.byte_range) if self.byte_range is not None else None,
+            "landed": [list(r) for r in self.landed],
         }
         return data
 
@@ -113,15 +117,24 @@ class LoadReport:
         return any(a.part is not None for a in self.attempts)
 
     def loaded_parts(self) -> list[AttemptRecord]:
-        """The part attempts that landed (a striped load's bytes add up to the model exactly once)."""
+        """The part attempts that landed whole."""
         return [a for a in self.attempts if a.part is not None and isinstance(a.outcome, Loaded)]
 
+    def landed_ranges(self) -> list[tuple[int, int]]:
+        """Every byte range that landed verified, in model order: a striped load's add up to the
+        model exactly once."""
+        return sorted(r for a in self.attempts for r in a.landed)
+
     def bytes_by_source(self) -> dict[str, int]:
-        """Bytes each source delivered in landed attempts (their own bytes, re-reads included)."""
+        """Bytes that landed (verified, where checked) from each source."""
         totals: dict[str, int] = {}
         for record in self.attempts:
             o = record.outcome
-            if isinstance(o, Loaded) and o.source_id is not None:
+            if o.source_id is None:
+                continue
+            if record.landed:
+                totals[o.source_id] = totals.get(o.source_id, 0) + sum(e - s for s, e in record.landed)
+            elif isinstance(o, Loaded):
                 totals[o.source_id] = totals.get(o.source_id, 0) + o.bytes_moved
         return totals
 
@@ -157,7 +170,7 @@ class LoadReport:
         by_source = self.bytes_by_source()
         if self.striped and self.loaded:
             parts = [a.outcome for a in self.loaded_parts()]
-            nbytes = sum(o.bytes_moved for o in parts)
+            nbytes = sum(end - start for start, end in self.landed_ranges())
             transfer = self.stripe_seconds
             strategy = "+".join(dict.fromkeys(o.strategy for o in parts))
             source = max(by_source, key=lambda sid: by_source[sid]) if by_source else None

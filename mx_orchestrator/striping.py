@@ -31,25 +31,46 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from .models import Candidate, Manifest
+from .models import Candidate, Manifest, ModelIdentity
 from .outcomes import Corrupt, Loaded, Outcome, SourceBusy, Superseded, TimedOut
 from .parts import Part, PartPlanner, expected_seconds
 from .peer import PartReader, PeerStrategy, PullPlan, allocate
 from .plan import Attempt, Done, Planner, StrategySlot
-from .policy import Action, ActionKind, DecisionState
+from .policy import Action, ActionKind, DecisionState, Policy
 from .report import AttemptRecord
-from .strategy import AttemptContext, Phases
+from .strategy import AttemptContext, Phases, ProgressCallback
 from .target import Target
 
-if TYPE_CHECKING:
-    from .pipeline import _Load
 
-__all__ = ["HEDGE_FACTOR", "HEDGE_FLOOR", "PART_DEADLINE_FACTOR", "StripedLoad"]
+class LoadDriver(Protocol):
+    """What the striped half uses of the pipeline's per-load driver (``pipeline._Load``)."""
+
+    config: Any  # the Orchestrator: its options, policy, strategies, observers
+    identity: ModelIdentity
+    target: Any
+    run_id: str
+    progress: ProgressCallback | None
+    deadline: float
+    attempts: list[AttemptRecord]
+    planner: Planner
+    strategy_map: list[int]
+    source_hops: int | None
+    stripe_seconds: float
+    log: Any
+
+    def remaining(self) -> float: ...
+    async def lease_reader(self, step: Attempt, seconds: float | None) -> bool | None: ...
+    async def renew_lease(self, step: Attempt) -> None: ...
+    async def carry_out(self, action: Action, step: Attempt, outcome: Outcome) -> bool: ...
+    async def attempt_loop(self, receive: MemoryObjectReceiveStream[Candidate]) -> Done: ...
+
+
+__all__ = ["HEDGE_FACTOR", "HEDGE_FLOOR", "PART_DEADLINE_FACTOR", "LoadDriver", "StripedLoad"]
 
 #: a part in flight this many times its expected time is hedged ...
 HEDGE_FACTOR = 2.0
@@ -68,9 +89,10 @@ class _Lost(Exception):
 class StripedLoad:
     """One striped load; :meth:`run` returns the plan's :class:`~mx_orchestrator.plan.Done`."""
 
-    def __init__(self, load: _Load, receive: MemoryObjectReceiveStream[Candidate]) -> None:
+    def __init__(self, load: LoadDriver, receive: MemoryObjectReceiveStream[Candidate]) -> None:
         self.load = load
         self.config = load.config
+        self.policy: Policy = load.config.policy
         self.receive = receive
         self.strategies = [
             (i, s) for i, s in enumerate(self.config.strategies) if isinstance(s, PeerStrategy)
@@ -91,6 +113,9 @@ class StripedLoad:
         self.hops: list[int] = []
         #: sources this load forgot (a fault, another manifest): the strategies after striping skip them
         self.out: set[str] = set()
+        #: part index -> the byte runs of it that landed verified (all of a Loaded part, the good
+        #: tensors of a Corrupt one)
+        self.landed_runs: dict[int, list[tuple[int, int]]] = {}
 
     # -- candidates ---------------------------------------------------------------
 
@@ -395,6 +420,7 @@ class StripedLoad:
             names = {spec.name: i for i, spec in enumerate(plan.local_manifest.tensors)}
             bad = [names[n] for n in outcome.bad_tensors] if isinstance(outcome, Corrupt) else []
             planner.landed(part, bad)
+            self.landed_runs[part.index] = planner.byte_runs(i for i in part.tensors if i not in set(bad))
             self.last_landing_at = anyio.current_time()
             transfer = phases.seconds.get("transfer", 0.0)
             if isinstance(outcome, Loaded) and transfer > 0:
@@ -428,7 +454,7 @@ class StripedLoad:
 
     def expected(self, part: Part) -> float:
         """The part's expected seconds: the best rate this load (else earlier loads, else the policy's)."""
-        rate = max(self.rates) if self.rates else self.config.observed_rate or self.config.policy.stall_rate
+        rate = max(self.rates) if self.rates else self.config.observed_rate or self.policy.stall_rate
         return expected_seconds(part.nbytes, rate, 0.0)
 
     def hedge_after(self, part: Part) -> float:
@@ -436,12 +462,11 @@ class StripedLoad:
 
     def part_budget(self, part: Part) -> float:
         """Seconds for one part: long enough to be evidence of a stall, short of the load's deadline."""
-        policy = self.config.policy
-        evidence = max(policy.stall_floor, part.nbytes / policy.stall_rate)
-        wanted = max(evidence, PART_DEADLINE_FACTOR * self.expected(part))
+        wanted = max(self.policy.stall_seconds(part.nbytes), PART_DEADLINE_FACTOR * self.expected(part))
         if self.config.hedge:  # room for a hedge to act before the original is given up
             wanted = max(wanted, 2 * self.hedge_after(part))
-        return max(0.0, min(wanted, self.config.attempt_timeout, self.load.remaining()))
+        attempt_timeout: float = self.config.attempt_timeout
+        return max(0.0, min(wanted, attempt_timeout, self.load.remaining()))
 
     # -- outcomes -------------------------------------------------------------------
 
@@ -451,11 +476,7 @@ class StripedLoad:
         action = self.record(attempt, outcome, part, phases, wall, pending_mark=True)
         marked = await self.load.carry_out(action, attempt, outcome)
         if marked:
-            record = self.load.attempts[-1]
-            self.load.attempts[-1] = AttemptRecord(
-                record.outcome, record.action, True, record.attempt_number, record.seconds, record.phases,
-                record.part, record.byte_range,
-            )  # fmt: skip
+            self.load.attempts[-1] = replace(self.load.attempts[-1], marked_stale=True)
         for observer in self.config.observers:
             observer.attempt_done(self.load.attempts[-1])
         return action
@@ -473,7 +494,7 @@ class StripedLoad:
         """The policy's action for ``outcome``, and its attempt record (:meth:`decide` marks STALE)."""
         load = self.load
         state = DecisionState(attempt_number=attempt.attempt_number, attempts_total=len(load.attempts) + 1)
-        action = self.config.policy.decide(outcome, state)
+        action = self.policy.decide(outcome, state)
         load.attempts.append(
             AttemptRecord(
                 outcome,
@@ -484,6 +505,7 @@ class StripedLoad:
                 phases.as_dict(),
                 part.index if part is not None else None,
                 (part.start, part.end) if part is not None else None,
+                tuple(self.landed_runs.pop(part.index, ())) if part is not None else (),
             )
         )
         load.log.info(
