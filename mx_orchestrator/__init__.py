@@ -11,6 +11,7 @@ from __future__ import annotations
 from .errors import ConfigError, ManifestError, MxoError, RegistryError, RegistryUnavailable
 from .layout import LayoutSpec, parse_layout
 from .models import Candidate, Manifest, ModelIdentity, Region, SourceRecord, SourceState, TensorSpec
+from .module import ModuleTarget, load_module, load_module_sync
 from .outcomes import (
     ALL_OUTCOME_TYPES,
     Cancelled,
@@ -37,6 +38,9 @@ from .strategy import AttemptContext, ProbeFailure, Prober, RegistryProber, Stra
 __version__ = "0.1.0"
 
 __all__ = [
+    "ModuleTarget",
+    "load_module",
+    "load_module_sync",
     "ALL_OUTCOME_TYPES",
     "DEFAULT_POLICY",
     "Action",

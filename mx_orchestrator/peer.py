@@ -533,6 +533,8 @@ async def verify_landed(
     is verified even with ``verify=False``: it is the caller's explicit demand).
     """
     source, total = plan.source, plan.nbytes
+    if names is None:  # what landed: the target's tensors (a module target may take a subset)
+        names = [spec.name for spec in plan.local_manifest.tensors]
     if ctx.progress is not None:
         ctx.progress(total, total)
     sid = ctx.source_id

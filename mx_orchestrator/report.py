@@ -110,6 +110,8 @@ class LoadReport:
     stripe: int = 1
     #: striped loads: seconds from the first part's start to the last part's landing
     stripe_seconds: float = 0.0
+    #: :func:`~mx_orchestrator.module.load_module`: what was filled, tied and left over
+    module: dict[str, Any] | None = None
 
     @property
     def striped(self) -> bool:
@@ -201,6 +203,7 @@ class LoadReport:
             "registry_error": self.registry_error,
             "manifest_disagreement": self.manifest_disagreement,
             "source_hops": self.source_hops,
+            "module": self.module,
         }
 
     def to_json(self, *, indent: int | None = None) -> str:

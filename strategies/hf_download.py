@@ -277,7 +277,9 @@ class HfDownload:
         except MemoryError as exc:
             raise EdgeFailure(LocalFailure, f"allocation failed: {exc}") from exc
         for name, tensor in read_tensors(paths):
-            buffers.tensors[name].copy_(tensor)
+            mine = buffers.tensors.get(name)  # a module target takes only the tensors it has
+            if mine is not None:
+                mine.copy_(tensor)
 
 
 def _verify(fetched: _Fetched) -> list[str]:
