@@ -192,11 +192,12 @@ def bind(
         raise TargetMismatch(
             f"the checkpoint lacks {len(missing)} module parameters, e.g. {missing[:3]} (strict)"
         )
-    tied = {
-        names[c]: sorted(aliases.get(canonical[names[c]], []))
-        for c in names
-        if aliases.get(canonical[names[c]])
-    }
+    tied: dict[str, list[str]] = {}
+    for m in names.values():
+        root = canonical[m]
+        group = [root, *aliases.get(root, [])]
+        if len(group) > 1:
+            tied[m] = sorted(n for n in group if n != m)
     binding = ModuleBinding(names, tied, module_only, checkpoint_only, duplicates, how)
     return binding, {c: module_tensors[m] for c, m in names.items()}
 
