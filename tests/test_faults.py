@@ -282,7 +282,7 @@ def test_millions_of_tiny_tensors_are_refused_quickly() -> None:
     began = time.monotonic()
     with pytest.raises(ManifestError, match=r"limit|more than"):
         Manifest.from_json(text)
-    assert time.monotonic() - began < 2
+    assert time.monotonic() - began < 10  # refused before a million specs are built (that takes minutes)
 
 
 def test_oversized_manifest_payload_is_refused_before_parsing() -> None:
