@@ -180,3 +180,17 @@ def secure_redis_url(secure_redis_server: RedisServer) -> Iterator[str]:
     """A TLS + ACL redis-server: the URL carries the ACL user, its password and the CA certificate."""
     secure_redis_server.flush()
     yield secure_redis_server.url
+
+
+@pytest.fixture
+def no_nixl_leaks() -> Iterator[None]:
+    """After the test: no open transfer handles, remote agents or registrations in this process."""
+    from mx_orchestrator._backends.nixl import get_agent
+    from mx_orchestrator.peer import release_connections
+
+    agent = get_agent()
+    release_connections()  # pooled connections of earlier tests are not this test's
+    before = (agent.stats.handles_open, agent.stats.remote_agents, agent.stats.registrations)
+    yield
+    release_connections()  # kept on purpose across loads; what must not leak is everything else
+    assert (agent.stats.handles_open, agent.stats.remote_agents, agent.stats.registrations) == before

@@ -6,7 +6,6 @@ checkpoint file; equality is bitwise.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +16,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mx_orchestrator import ModelIdentity, SourceState, load_module
-from mx_orchestrator._backends.nixl import get_agent
 from mx_orchestrator.models import Manifest, TensorSpec
 from mx_orchestrator.module import bind, default_rename
-from mx_orchestrator.peer import release_connections
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.target import TargetMismatch
 from mx_orchestrator.testing.peers import MODEL_ID, Peers, minilm_dir
 
+pytestmark = pytest.mark.usefixtures("no_nixl_leaks")
+
 SENTENCES = ["Weights move at the speed of the link.", "A tied embedding is filled once, not twice."]
-
-
-@pytest.fixture(autouse=True)
-def no_nixl_leaks() -> Iterator[None]:
-    agent = get_agent()
-    release_connections()
-    before = (agent.stats.handles_open, agent.stats.remote_agents, agent.stats.registrations)
-    yield
-    release_connections()
-    assert (agent.stats.handles_open, agent.stats.remote_agents, agent.stats.registrations) == before
 
 
 def empty_bert(**kwargs: Any) -> Any:

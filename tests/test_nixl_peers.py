@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -12,9 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from mx_orchestrator import ModelIdentity, Orchestrator, Policy, SourceState
-from mx_orchestrator._backends.nixl import get_agent
 from mx_orchestrator.checkpoint import save_checkpoint
-from mx_orchestrator.peer import release_connections
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.report import LoadReport
 from mx_orchestrator.target import Target
@@ -22,20 +19,9 @@ from mx_orchestrator.testing.peers import MODEL_ID, Peers, minilm_dir
 from strategies.rdma_region import RdmaRegion
 from strategies.rdma_tensor import RdmaTensor
 
-pytestmark = pytest.mark.nixl
+pytestmark = [pytest.mark.nixl, pytest.mark.usefixtures("no_nixl_leaks")]
 
 IDENTITY = ModelIdentity(MODEL_ID)
-
-
-@pytest.fixture(autouse=True)
-def no_nixl_leaks() -> Iterator[None]:
-    """After every test: no open transfer handles, remote agents or registrations in this process."""
-    agent = get_agent()
-    release_connections()  # pooled connections of earlier tests are not this test's
-    before = (agent.stats.handles_open, agent.stats.remote_agents, agent.stats.registrations)
-    yield
-    release_connections()  # kept on purpose across loads; what must not leak is everything else
-    assert (agent.stats.handles_open, agent.stats.remote_agents, agent.stats.registrations) == before
 
 
 def original() -> dict[str, torch.Tensor]:

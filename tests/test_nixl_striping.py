@@ -12,7 +12,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -21,9 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from mx_orchestrator import ModelIdentity, Orchestrator, Policy, SourceState
-from mx_orchestrator._backends.nixl import get_agent
 from mx_orchestrator.checkpoint import save_checkpoint
-from mx_orchestrator.peer import release_connections
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.report import LoadReport
 from mx_orchestrator.target import Target
@@ -31,7 +28,7 @@ from mx_orchestrator.testing.peers import MODEL_ID, Peers, minilm_dir
 from strategies.rdma_region import RdmaRegion
 from strategies.rdma_tensor import RdmaTensor
 
-pytestmark = [pytest.mark.nixl, pytest.mark.slow]
+pytestmark = [pytest.mark.nixl, pytest.mark.slow, pytest.mark.usefixtures("no_nixl_leaks")]
 
 SYNTHETIC = "acme/synthetic-1g"
 TENSORS = 64
@@ -46,16 +43,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tensors = {f"block.{i:02d}.weight": (base * (2 * i + 1) + i) for i in range(TENSORS)}
     save_checkpoint(tensors, directory / "model.safetensors")
     return directory
-
-
-@pytest.fixture(autouse=True)
-def no_nixl_leaks() -> Iterator[None]:
-    agent = get_agent()
-    release_connections()
-    before = (agent.stats.handles_open, agent.stats.remote_agents, agent.stats.registrations)
-    yield
-    release_connections()
-    assert (agent.stats.handles_open, agent.stats.remote_agents, agent.stats.registrations) == before
 
 
 def ordered(*ids: str):  # type: ignore[no-untyped-def]
