@@ -38,7 +38,7 @@ from .errors import ConfigError, ManifestError, RegistryError
 from .models import Candidate, ModelIdentity, SourceRecord, SourceState
 from .outcomes import Cancelled, Loaded, LocalFailure, Outcome, SourceBusy, TimedOut
 from .peer import PeerStrategy
-from .plan import EXHAUSTED, Attempt, Done, Planner, StrategySlot, Wait, attempt_budget
+from .plan import EXHAUSTED, Attempt, Done, Planner, Requeue, StrategySlot, Wait, attempt_budget
 from .policy import DEFAULT_POLICY, Action, Policy
 from .registry.base import SourceRegistry
 from .report import AttemptRecord, LoadReport, ProbeRecord
@@ -195,9 +195,10 @@ class Orchestrator:
 
 @dataclass
 class _Evaluation:
-    """What evaluation found: a probe record per candidate, and a registry outage if there was one."""
+    """What evaluation found: a probe record per candidate (its latest, when a capacity wait
+    listed the sources again), and a registry outage if there was one."""
 
-    probes: list[ProbeRecord] = field(default_factory=list)
+    probes: dict[str, ProbeRecord] = field(default_factory=dict)
     registry_error: RegistryError | None = None
     finished_at: float | None = None
     #: manifest fingerprint -> the candidates that published it (more than one key: they disagree)
@@ -226,6 +227,8 @@ class _Load:
             [StrategySlot(s.name, s.uses_peers) for s in config.strategies],
             config.selection(config.target_id),
             max_attempts=config.policy.max_attempts,
+            capacity_waits=config.policy.capacity_waits,
+            capacity_delay=config.policy.capacity_delay,
         )
         self.evaluation = _Evaluation()
         self.attempts: list[AttemptRecord] = []
@@ -233,6 +236,8 @@ class _Load:
         #: the plan's strategy slot -> the orchestrator's strategy (a striped load hands a subset on)
         self.strategy_map: list[int] = list(range(len(config.strategies)))
         self.stripe_seconds = 0.0
+        #: the load's own tasks (evaluation rounds); set by :meth:`run`
+        self.tasks: anyio.abc.TaskGroup
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - anyio.current_time())
@@ -243,6 +248,7 @@ class _Load:
         send, receive = anyio.create_memory_object_stream[Candidate](math.inf)
         done: Done
         async with anyio.create_task_group() as tg:
+            self.tasks = tg
             if config.uses_peers:
                 tg.start_soon(self.evaluate, send)
             else:
@@ -266,7 +272,7 @@ class _Load:
         if not done.loaded and not self.attempts and done.reason == EXHAUSTED:
             if evaluation.registry_error is not None:
                 done = Done(False, f"the registry is unavailable: {evaluation.registry_error}")
-            elif not any(p.ok for p in evaluation.probes):
+            elif not any(p.ok for p in evaluation.probes.values()):
                 done = Done(False, f"no READY source of {self.identity.key} was found")
         report = LoadReport(
             run_id=self.run_id,
@@ -275,13 +281,14 @@ class _Load:
             seconds=finished - self.started,
             evaluation_seconds=(evaluation.finished_at or finished) - self.started,
             attempts=self.attempts,
-            probes=evaluation.probes,
+            probes=list(evaluation.probes.values()),
             reason=done.reason,
             registry_error=str(evaluation.registry_error) if evaluation.registry_error is not None else None,
             manifest_disagreement=dict(evaluation.manifests) if len(evaluation.manifests) > 1 else {},
             source_hops=self.source_hops if done.loaded else None,
             stripe=self.config.stripe,
             stripe_seconds=self.stripe_seconds,
+            capacity_waits=self.planner.capacity_waits_made,
         )
         if report.manifest_disagreement:
             # not evidence of who is right (anyone who can write the registry can publish many
@@ -342,7 +349,7 @@ class _Load:
             self.log.info(
                 "evaluate.done",
                 candidates=len(records),
-                usable=sum(p.ok for p in self.evaluation.probes),
+                usable=sum(p.ok for p in self.evaluation.probes.values()),
                 seconds=round(self.evaluation.finished_at - began, 4),
             )
 
@@ -363,8 +370,8 @@ class _Load:
                         result = ProbeFailure(record.source_id, f"probe failed: {exc}")
             except anyio.get_cancelled_exc_class():
                 seconds = anyio.current_time() - began
-                self.evaluation.probes.append(
-                    ProbeRecord(record.source_id, False, seconds, "not finished when the load ended")
+                self.evaluation.probes[record.source_id] = ProbeRecord(
+                    record.source_id, False, seconds, "not finished when the load ended"
                 )
                 raise
             seconds = anyio.current_time() - began
@@ -377,13 +384,15 @@ class _Load:
                 probe = ProbeRecord(record.source_id, True, seconds)
             # recorded before the candidate is handed over: the load may end
             # (and cancel this task) as soon as the attempt loop sees it
-            self.evaluation.probes.append(probe)
+            self.evaluation.probes[record.source_id] = probe
             for observer in self.config.observers:
                 observer.probe_done(probe)
             if isinstance(result, Candidate):
                 if result.manifest is not None:
                     key = result.manifest.manifest_fingerprint
-                    self.evaluation.manifests.setdefault(key, []).append(record.source_id)
+                    seen = self.evaluation.manifests.setdefault(key, [])
+                    if record.source_id not in seen:
+                        seen.append(record.source_id)
                 with contextlib.suppress(anyio.BrokenResourceError):  # the load already ended
                     send.send_nowait(result)
 
@@ -426,6 +435,9 @@ class _Load:
             step = self.planner.next_step(anyio.current_time())
             if isinstance(step, Done):
                 return step
+            if isinstance(step, Requeue):
+                receive = await self.wait_for_capacity(step, receive)
+                continue
             if isinstance(step, Wait):
                 next_one = self.take(receive, wait=True)
                 if next_one is not None:
@@ -461,6 +473,19 @@ class _Load:
             )
             for observer in self.config.observers:
                 observer.attempt_done(record)
+
+    async def wait_for_capacity(
+        self, step: Requeue, receive: MemoryObjectReceiveStream[Candidate]
+    ) -> MemoryObjectReceiveStream[Candidate]:
+        """Every usable source was full: wait, then list and probe the sources again (sources
+        republished meanwhile are found too); returns the new round's candidate stream."""
+        self.log.info("load.capacity_wait", seconds=round(step.delay, 4), wait=step.wait_number)
+        await anyio.sleep(min(step.delay, self.remaining()))
+        receive.close()
+        send, receive = anyio.create_memory_object_stream[Candidate](math.inf)
+        self.planner.requeue()
+        self.tasks.start_soon(self.evaluate, send)
+        return receive
 
     async def run_attempt(self, step: Attempt, phases: Phases) -> Outcome:
         config = self.config

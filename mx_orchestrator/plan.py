@@ -2,7 +2,9 @@
 
 The pipeline feeds it candidates as evaluation finds them and the policy's
 action after each attempt; it answers with the next :class:`Attempt`, a
-:class:`Wait` (more candidates may still come), or :class:`Done`, and with the
+:class:`Wait` (more candidates may still come), a :class:`Requeue` (every
+usable source is at its reader cap: wait, list again, try again), or
+:class:`Done`, and with the
 :class:`~mx_orchestrator.policy.DecisionState` the policy decides the pending
 attempt's outcome in (the planner keeps the bookkeeping behind it; the
 caller passes the time in, so the planner stays pure). How each kind of
@@ -10,10 +12,19 @@ action changes the plan is one table, :data:`TRANSITIONS`. Strategies are
 tried in order; within a strategy, candidates in rank order; a strategy that
 does not use peers (the Hub) gets one pseudo-candidate, ``None``.
 
+Capacity is not a fault. A source that refused a new reader (``Action.full``)
+or was listed at its cap is skipped for the rest of the round; when no usable
+candidate is left and some were full, the plan asks for a capacity wait
+(:class:`Requeue`) instead of falling back to the Hub: in a fleet, the peers
+free up (and republished targets appear) long before a Hub download would end.
+After the wait the driver lists the sources again and calls :meth:`Planner.requeue`.
+
 Termination: every recorded action either finishes, marks a new
 (strategy, source) pair as tried, advances the strategy, or is a retry; retries
-and everything else are capped by ``max_attempts``. The property tests drive
-this class with arbitrary outcomes to pin that.
+and everything else are capped by ``max_attempts``; refusals for capacity are
+not counted there but each round has finitely many candidates, and rounds are
+capped by ``capacity_waits``. The property tests drive this class with
+arbitrary outcomes to pin that.
 """
 
 from __future__ import annotations
@@ -26,7 +37,17 @@ from .models import Candidate
 from .policy import Action, ActionKind, DecisionState
 from .selection import RankKey
 
-__all__ = ["EXHAUSTED", "TRANSITIONS", "Attempt", "Done", "Planner", "StrategySlot", "Wait", "attempt_budget"]
+__all__ = [
+    "EXHAUSTED",
+    "TRANSITIONS",
+    "Attempt",
+    "Done",
+    "Planner",
+    "Requeue",
+    "StrategySlot",
+    "Wait",
+    "attempt_budget",
+]
 
 #: The reason a plan ends when nothing is left to try.
 EXHAUSTED = "every strategy and candidate was tried"
@@ -57,12 +78,28 @@ class Wait:
 
 
 @dataclass(frozen=True, slots=True)
+class Requeue:
+    """Every usable candidate is at its reader cap: wait ``delay`` seconds, list the sources again
+    (feeding them through :meth:`Planner.add_candidate`), then call :meth:`Planner.requeue` first."""
+
+    delay: float
+    #: how many capacity waits this load has made, this one included
+    wait_number: int
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     loaded: bool
     reason: str
 
 
-Step = Attempt | Wait | Done
+Step = Attempt | Wait | Requeue | Done
+
+
+def _listed_full(candidate: Candidate) -> bool:
+    """The record was at its reader cap when it was listed (it will most likely refuse us too)."""
+    record = candidate.record
+    return record.max_readers > 0 and record.load >= record.max_readers
 
 
 class Planner:
@@ -72,12 +109,23 @@ class Planner:
         rank: RankKey,
         *,
         max_attempts: int = 64,
+        capacity_waits: int = 0,
+        capacity_delay: Callable[[int], float] = lambda waits_made: 0.0,
     ) -> None:
         if not strategies:
             raise ValueError("at least one strategy is required")
         self._strategies = tuple(strategies)
         self._rank = rank
         self._max_attempts = max_attempts
+        self._capacity_waits = capacity_waits
+        self._capacity_delay = capacity_delay
+        #: sources full this round (refused us, or listed at their cap), and the first peer
+        #: strategy that met one: where a requeued round starts again
+        self._full: set[str] = set()
+        self._full_from: int | None = None
+        self.capacity_waits_made = 0
+        #: refusals for capacity: attempts in the report, not counted toward ``max_attempts``
+        self.refusals = 0
         self._index = 0
         self._known: dict[str, Candidate] = {}
         self._keys: dict[str, tuple[float, ...]] = {}
@@ -99,6 +147,8 @@ class Planner:
     def add_candidate(self, candidate: Candidate) -> None:
         sid = candidate.source_id
         if sid in self._known:
+            return
+        if sid in self._forgotten:
             return
         self._known[sid] = candidate
         self._keys[sid] = self._rank(candidate)
@@ -147,9 +197,36 @@ class Planner:
         self._tried.add((attempt.strategy_index, attempt.source_id))
         if action.forget_source and attempt.source_id is not None:
             self._forgotten.add(attempt.source_id)
+        if action.full and attempt.source_id is not None and action.kind is ActionKind.NEXT_CANDIDATE:
+            self.refusals += 1
+            self._mark_full(attempt.source_id, attempt.strategy_index)
         TRANSITIONS[action.kind](self, attempt, action)
-        if self._done is None and self.attempts_total >= self._max_attempts:
+        if self._done is None and self.attempts_counted >= self._max_attempts:
             self._done = Done(False, f"attempt limit {self._max_attempts} reached")
+
+    @property
+    def attempts_counted(self) -> int:
+        """Attempts that count toward ``max_attempts``: all but the refusals for capacity."""
+        return self.attempts_total - self.refusals
+
+    def requeue(self) -> None:
+        """Start a new round after a capacity wait: the full sources may be tried again, and the
+        sources listed since (fed through :meth:`add_candidate` before or after this) with them."""
+        self._tried = {(i, sid) for i, sid in self._tried if sid not in self._full}
+        self._full.clear()
+        if self._full_from is not None:
+            self._index = min(self._index, self._full_from)
+        self._full_from = None
+        # records are listed afresh: their loads (and so their ranks) have changed
+        self._known.clear()
+        self._keys.clear()
+        self._heap_index = -1
+        self._evaluating = True
+
+    def _mark_full(self, sid: str, strategy_index: int) -> None:
+        self._full.add(sid)
+        if self._full_from is None or strategy_index < self._full_from:
+            self._full_from = strategy_index
 
     def decision_state(self, now: float) -> DecisionState:
         """What the policy may know about the pending attempt, ``now`` being the caller's clock."""
@@ -159,7 +236,7 @@ class Planner:
         first = self._first_try.get((attempt.strategy_index, attempt.source_id), now)
         return DecisionState(
             attempt_number=attempt.attempt_number,
-            attempts_total=self.attempts_total + 1,
+            attempts_total=self.attempts_counted + 1,
             elapsed=max(0.0, now - first),
         )
 
@@ -206,6 +283,8 @@ class Planner:
         while self._index < len(self._strategies):
             slot = self._strategies[self._index]
             if not slot.uses_peers:
+                if self._full and self.capacity_waits_made < self._capacity_waits:
+                    return self._wait_for_capacity()
                 if (self._index, None) not in self._tried:
                     self._pending = Attempt(slot.name, self._index, None)
                     return self._pending
@@ -217,8 +296,17 @@ class Planner:
                 if self._evaluating:
                     return Wait()
             self._index += 1
+        if self._full and self.capacity_waits_made < self._capacity_waits:
+            return self._wait_for_capacity()
         self._done = Done(False, EXHAUSTED)
         return self._done
+
+    def _wait_for_capacity(self) -> Requeue:
+        delay = self._capacity_delay(self.capacity_waits_made)
+        self.capacity_waits_made += 1
+        # until requeue(): no step but this one (the driver waits and lists again)
+        self._evaluating = True
+        return Requeue(delay, self.capacity_waits_made)
 
     def _pop_best(self) -> Candidate | None:
         if self._heap_index != self._index:
@@ -227,8 +315,14 @@ class Planner:
             self._heap_index = self._index
         while self._heap:
             _, sid = heapq.heappop(self._heap)
-            if sid not in self._forgotten and (self._index, sid) not in self._tried:
-                return self._known[sid]
+            if sid in self._forgotten or sid in self._full or (self._index, sid) in self._tried:
+                continue
+            candidate = self._known[sid]
+            if _listed_full(candidate) and self.capacity_waits_made < self._capacity_waits:
+                # no attempt while we may still wait: it was at its cap when we listed it
+                self._mark_full(sid, self._index)
+                continue
+            return candidate
         return None
 
 

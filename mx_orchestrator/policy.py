@@ -71,7 +71,10 @@ class Action:
 
     ``forget_source`` removes the source from the rest of *this* load (later
     strategies will not try it); ``mark_stale`` also tells the registry, so
-    other targets stop trying it.
+    other targets stop trying it. ``full``: the source refused a new reader for
+    capacity; it is skipped for the rest of this round, and when every usable
+    candidate is full the plan waits for capacity and lists the sources again
+    (see :class:`~mx_orchestrator.plan.Requeue`) before it falls back.
     """
 
     kind: ActionKind
@@ -80,6 +83,7 @@ class Action:
     report_unreachable: bool = False
     delay: float = 0.0
     reason: str = ""
+    full: bool = False
 
     @property
     def label(self) -> str:
@@ -120,12 +124,13 @@ def finish() -> Rule:
 
 
 def next_candidate(
-    *, mark_stale: bool = False, forget: bool = False, report_unreachable: bool = False
+    *, mark_stale: bool = False, forget: bool = False, report_unreachable: bool = False, full: bool = False
 ) -> Rule:
     """Move on to the next candidate of the same strategy.
 
     ``report_unreachable`` counts the failure toward ejection in the registry
-    (several targets' reports eject; one does not).
+    (several targets' reports eject; one does not). ``full``: the source is at
+    its reader cap; come back to it after a capacity wait (never a fault).
     """
 
     def rule(outcome: Outcome, state: DecisionState) -> Action:
@@ -135,6 +140,7 @@ def next_candidate(
             forget_source=forget or mark_stale or report_unreachable,
             report_unreachable=report_unreachable,
             reason=outcome.name,
+            full=full and not (mark_stale or report_unreachable or forget),
         )
 
     return rule
@@ -207,7 +213,7 @@ DEFAULT_RULES: Mapping[type[Outcome], Rule] = MappingProxyType(
         ManifestMismatch: next_candidate(forget=True),
         NotApplicable: next_strategy_or_candidate(),
         SourceUnreachable: next_candidate(report_unreachable=True),
-        SourceBusy: next_candidate(),
+        SourceBusy: next_candidate(full=True),
         SourceFailed: next_candidate(mark_stale=True),
         TimedOut: next_candidate(mark_stale=True),
         Corrupt: next_candidate(mark_stale=True),
@@ -232,12 +238,28 @@ class Policy:
     #: ... and at least as long as its planned bytes take at this rate (bytes/s): anything
     #: shorter is the target's own deadline, not evidence that the source stalled
     stall_rate: float = 50e6
+    #: when every usable candidate is at its reader cap: at most this many waits for capacity
+    #: (each followed by a fresh listing, which finds sources republished meanwhile) before the
+    #: plan moves on to the strategies after the peers (the Hub); the load deadline bounds them too
+    capacity_waits: int = 120
+    #: how long the n-th capacity wait lasts (tenacity wait over the wait's number): full jitter
+    #: spreads a fleet's retries, the cap keeps a freed slot from idling long
+    capacity_backoff: wait_base = field(
+        default_factory=lambda: tenacity.wait_random_exponential(multiplier=0.05, max=1.0)
+    )
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if not (math.isfinite(self.stall_floor) and self.stall_floor >= 0 and self.stall_rate > 0):
             raise ValueError("stall_floor must be finite and >= 0, stall_rate > 0")
+        if self.capacity_waits < 0:
+            raise ValueError("capacity_waits must be at least 0")
+
+    def capacity_delay(self, waits_made: int) -> float:
+        """Seconds before the (``waits_made`` + 1)-th listing when every candidate was full."""
+        delay = float(self.capacity_backoff(_retry_call_state(DecisionState(attempt_number=waits_made + 1))))
+        return delay if delay >= 0 else 0.0  # also NaN from a user's wait object
 
     def stall_evidence(self, outcome: TimedOut) -> float:
         """The least deadline (seconds) after which a ``TimedOut`` may be blamed on its source."""

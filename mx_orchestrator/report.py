@@ -112,6 +112,8 @@ class LoadReport:
     stripe_seconds: float = 0.0
     #: :func:`~mx_orchestrator.module.load_module`: what was filled, tied and left over
     module: dict[str, Any] | None = None
+    #: how often every usable source was at its reader cap, so the load waited and listed again
+    capacity_waits: int = 0
 
     @property
     def striped(self) -> bool:
@@ -203,6 +205,7 @@ class LoadReport:
             "registry_error": self.registry_error,
             "manifest_disagreement": self.manifest_disagreement,
             "source_hops": self.source_hops,
+            "capacity_waits": self.capacity_waits,
             "module": self.module,
         }
 

@@ -506,3 +506,86 @@ def test_prefer_seeds_ranks_fewer_hops_first_and_the_report_says_how_far_the_sou
         assert report.final is not None and report.final.source_id == "seed" and report.source_hops == 0
 
     backend(main)
+
+
+def test_a_full_seed_is_waited_for_not_blamed_and_the_hub_is_not_used(
+    identity: ModelIdentity, virtual_clock: Runner
+) -> None:
+    """The only peer is at its reader cap for 3 s: the load waits for capacity (listing again),
+    reads from it when a slot frees, never marks it STALE and never reaches the slow Hub."""
+    from dataclasses import replace as with_fields
+
+    async def main() -> None:
+        registry = FakeRegistry()
+        seed = with_fields(make_record(identity, "seed", load=1), max_readers=1)
+        await registry.publish(seed, make_manifest(identity))
+        peers = FakeStrategy("rdma_region", default=succeed(delay=0.5))
+        hub = FakeStrategy("hf_download", {None: [succeed(delay=60.0)]}, uses_peers=False)
+
+        async def free_the_slot() -> None:
+            await anyio.sleep(3.0)
+            await registry.lease_reader("seed", seed.generation, "reader-0", None)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(free_the_slot)
+            began = anyio.current_time()
+            report = await Orchestrator(registry, [peers, hub]).load(identity)
+        assert report.loaded and report.final is not None and report.final.source_id == "seed"
+        assert report.capacity_waits >= 3 and report.to_dict()["capacity_waits"] == report.capacity_waits
+        assert not hub.calls
+        assert 3.0 <= anyio.current_time() - began < 3.0 + 1.0 + 0.5 + 0.1  # at most one wait's cap late
+        assert registry.state_of("seed") is SourceState.READY
+        assert ("mark_stale", "seed") not in registry.calls
+        assert ("report_unreachable", "seed") not in registry.calls
+
+    virtual_clock(main)
+
+
+def test_a_source_republished_during_a_capacity_wait_is_found_by_the_next_listing(
+    identity: ModelIdentity, virtual_clock: Runner
+) -> None:
+    """Fan-out: the seed stays full, a target that loaded republishes (hops 1) after 2 s; the
+    waiting target lists again, finds the copy and reads from it."""
+    from dataclasses import replace as with_fields
+
+    async def main() -> None:
+        registry = FakeRegistry()
+        manifest = make_manifest(identity)
+        await registry.publish(with_fields(make_record(identity, "seed", load=2), max_readers=2), manifest)
+        peers = FakeStrategy("rdma_region", default=succeed())
+
+        async def republish() -> None:
+            await anyio.sleep(2.0)
+            await registry.publish(with_fields(make_record(identity, "copy"), hops=1), manifest)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(republish)
+            report = await Orchestrator(registry, [peers], load_timeout=30).load(identity)
+        assert report.loaded and report.final is not None and report.final.source_id == "copy"
+        assert report.source_hops == 1 and report.capacity_waits >= 2
+        assert peers.calls == [("copy", 1)]  # the seed was listed full every time: never asked
+        assert {p["source"] for p in report.to_dict()["probes"]} == {"seed", "copy"}
+
+    virtual_clock(main)
+
+
+def test_capacity_waits_end_at_the_load_deadline_with_a_clear_reason(
+    identity: ModelIdentity, virtual_clock: Runner
+) -> None:
+    from dataclasses import replace as with_fields
+
+    async def main() -> None:
+        registry = FakeRegistry()
+        await registry.publish(
+            with_fields(make_record(identity, "seed", load=1), max_readers=1), make_manifest(identity)
+        )
+        began = anyio.current_time()
+        report = await Orchestrator(
+            registry, [FakeStrategy("rdma_region", default=succeed())], load_timeout=5
+        ).load(identity)
+        assert not report.loaded and report.capacity_waits >= 4
+        assert anyio.current_time() - began <= 5.0 + 1e-6
+        assert "deadline" in report.reason
+        assert registry.state_of("seed") is SourceState.READY
+
+    virtual_clock(main)

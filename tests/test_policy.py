@@ -34,7 +34,7 @@ from mx_orchestrator.outcomes import (
     SourceUnreachable,
     Superseded,
 )
-from mx_orchestrator.plan import Attempt, Done, Planner, StrategySlot, Wait
+from mx_orchestrator.plan import Attempt, Done, Planner, Requeue, StrategySlot, Wait
 from mx_orchestrator.policy import NEVER_STALE, Action, next_candidate, retry
 from mx_orchestrator.selection import rendezvous
 from mx_orchestrator.testing import make_record
@@ -165,6 +165,8 @@ def test_never_stale_outcomes_never_mark_stale_whatever_the_rules(
     outcomes=st.lists(outcome_types, min_size=1, max_size=50),
     rules=arbitrary_rules(),
     max_attempts=st.integers(1, 40),
+    capacity_waits=st.integers(0, 5),
+    listed_full=st.sets(st.integers(0, 11)),
 )
 def test_every_run_terminates_within_the_attempt_bound(
     n_strategies: int,
@@ -172,28 +174,114 @@ def test_every_run_terminates_within_the_attempt_bound(
     outcomes: list[type[Outcome]],
     rules: dict[type[Outcome], object],
     max_attempts: int,
+    capacity_waits: int,
+    listed_full: set[int],
 ) -> None:
-    """Drive the planner with the policy and an arbitrary (cycled) outcome sequence."""
+    """Drive the planner with the policy and an arbitrary (cycled) outcome sequence, sources
+    listed at their cap and refusals for capacity included: counted attempts stay within
+    ``max_attempts``, refusals within one per (strategy, source) a round, rounds within
+    ``capacity_waits``."""
+    from dataclasses import replace as with_fields
+
     identity = ModelIdentity("org/m")
-    policy = Policy(max_attempts=max_attempts).with_rules(rules)  # type: ignore[arg-type]
+    policy = Policy(max_attempts=max_attempts, capacity_waits=capacity_waits).with_rules(rules)  # type: ignore[arg-type]
     slots = [StrategySlot(f"s{i}", uses_peers=i % 2 == 0) for i in range(n_strategies)]
-    planner = Planner(slots, rendezvous("t"), max_attempts=max_attempts)
-    for i in range(n_candidates):
-        planner.add_candidate(Candidate(make_record(identity, f"c{i}")))
-    planner.evaluation_finished()
-    steps = 0
+    planner = Planner(
+        slots,
+        rendezvous("t"),
+        max_attempts=max_attempts,
+        capacity_waits=capacity_waits,
+        capacity_delay=policy.capacity_delay,
+    )
+    records = [make_record(identity, f"c{i}") for i in range(n_candidates)]
+    records = [
+        with_fields(r, max_readers=1, load=1) if i in listed_full else r for i, r in enumerate(records)
+    ]
+
+    def evaluate() -> None:
+        for record in records:
+            planner.add_candidate(Candidate(record))
+        planner.evaluation_finished()
+
+    evaluate()
+    steps = requeues = 0
     while True:
         step = planner.next_step()
         assert not isinstance(step, Wait), "no waiting once evaluation has finished"
         if isinstance(step, Done):
             break
+        if isinstance(step, Requeue):
+            requeues += 1
+            assert step.wait_number == requeues <= capacity_waits and step.delay >= 0
+            planner.requeue()
+            evaluate()
+            continue
         assert isinstance(step, Attempt)
         outcome = outcomes[steps % len(outcomes)](strategy=step.strategy, source_id=step.source_id)
-        action = policy.decide(outcome, DecisionState(step.attempt_number, planner.attempts_total + 1))
+        action = policy.decide(outcome, planner.decision_state(0.0))
         planner.record(action)
         steps += 1
-        assert steps <= max_attempts
-    assert planner.attempts_total == steps <= max_attempts
+        assert planner.attempts_counted <= max_attempts
+        assert planner.refusals <= (requeues + 1) * n_strategies * n_candidates
+    assert planner.attempts_total == steps
+    assert planner.attempts_counted <= max_attempts
+
+
+def _busy_round(planner: Planner, step: Attempt) -> None:
+    planner.record(DEFAULT_POLICY.decide(make(SourceBusy, step.source_id), planner.decision_state(0.0)))
+
+
+def test_when_every_source_is_full_the_plan_waits_for_capacity_before_the_hub(
+    identity: ModelIdentity,
+) -> None:
+    """Refused (or listed full) peers are never forgotten: the plan waits, lists again, tries them
+    again; the Hub comes only after the capacity waits run out."""
+    from dataclasses import replace as with_fields
+
+    policy = Policy(capacity_waits=2)
+    planner = Planner(
+        [StrategySlot("rdma_region"), StrategySlot("hf_download", uses_peers=False)],
+        rendezvous("t"),
+        capacity_waits=policy.capacity_waits,
+        capacity_delay=policy.capacity_delay,
+    )
+    planner.add_candidate(Candidate(make_record(identity, "a")))
+    planner.add_candidate(Candidate(with_fields(make_record(identity, "full"), max_readers=2, load=2)))
+    planner.evaluation_finished()
+    step = planner.next_step()
+    assert isinstance(step, Attempt) and step.source_id == "a"  # the one listed full gets no attempt
+    _busy_round(planner, step)
+    wait = planner.next_step()
+    assert isinstance(wait, Requeue) and wait.wait_number == 1 and 0 <= wait.delay <= 1.0
+    planner.requeue()
+    planner.add_candidate(Candidate(make_record(identity, "a")))
+    planner.add_candidate(Candidate(make_record(identity, "full")))  # a slot freed meanwhile
+    planner.evaluation_finished()
+    tried = set()
+    for _ in range(2):
+        step = planner.next_step()
+        assert isinstance(step, Attempt) and step.strategy == "rdma_region"
+        tried.add(step.source_id)
+        _busy_round(planner, step)
+    assert tried == {"a", "full"}
+    assert isinstance(planner.next_step(), Requeue)
+    planner.requeue()
+    planner.add_candidate(Candidate(make_record(identity, "a")))
+    planner.evaluation_finished()
+    step = planner.next_step()
+    assert isinstance(step, Attempt) and step.source_id == "a"
+    _busy_round(planner, step)
+    hub = planner.next_step()  # the waits are spent: the Hub
+    assert isinstance(hub, Attempt) and hub.strategy == "hf_download"
+    assert planner.attempts_counted == 0 and planner.refusals == 4
+
+
+def test_capacity_waits_grow_with_full_jitter_and_stay_under_the_cap() -> None:
+    delays = [DEFAULT_POLICY.capacity_delay(n) for n in range(12) for _ in range(20)]
+    assert all(0.0 <= d <= 1.0 for d in delays)
+    assert len(set(delays)) > 100  # jittered: a fleet's retries do not line up
+    broken = Policy(capacity_backoff=lambda state: float("nan"))  # type: ignore[arg-type]
+    assert broken.capacity_delay(3) == 0.0
 
 
 def test_not_applicable_for_one_candidate_moves_to_the_next_candidate_never_stale() -> None:
@@ -268,3 +356,18 @@ def test_a_full_source_is_never_stale_nor_reported_whatever_the_rule() -> None:
     for rule in (next_candidate(mark_stale=True), next_candidate(report_unreachable=True), retry()):
         action = DEFAULT_POLICY.with_rules({SourceBusy: rule}).decide(make(SourceBusy), DecisionState())
         assert not action.mark_stale and not action.report_unreachable
+    default = DEFAULT_POLICY.decide(make(SourceBusy), DecisionState())
+    assert default.full and not default.forget_source
+
+
+@settings(max_examples=200, deadline=None)
+@given(rules=arbitrary_rules(), attempt_number=st.integers(1, 50), total=st.integers(1, 500))
+def test_a_full_source_is_never_stale_nor_reported_nor_ejected_whatever_the_rules(
+    rules: dict[type[Outcome], object], attempt_number: int, total: int
+) -> None:
+    """Property: whatever rule a user installs for any outcome, a SourceBusy never marks STALE and
+    never counts toward ejection (the registry ejects only on reports or STALE marks)."""
+    action = DEFAULT_POLICY.with_rules(rules).decide(  # type: ignore[arg-type]
+        make(SourceBusy), DecisionState(attempt_number, total)
+    )
+    assert not action.mark_stale and not action.report_unreachable
