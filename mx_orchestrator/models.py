@@ -14,8 +14,10 @@ import itertools
 import json
 import math
 import re
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, ManifestError
@@ -35,6 +37,7 @@ __all__ = [
     "Region",
     "SourceRecord",
     "SourceState",
+    "StoredManifest",
     "TensorSpec",
     "content_fingerprint",
     "dtype_name",
@@ -73,6 +76,9 @@ MAX_TOTAL_BYTES = 1 << 50  # 1 PiB
 MAX_MANIFEST_BYTES = 64 << 20  # serialised JSON
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: a stored manifest's name: ``mxm1-`` + SHA-256 of its canonical (uncompressed) form
+MANIFEST_KEY = re.compile(r"mxm1-[0-9a-f]{64}")
+_STORED_MAGIC = b"MXM1"
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,99}$")
 
@@ -96,6 +102,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ManifestError(message)
+
+
+def _fail(message: str) -> None:
+    raise ManifestError(message)
 
 
 def _is_int(value: object) -> bool:
@@ -175,43 +185,35 @@ class TensorSpec:
     digest: str | None = None
 
     def __post_init__(self) -> None:
-        _require(
-            isinstance(self.name, str) and 0 < len(self.name) <= MAX_NAME_LENGTH,
-            f"tensor name must be 1..{MAX_NAME_LENGTH} characters, got {self.name!r:.80}",
-        )
-        _require(self.name.isprintable(), f"tensor name {self.name!r:.80} has control characters")
-        _require(
-            self.digest is None
-            or (isinstance(self.digest, str) and _SHA256.fullmatch(self.digest) is not None),
-            f"tensor {self.name!r:.80}: digest must be 64 lowercase hex digits",
-        )
-        _require(
-            self.dtype in DTYPE_SIZES,
-            f"tensor {self.name!r}: unknown dtype {self.dtype!r}",
-        )
-        _require(
-            isinstance(self.shape, tuple)
-            and len(self.shape) <= MAX_DIMS
-            and all(_is_int(d) and d >= 0 for d in self.shape),
-            f"tensor {self.name!r}: shape must be at most {MAX_DIMS} non-negative integers, "
-            f"got {self.shape!r:.80}",
-        )
-        _require(
-            self.nbytes <= MAX_TOTAL_BYTES,
-            f"tensor {self.name!r}: {self.nbytes} bytes exceeds the limit",
-        )
-        _require(
-            _is_int(self.region) and self.region >= 0,
-            f"tensor {self.name!r}: region must be a non-negative integer",
-        )
-        _require(
-            _is_int(self.offset) and self.offset >= 0,
-            f"tensor {self.name!r}: offset must be a non-negative integer",
-        )
-        _require(
-            self.checksum is None or (isinstance(self.checksum, str) and len(self.checksum) <= 128),
-            f"tensor {self.name!r}: checksum must be a short string",
-        )
+        # the hot path of every manifest a target parses (90,000 tensors in a large MoE): each
+        # check is one cheap test, and its message is formatted only when it fails
+        name, shape = self.name, self.shape
+        if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME_LENGTH):
+            _fail(f"tensor name must be 1..{MAX_NAME_LENGTH} characters, got {name!r:.80}")
+        if not name.isprintable():
+            _fail(f"tensor name {name!r:.80} has control characters")
+        digest = self.digest
+        if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest) is not None):
+            _fail(f"tensor {name!r:.80}: digest must be 64 lowercase hex digits")
+        if self.dtype not in DTYPE_SIZES:
+            _fail(f"tensor {name!r}: unknown dtype {self.dtype!r}")
+        if not (
+            isinstance(shape, tuple)
+            and len(shape) <= MAX_DIMS
+            and all(type(d) is int and d >= 0 for d in shape)  # bool is not int here
+        ):
+            _fail(
+                f"tensor {name!r}: shape must be at most {MAX_DIMS} non-negative integers, got {shape!r:.80}"
+            )
+        if self.nbytes > MAX_TOTAL_BYTES:
+            _fail(f"tensor {name!r}: {self.nbytes} bytes exceeds the limit")
+        if not (type(self.region) is int and self.region >= 0):
+            _fail(f"tensor {name!r}: region must be a non-negative integer")
+        if not (type(self.offset) is int and self.offset >= 0):
+            _fail(f"tensor {name!r}: offset must be a non-negative integer")
+        checksum = self.checksum
+        if checksum is not None and not (isinstance(checksum, str) and len(checksum) <= 128):
+            _fail(f"tensor {name!r}: checksum must be a short string")
 
     @property
     def nbytes(self) -> int:
@@ -314,29 +316,28 @@ class Manifest:
             "manifest regions exceed the total size limit",
         )
         seen: set[str] = set()
-        by_region: dict[int, list[TensorSpec]] = {}
+        # per region: (offset, end, name) of each tensor; messages are formatted only on failure
+        by_region: dict[int, list[tuple[int, int, str]]] = {}
+        regions = self.regions
         for spec in self.tensors:
-            _require(spec.name not in seen, f"duplicate tensor name {spec.name!r}")
-            seen.add(spec.name)
-            _require(
-                spec.region < len(self.regions),
-                f"tensor {spec.name!r} names region {spec.region}, "
-                f"but the manifest has {len(self.regions)} regions",
-            )
-            region_size = self.regions[spec.region].nbytes
-            _require(
-                spec.end <= region_size,
-                f"tensor {spec.name!r} spans bytes {spec.offset}..{spec.end} "
-                f"outside region {spec.region} of {region_size} bytes",
-            )
-            by_region.setdefault(spec.region, []).append(spec)
-        for region, specs in by_region.items():
-            specs.sort(key=lambda s: (s.offset, s.end))
-            for before, after in itertools.pairwise(specs):
-                _require(
-                    after.offset >= before.end or before.nbytes == 0 or after.nbytes == 0,
-                    f"tensors {before.name!r} and {after.name!r} overlap in region {region}",
+            name, region, offset = spec.name, spec.region, spec.offset
+            if name in seen:
+                _fail(f"duplicate tensor name {name!r}")
+            seen.add(name)
+            if region >= len(regions):
+                _fail(f"tensor {name!r} names region {region}, but the manifest has {len(regions)} regions")
+            end = offset + spec.nbytes
+            if end > regions[region].nbytes:
+                _fail(
+                    f"tensor {name!r} spans bytes {offset}..{end} "
+                    f"outside region {region} of {regions[region].nbytes} bytes"
                 )
+            by_region.setdefault(region, []).append((offset, end, name))
+        for region, spans in by_region.items():
+            spans.sort()
+            for (b_offset, b_end, b_name), (a_offset, a_end, a_name) in itertools.pairwise(spans):
+                if a_offset < b_end and b_end != b_offset and a_end != a_offset:
+                    _fail(f"tensors {b_name!r} and {a_name!r} overlap in region {region}")
 
     # -- derived facts --------------------------------------------------------
 
@@ -417,6 +418,106 @@ class Manifest:
             raise ManifestError(f"manifest is not valid JSON: {exc}") from None
         return cls.from_dict(data)
 
+    # -- the stored form: content-addressed, columnar, compressed ---------------
+
+    @cached_property
+    def stored(self) -> StoredManifest:
+        """This manifest as registries store it: named by the hash of its canonical form, so a
+        registry keeps one copy however many sources share it and a target parses each once.
+
+        Canonical form: one JSON object of columns (names, dtypes, shapes, regions,
+        offsets, checksums, digests), compact separators; the key hashes those bytes;
+        the blob is ``MXM1`` + zlib of them. Computed once per manifest object.
+        """
+        specs = self.tensors
+        columns = {
+            "v": 1,
+            "identity": self.identity.to_dict(),
+            "checksum_algorithm": self.checksum_algorithm,
+            "regions": [r.nbytes for r in self.regions],
+            "names": [s.name for s in specs],
+            "dtypes": [s.dtype for s in specs],
+            "shapes": [list(s.shape) for s in specs],
+            "region": [s.region for s in specs],
+            "offset": [s.offset for s in specs],
+            "checksum": [s.checksum for s in specs],
+            "digest": [s.digest for s in specs],
+        }
+        canonical = json.dumps(columns, separators=(",", ":"), ensure_ascii=True).encode()
+        key = "mxm1-" + hashlib.sha256(canonical).hexdigest()
+        return StoredManifest(key, _STORED_MAGIC + zlib.compress(canonical, 6))
+
+    @classmethod
+    def from_stored(cls, key: str, blob: bytes) -> Manifest:
+        """The manifest ``blob`` holds, if it is the one ``key`` names; untrusted input.
+
+        Refused with :class:`ManifestError`: a key of another shape, a blob that is
+        not one (or that inflates past :data:`MAX_MANIFEST_BYTES`), bytes that do
+        not hash to the key (a registry writer cannot swap a manifest under a
+        name), and anything :meth:`from_dict`'s rules refuse.
+        """
+        _require(isinstance(key, str) and MANIFEST_KEY.fullmatch(key) is not None, "bad manifest key")
+        _require(
+            isinstance(blob, bytes) and blob.startswith(_STORED_MAGIC) and len(blob) <= MAX_MANIFEST_BYTES,
+            f"stored manifest {key[:17]}... is not a manifest blob",
+        )
+        inflate = zlib.decompressobj()
+        try:
+            canonical = inflate.decompress(blob[len(_STORED_MAGIC) :], MAX_MANIFEST_BYTES + 1)
+        except zlib.error as exc:
+            raise ManifestError(f"stored manifest {key[:17]}... does not decompress: {exc}") from None
+        _require(
+            inflate.eof and not inflate.unconsumed_tail and len(canonical) <= MAX_MANIFEST_BYTES,
+            f"stored manifest {key[:17]}... is truncated or inflates past the size limit",
+        )
+        _require(
+            "mxm1-" + hashlib.sha256(canonical).hexdigest() == key,
+            f"stored manifest {key[:17]}... does not hash to its key",
+        )
+        try:
+            data = json.loads(canonical)
+        except (ValueError, RecursionError) as exc:
+            raise ManifestError(f"stored manifest is not valid JSON: {exc}") from None
+        return cls.from_columns(data)
+
+    @classmethod
+    def from_columns(cls, data: Any) -> Manifest:
+        _require(isinstance(data, Mapping) and data.get("v") == 1, "stored manifest: unknown version")
+        names = data.get("names")
+        _require(isinstance(names, list), "stored manifest: 'names' must be a list")
+        _require(len(names) <= MAX_TENSORS, f"manifest lists more than {MAX_TENSORS} tensors")
+        columns = [data.get(c) for c in ("dtypes", "shapes", "region", "offset", "checksum", "digest")]
+        _require(
+            all(isinstance(c, list) and len(c) == len(names) for c in columns),
+            "stored manifest: every column must list one entry per tensor",
+        )
+        dtypes, shapes, region, offset, checksum, digest = columns
+        _require(all(isinstance(s, list) for s in shapes), "stored manifest: shapes must be lists")
+        regions = data.get("regions")
+        _require(isinstance(regions, list), "manifest 'regions' must be a list of sizes")
+        _require(len(regions) <= MAX_REGIONS, f"manifest lists more than {MAX_REGIONS} regions")
+        algorithm = data.get("checksum_algorithm", "xxh3_64")
+        _require(isinstance(algorithm, str) and len(algorithm) < 32, "bad checksum_algorithm")
+        return cls(
+            identity=ModelIdentity.from_dict(data.get("identity")),
+            tensors=tuple(
+                TensorSpec(*row)
+                for row in zip(
+                    names, dtypes, map(tuple, shapes), region, offset, checksum, digest, strict=True
+                )
+            ),
+            regions=tuple(Region(n) for n in regions),
+            checksum_algorithm=algorithm,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredManifest:
+    """A manifest as a registry stores it: ``key`` names ``blob`` by content."""
+
+    key: str
+    blob: bytes
+
 
 class SourceState(enum.Enum):
     READY = "READY"
@@ -454,6 +555,8 @@ class SourceRecord:
     max_readers: int = 0
     #: fan-out distance: 0 for a seed, 1 for a target that loaded from a seed and republished, ...
     hops: int = 0
+    #: the stored manifest this source serves (:attr:`Manifest.stored`), set by the registry on publish
+    manifest_key: str = ""
 
     def at_capacity(self, now: float) -> bool:
         return self.max_readers > 0 and self.live_readers(now) >= self.max_readers
@@ -490,6 +593,11 @@ class SourceRecord:
                 f"source record {name} must be a finite number in {low}..{high}, got {value!r:.40}",
             )  # fmt: skip
         _require(isinstance(self.stale_reason, str) and len(self.stale_reason) <= 4096, "bad stale_reason")
+        _require(
+            self.manifest_key == ""
+            or (isinstance(self.manifest_key, str) and MANIFEST_KEY.fullmatch(self.manifest_key) is not None),
+            "source record manifest_key must be mxm1-<64 hex>",
+        )
         _require(len(self.readers) <= 65_536, "source record lists too many readers")
         for reader, expires in self.readers.items():
             _require(
@@ -522,6 +630,7 @@ class SourceRecord:
             "readers": dict(self.readers),
             "max_readers": self.max_readers,
             "hops": self.hops,
+            "manifest_key": self.manifest_key,
         }
 
     @classmethod
@@ -550,6 +659,7 @@ class SourceRecord:
                 readers={str(k): float(v) for k, v in (data.get("readers") or {}).items()},
                 max_readers=int(data.get("max_readers", 0)),
                 hops=int(data.get("hops", 0)),
+                manifest_key=str(data.get("manifest_key", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ManifestError):

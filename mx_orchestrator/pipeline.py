@@ -35,6 +35,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .config import check_count, check_seconds
 from .errors import ConfigError, ManifestError, RegistryError
+from .manifests import ManifestCache
 from .models import Candidate, ModelIdentity, SourceRecord, SourceState
 from .outcomes import Cancelled, Loaded, LocalFailure, Outcome, SourceBusy, TimedOut
 from .peer import PeerStrategy
@@ -94,6 +95,8 @@ class Orchestrator:
     at a time. ``hedge``: in a striped load, a part in flight for longer than
     its expected time is also asked of an idle source; the first to land wins.
     ``min_part_bytes``: the smallest part worth a transfer of its own.
+    ``manifest_cache``: where parsed manifests are kept by key (default: the
+    process's, so a second load fetches none).
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class Orchestrator:
         stripe: int = 1,
         hedge: bool = True,
         min_part_bytes: int = 32 << 20,
+        manifest_cache: ManifestCache | None = None,
     ) -> None:
         if not strategies:
             raise ConfigError("an orchestrator needs at least one strategy")
@@ -139,7 +143,9 @@ class Orchestrator:
         self.strategies = tuple(strategies)
         self.policy = policy
         self.selection = selection
-        self.prober: Prober | None = prober or (RegistryProber(registry) if registry else None)
+        self.prober: Prober | None = prober or (
+            RegistryProber(registry, manifest_cache) if registry else None
+        )
         self.probe_concurrency = probe_concurrency
         self.probe_timeout = probe_timeout
         self.attempt_timeout = attempt_timeout

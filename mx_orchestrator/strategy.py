@@ -28,6 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 
 from .errors import ConfigError
+from .manifests import PROCESS_MANIFESTS, ManifestCache
 from .models import Candidate, ModelIdentity, SourceRecord
 from .outcomes import Outcome
 from .registry.base import SourceRegistry
@@ -129,15 +130,20 @@ class Prober(Protocol):
 
 
 class RegistryProber:
-    """Default prober: reads the manifest the source published next to its record."""
+    """Default prober: the manifest the record names, through a :class:`ManifestCache` (by
+    default the process's), so each distinct manifest is fetched and parsed once."""
 
-    def __init__(self, registry: SourceRegistry) -> None:
+    def __init__(self, registry: SourceRegistry, cache: ManifestCache | None = None) -> None:
         self._registry = registry
+        self._cache = cache if cache is not None else PROCESS_MANIFESTS
 
     async def probe(self, record: SourceRecord) -> Candidate | ProbeFailure:
-        manifest = await self._registry.get_manifest(record.source_id, record.generation)
-        if manifest is None:
+        key = record.manifest_key
+        if not key:
             return ProbeFailure(record.source_id, "the source published no manifest")
+        manifest = await self._cache.get(key, lambda: self._registry.get_manifest_blob(key))
+        if manifest is None:
+            return ProbeFailure(record.source_id, f"the registry holds no manifest {key[:17]}...")
         return Candidate(record, manifest)
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mx_orchestrator import Manifest, ManifestError, ModelIdentity, Region, SourceRecord, TensorSpec
 from mx_orchestrator.layout import describe_layout_difference, parse_layout, parse_size, plan_layout
@@ -132,3 +136,50 @@ def test_source_record_from_garbage_raises_typed_error() -> None:
         SourceRecord.from_dict({"source_id": "a", "identity_key": "k", "generation": "g", "state": "ZOMBIE"})
     with pytest.raises(ManifestError):
         SourceRecord.from_dict({"source_id": "a", "identity_key": "k", "generation": "g", "load": -3})
+
+
+def test_the_stored_form_round_trips_and_names_the_content(identity: ModelIdentity) -> None:
+    from dataclasses import replace
+
+    manifest = make_manifest(identity, 7)
+    stored = manifest.stored
+    assert stored.key.startswith("mxm1-") and Manifest.from_stored(stored.key, stored.blob) == manifest
+    assert make_manifest(identity, 7).stored == stored  # the same content, the same name and bytes
+    renamed = replace(manifest, tensors=(replace(manifest.tensors[0], name="other"), *manifest.tensors[1:]))
+    assert renamed.stored.key != stored.key
+    assert len(stored.blob) < len(manifest.to_json())
+    with pytest.raises(ManifestError, match="inflates past the size limit"):
+        Manifest.from_stored(stored.key, _zlib_bomb())
+
+
+@functools.cache
+def _zlib_bomb() -> bytes:
+    """A stored-manifest blob that is tiny compressed and inflates past the size limit."""
+    import zlib
+
+    return b"MXM1" + zlib.compress(b" " * (65 << 20), 9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=2048), cut=st.integers(0, 4096), flip=st.integers(0, 1 << 16))
+def test_hostile_stored_manifests_are_refused_with_a_typed_error(data: bytes, cut: int, flip: int) -> None:
+    """Random bytes, truncated or bit-flipped blobs, a zlib bomb, and blobs under another key:
+    a ManifestError, or exactly the manifest the key names."""
+    stored = make_manifest(ModelIdentity("org/m"), 3).stored
+    flipped = bytearray(stored.blob)
+    flipped[flip % len(flipped)] ^= 1 << (flip % 8)
+    for key, blob in (
+        (stored.key, b"MXM1" + data),
+        (stored.key, data),
+        (stored.key, stored.blob[:cut]),
+        (stored.key, bytes(flipped)),
+        ("mxm1-" + "0" * 64, stored.blob),
+        ("not-a-key", stored.blob),
+    ):
+        try:
+            decoded = Manifest.from_stored(key, blob)
+        except ManifestError:
+            continue
+        # only the very content the key names gets through (a flip in deflate's padding bits
+        # leaves the inflated bytes, and so the manifest, unchanged)
+        assert key == stored.key and decoded == make_manifest(ModelIdentity("org/m"), 3)

@@ -589,3 +589,52 @@ def test_capacity_waits_end_at_the_load_deadline_with_a_clear_reason(
         assert registry.state_of("seed") is SourceState.READY
 
     virtual_clock(main)
+
+
+def test_twenty_sources_of_one_manifest_cost_one_fetch_and_a_second_load_none(
+    identity: ModelIdentity, backend: Runner
+) -> None:
+    from mx_orchestrator.manifests import ManifestCache
+
+    async def main() -> None:
+        registry = FakeRegistry()
+        manifest = make_manifest(identity, 50)
+        for i in range(20):
+            await registry.publish(make_record(identity, f"s{i:02d}"), manifest)
+        cache = ManifestCache()
+        strategy = FakeStrategy("rdma_region", default=succeed())
+        orchestrator = Orchestrator(registry, [strategy], manifest_cache=cache, rank_window=0.05)
+        first = await orchestrator.load(identity)
+        assert first.loaded and len(first.probes) == 20 and all(p.ok for p in first.probes)
+        assert [op for op, _ in registry.calls].count("get_manifest_blob") == 1 and cache.fetches == 1
+        registry.calls.clear()
+        second = await orchestrator.load(identity)
+        assert second.loaded and len(second.probes) == 20
+        assert "get_manifest_blob" not in [op for op, _ in registry.calls] and cache.fetches == 1
+
+    backend(main)
+
+
+def test_a_forged_stored_manifest_fails_every_probe_that_names_it_and_the_load_moves_on(
+    identity: ModelIdentity, backend: Runner
+) -> None:
+    from mx_orchestrator.manifests import ManifestCache
+
+    async def main() -> None:
+        registry = FakeRegistry()
+        manifest = make_manifest(identity, 4)
+        for sid in ("a", "b"):
+            await registry.publish(make_record(identity, sid), manifest)
+        registry._blobs[manifest.stored.key] = make_manifest(
+            identity, 5
+        ).stored.blob  # swapped under its name
+        hub = FakeStrategy("hf_download", {None: [succeed()]}, uses_peers=False)
+        report = await Orchestrator(
+            registry, [FakeStrategy("rdma_region", default=succeed()), hub], manifest_cache=ManifestCache()
+        ).load(identity)
+        assert report.loaded and report.final is not None and report.final.strategy == "hf_download"
+        assert [p.ok for p in report.probes] == [False, False]
+        assert all("does not hash to its key" in p.detail for p in report.probes)
+        assert registry.state_of("a") is SourceState.READY
+
+    backend(main)

@@ -262,3 +262,58 @@ async def test_a_source_at_its_reader_cap_refuses_a_new_reader_but_renews_the_on
     assert await registry.lease_reader("a", a.generation, "r3", 10)  # room again
     clock.now += 11  # every lease ran out: a crashed reader frees its seat on its own
     assert await registry.lease_reader("a", a.generation, "r4", 10)
+
+
+async def test_a_manifest_shared_by_many_sources_is_stored_once_and_goes_with_the_last(
+    registry: SourceRegistry, identity: ModelIdentity, clock: Clock
+) -> None:
+    """Content-addressed manifests: records name one stored copy; a new generation with another
+    manifest names the new one; the copy goes when no record names it (Redis: it expires)."""
+    manifest = make_manifest(identity, 5)
+    records = [rec(identity, f"s{i}", clock) for i in range(5)]
+    for record in records:
+        await registry.publish(record, manifest)
+    listed = await registry.list(identity.key)
+    assert {r.manifest_key for r in listed} == {manifest.stored.key}
+    assert await registry.manifests_stored() == 1  # type: ignore[attr-defined]
+    assert await registry.get_manifest_blob(manifest.stored.key) == manifest.stored.blob
+    for record in records:
+        assert await registry.get_manifest(record.source_id, record.generation) == manifest
+    # a heartbeat or a re-publish without a manifest keeps the one the generation has
+    await registry.heartbeat("s0", records[0].generation)
+    await registry.publish(records[0])
+    assert await registry.get_manifest("s0", records[0].generation) == manifest
+    # s0 restarts serving other weights: the shared copy stays for the others
+    other = make_manifest(identity, 6)
+    await registry.publish(rec(identity, "s0", clock), other)
+    assert await registry.manifests_stored() == 2  # type: ignore[attr-defined]
+    for record in records[1:]:
+        assert await registry.remove(record.source_id)
+    if not isinstance(registry, RedisRegistry):
+        assert await registry.manifests_stored() == 1  # type: ignore[attr-defined]
+        assert await registry.get_manifest_blob(manifest.stored.key) is None
+
+
+async def test_a_stored_manifest_that_does_not_hash_to_its_key_is_a_typed_error(
+    stored_registry: SourceRegistry, identity: ModelIdentity, clock: Clock
+) -> None:
+    """A registry writer cannot swap the manifest under a key: the bytes are checked against it."""
+    from mx_orchestrator.errors import ManifestError
+
+    registry = stored_registry
+    manifest = make_manifest(identity, 3)
+    record = rec(identity, "a", clock)
+    await registry.publish(record, manifest)
+    forged = make_manifest(identity, 4).stored.blob
+    key = manifest.stored.key
+    if isinstance(registry, SqliteRegistry):
+        import sqlite3
+
+        db = sqlite3.connect(registry.path)
+        db.execute("UPDATE manifest_blobs SET blob=? WHERE key=?", (forged, key))
+        db.commit()
+        db.close()
+    else:
+        await registry._b.set(registry._k("mblob", key), forged)  # type: ignore[attr-defined]
+    with pytest.raises(ManifestError, match="does not hash to its key"):
+        await registry.get_manifest("a", record.generation)

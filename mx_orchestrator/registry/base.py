@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from ..errors import ManifestError
-from ..models import Manifest, SourceRecord, SourceState
+from ..models import Manifest, SourceRecord, SourceState, StoredManifest
 
 __all__ = [
     "EjectionPolicy",
@@ -80,8 +80,17 @@ def _with_readers(record: SourceRecord, readers: Mapping[str, float], now: float
     return replace(record, readers=live, load=len(live))
 
 
-def apply_publish(previous: SourceRecord | None, record: SourceRecord, now: float) -> SourceRecord:
-    """A new generation starts clean; re-publishing the same generation keeps its ejection."""
+def apply_publish(
+    previous: SourceRecord | None, record: SourceRecord, now: float, stored: StoredManifest | None = None
+) -> SourceRecord:
+    """A new generation starts clean; re-publishing the same generation keeps its ejection (and,
+    published without a manifest, the manifest it had). The record names its stored manifest."""
+    if stored is not None:
+        record = replace(record, manifest_key=stored.key)
+    elif previous is not None and previous.generation == record.generation:
+        record = replace(record, manifest_key=previous.manifest_key)
+    else:
+        record = replace(record, manifest_key="")
     if previous is not None and previous.generation == record.generation:
         record = replace(
             record,
@@ -185,7 +194,14 @@ class SourceRegistry(Protocol):
 
     async def get(self, source_id: str) -> SourceRecord | None: ...
 
-    async def get_manifest(self, source_id: str, generation: str) -> Manifest | None: ...
+    async def get_manifest_blob(self, key: str) -> bytes | None:
+        """The stored manifest named ``key`` (one copy however many sources serve it), unparsed:
+        :meth:`Manifest.from_stored` checks it hashes to ``key`` before reading it."""
+        ...
+
+    async def get_manifest(self, source_id: str, generation: str) -> Manifest | None:
+        """The manifest of that process generation of the source, if it published one."""
+        ...
 
     async def mark_stale(
         self, source_id: str, generation: str, *, reason: str, reporter: str = ""
@@ -229,7 +245,7 @@ class RecordTransitions:
 
     A backend provides ``_change``: an atomic read-modify-write of one record
     (``change`` returns the new record, or ``None`` to leave it as it is) that
-    returns what it wrote.
+    returns what it wrote; ``get`` and ``get_manifest_blob``.
     """
 
     _ejection: EjectionPolicy
@@ -237,6 +253,19 @@ class RecordTransitions:
 
     async def _change(self, source_id: str, change: Change) -> SourceRecord | None:
         raise NotImplementedError
+
+    async def get(self, source_id: str) -> SourceRecord | None:
+        raise NotImplementedError
+
+    async def get_manifest_blob(self, key: str) -> bytes | None:
+        raise NotImplementedError
+
+    async def get_manifest(self, source_id: str, generation: str) -> Manifest | None:
+        record = await self.get(source_id)
+        if record is None or record.generation != generation or not record.manifest_key:
+            return None
+        blob = await self.get_manifest_blob(record.manifest_key)
+        return Manifest.from_stored(record.manifest_key, blob) if blob is not None else None
 
     async def heartbeat(self, source_id: str, generation: str) -> SourceRecord | None:
         now = self._clock()

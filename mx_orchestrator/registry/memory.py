@@ -19,17 +19,28 @@ class MemoryRegistry(RecordTransitions):
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._records: dict[str, SourceRecord] = {}
-        self._manifests: dict[tuple[str, str], Manifest] = {}
+        #: stored manifests by key: one copy however many sources serve it
+        self._blobs: dict[str, bytes] = {}
         self._ejection = ejection or EjectionPolicy()
         self._clock = clock
 
     async def publish(self, record: SourceRecord, manifest: Manifest | None = None) -> None:
         previous = self._records.get(record.source_id)
-        if previous is not None and previous.generation != record.generation:
-            self._manifests.pop((previous.source_id, previous.generation), None)
-        self._records[record.source_id] = apply_publish(previous, record, self._clock())
-        if manifest is not None:
-            self._manifests[(record.source_id, record.generation)] = manifest
+        stored = manifest.stored if manifest is not None else None
+        if stored is not None:
+            self._blobs.setdefault(stored.key, stored.blob)
+        self._records[record.source_id] = apply_publish(previous, record, self._clock(), stored)
+        if previous is not None:
+            self._collect(previous.manifest_key)
+
+    def _collect(self, key: str) -> None:
+        """Drop a stored manifest no record names any more."""
+        if key and not any(r.manifest_key == key for r in self._records.values()):
+            self._blobs.pop(key, None)
+
+    async def manifests_stored(self) -> int:
+        """How many manifests are held (one per distinct manifest, not per source)."""
+        return len(self._blobs)
 
     async def _change(self, source_id: str, change: Change) -> SourceRecord | None:
         updated = change(self._records.get(source_id))
@@ -50,15 +61,15 @@ class MemoryRegistry(RecordTransitions):
     async def get(self, source_id: str) -> SourceRecord | None:
         return self._records.get(source_id)
 
-    async def get_manifest(self, source_id: str, generation: str) -> Manifest | None:
-        return self._manifests.get((source_id, generation))
+    async def get_manifest_blob(self, key: str) -> bytes | None:
+        return self._blobs.get(key)
 
     async def remove(self, source_id: str, generation: str | None = None) -> bool:
         record = self._records.get(source_id)
         if record is None or (generation is not None and record.generation != generation):
             return False
         del self._records[source_id]
-        self._manifests.pop((source_id, record.generation), None)
+        self._collect(record.manifest_key)
         return True
 
     async def aclose(self) -> None:

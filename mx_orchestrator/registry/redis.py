@@ -4,7 +4,10 @@ Layout, under a key prefix (default ``mxo:``):
 
 * ``src:{source_id}``: the record as JSON, expiring ``ttl`` seconds after the
   last heartbeat, so a crashed source disappears on its own;
-* ``manifest:{source_id}:{generation}``: its manifest, expiring with it;
+* ``mblob:{key}``: a stored manifest (:attr:`Manifest.stored`), once however many
+  sources serve it; every write of a record naming it extends its expiry to
+  the record's (``EXPIRE ... GT``), so it lives as long as its longest-lived
+  source;
 * ``idx:{identity_key}`` and ``all``: sets of source ids, so listing is one
   SMEMBERS plus one MGET, never a KEYS scan; ids whose record expired are
   pruned lazily.
@@ -12,6 +15,11 @@ Layout, under a key prefix (default ``mxo:``):
 State changes are read-modify-write under WATCH/MULTI, retried on conflict,
 and use the same pure transitions as every backend (:mod:`.base`). Connection
 problems surface as :class:`~mx_orchestrator.errors.RegistryUnavailable`.
+
+Connections: one bounded, blocking pool per registry object (``max_connections``):
+a process with a thousand loads in flight queues its calls on a few dozen
+sockets instead of opening a thousand; manifests travel on a second pool
+that does not decode replies (they are binary).
 """
 
 from __future__ import annotations
@@ -53,21 +61,40 @@ class RedisRegistry(RecordTransitions):
         ejection: EjectionPolicy | None = None,
         clock: Callable[[], float] = time.time,
         url: str = "",
+        binary_client: Any = None,
     ) -> None:
         self._r = client
+        #: replies not decoded: stored manifests are zlib bytes
+        self._b = binary_client if binary_client is not None else client
         self._p = prefix
         self._ejection = ejection or EjectionPolicy()
         self._clock = clock
         self._url = url
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> RedisRegistry:
+    def from_url(cls, url: str, *, max_connections: int = 32, **kwargs: Any) -> RedisRegistry:
         try:
             import redis.asyncio as aioredis
         except ImportError as exc:
             raise ConfigError("the redis registry needs: pip install 'mx-orchestrator[redis]'") from exc
-        client = aioredis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0)
-        return cls(client, url=url, **kwargs)
+
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+
+        def client(decode: bool) -> Any:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=2.0,  # waiting for a free connection is bounded like a call
+                decode_responses=decode,
+                socket_timeout=2.0,
+                socket_connect_timeout=2.0,
+                # a pooled connection the server closed (a restart) is retried on a fresh one
+                retry=Retry(ExponentialBackoff(cap=0.2, base=0.01), 2),
+            )
+            return aioredis.Redis(connection_pool=pool)
+
+        return cls(client(True), url=url, binary_client=client(False), **kwargs)
 
     def __repr__(self) -> str:
         from ..logs import _scrub
@@ -111,7 +138,8 @@ class RedisRegistry(RecordTransitions):
                         expiry = _expiry(updated, now)
                         pipe.multi()
                         pipe.set(key, encode_record(updated), ex=expiry)
-                        pipe.expire(self._k("manifest", source_id, updated.generation), expiry)
+                        if updated.manifest_key:
+                            pipe.expire(self._k("mblob", updated.manifest_key), expiry, gt=True)
                         pipe.sadd(self._k("idx", updated.identity_key), source_id)
                         pipe.sadd(self._k("all"), source_id)
                         await pipe.execute()
@@ -125,21 +153,19 @@ class RedisRegistry(RecordTransitions):
 
     async def publish(self, record: SourceRecord, manifest: Manifest | None = None) -> None:
         now = self._clock()
-        previous = await self.get(record.source_id)
-        if previous is not None and previous.generation != record.generation:
-            # the old process generation's manifest goes with it
-            old = self._k("manifest", record.source_id, previous.generation)
-            await self._call(lambda: self._r.delete(old))
-        if manifest is not None:
-            text = manifest.to_json()
-            await self._call(
-                lambda: self._r.set(
-                    self._k("manifest", record.source_id, record.generation), text, ex=_expiry(record, now)
-                )
-            )
+        stored = manifest.stored if manifest is not None else None
+        if stored is not None:
+            blob_key = self._k("mblob", stored.key)
+
+            async def store() -> None:
+                # once per distinct manifest: a second source serving it sends only its record
+                if not await self._b.set(blob_key, stored.blob, ex=_expiry(record, now), nx=True):
+                    await self._b.expire(blob_key, _expiry(record, now), gt=True)
+
+            await self._call(store)
 
         def change(previous: SourceRecord | None) -> SourceRecord:
-            return apply_publish(previous, record, now)
+            return apply_publish(previous, record, now, stored)
 
         await self._change(record.source_id, change)
 
@@ -172,9 +198,17 @@ class RedisRegistry(RecordTransitions):
         text = await self._call(lambda: self._r.get(self._k("src", source_id)))
         return decode_record(text)
 
-    async def get_manifest(self, source_id: str, generation: str) -> Manifest | None:
-        text = await self._call(lambda: self._r.get(self._k("manifest", source_id, generation)))
-        return Manifest.from_json(text) if text is not None else None
+    async def get_manifest_blob(self, key: str) -> bytes | None:
+        blob = await self._call(lambda: self._b.get(self._k("mblob", key)))
+        return blob if isinstance(blob, bytes) else None
+
+    async def manifests_stored(self) -> int:
+        """How many manifests the server holds under this prefix (one per distinct manifest)."""
+
+        async def count() -> int:
+            return sum([1 async for _ in self._r.scan_iter(match=self._k("mblob", "*"), count=1000)])
+
+        return await self._call(count)
 
     async def remove(self, source_id: str, generation: str | None = None) -> bool:
         record = await self.get(source_id)
@@ -183,7 +217,8 @@ class RedisRegistry(RecordTransitions):
 
         async def run() -> None:
             async with self._r.pipeline(transaction=True) as pipe:
-                pipe.delete(self._k("src", source_id), self._k("manifest", source_id, record.generation))
+                # the manifest stays: other sources may serve it; it expires with the last of them
+                pipe.delete(self._k("src", source_id))
                 pipe.srem(self._k("idx", record.identity_key), source_id)
                 pipe.srem(self._k("all"), source_id)
                 await pipe.execute()
@@ -192,5 +227,7 @@ class RedisRegistry(RecordTransitions):
         return True
 
     async def aclose(self) -> None:
-        with contextlib.suppress(Exception):  # closing a client whose server is gone must not raise
-            await self._r.aclose()
+        for client in {id(self._r): self._r, id(self._b): self._b}.values():
+            with contextlib.suppress(Exception):  # closing a client whose server is gone must not raise
+                await client.aclose()
+                await client.connection_pool.disconnect()

@@ -42,13 +42,13 @@ CREATE TABLE IF NOT EXISTS sources (
     record       TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sources_by_identity ON sources(identity_key);
-CREATE TABLE IF NOT EXISTS manifests (
-    source_id  TEXT NOT NULL,
-    generation TEXT NOT NULL,
-    manifest   TEXT NOT NULL,
-    PRIMARY KEY (source_id, generation)
+CREATE TABLE IF NOT EXISTS manifest_blobs (
+    key  TEXT PRIMARY KEY,
+    blob BLOB NOT NULL
 );
 """
+# files made before manifests were content-addressed: their per-source manifests are not read
+_MIGRATIONS = (("manifest_key", "ALTER TABLE sources ADD COLUMN manifest_key TEXT NOT NULL DEFAULT ''"),)
 
 
 def default_registry_path() -> Path:
@@ -105,6 +105,11 @@ class SqliteRegistry(RecordTransitions):
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(sources)")}
+            for column, statement in _MIGRATIONS:
+                if column not in columns:
+                    conn.execute(statement)
+            conn.execute("CREATE INDEX IF NOT EXISTS sources_by_manifest ON sources(manifest_key)")
             self._conn = conn
         return self._conn
 
@@ -136,25 +141,48 @@ class SqliteRegistry(RecordTransitions):
     @staticmethod
     def _store(conn: sqlite3.Connection, record: SourceRecord) -> None:
         conn.execute(
-            "INSERT OR REPLACE INTO sources(source_id, identity_key, generation, record) VALUES (?,?,?,?)",
-            (record.source_id, record.identity_key, record.generation, encode_record(record)),
+            "INSERT OR REPLACE INTO sources(source_id, identity_key, generation, record, manifest_key) "
+            "VALUES (?,?,?,?,?)",
+            (
+                record.source_id,
+                record.identity_key,
+                record.generation,
+                encode_record(record),
+                record.manifest_key,
+            ),
+        )
+
+    @staticmethod
+    def _collect(conn: sqlite3.Connection, key: str) -> None:
+        """Drop a stored manifest no record names any more."""
+        if key:
+            conn.execute(
+                "DELETE FROM manifest_blobs WHERE key=? AND NOT EXISTS "
+                "(SELECT 1 FROM sources WHERE manifest_key=?)",
+                (key, key),
+            )
+
+    async def manifests_stored(self) -> int:
+        """How many manifests the file holds (one per distinct manifest, not per source)."""
+        return await self._run(
+            lambda conn: int(conn.execute("SELECT COUNT(*) FROM manifest_blobs").fetchone()[0])
         )
 
     # -- contract -------------------------------------------------------------
 
     async def publish(self, record: SourceRecord, manifest: Manifest | None = None) -> None:
         now = self._clock()
+        stored = manifest.stored if manifest is not None else None
 
         def tx(conn: sqlite3.Connection) -> None:
             previous = self._load(conn, record.source_id)
-            if previous is not None and previous.generation != record.generation:
-                conn.execute("DELETE FROM manifests WHERE source_id=?", (record.source_id,))
-            self._store(conn, apply_publish(previous, record, now))
-            if manifest is not None:
+            if stored is not None:
                 conn.execute(
-                    "INSERT OR REPLACE INTO manifests(source_id, generation, manifest) VALUES (?,?,?)",
-                    (record.source_id, record.generation, manifest.to_json()),
+                    "INSERT OR IGNORE INTO manifest_blobs(key, blob) VALUES (?,?)", (stored.key, stored.blob)
                 )
+            self._store(conn, apply_publish(previous, record, now, stored))
+            if previous is not None:
+                self._collect(conn, previous.manifest_key)
 
         await self._run(lambda conn: self._update(conn, tx))
 
@@ -187,16 +215,12 @@ class SqliteRegistry(RecordTransitions):
     async def get(self, source_id: str) -> SourceRecord | None:
         return await self._run(lambda conn: self._load(conn, source_id))
 
-    async def get_manifest(self, source_id: str, generation: str) -> Manifest | None:
-        def query(conn: sqlite3.Connection) -> str | None:
-            row = conn.execute(
-                "SELECT manifest FROM manifests WHERE source_id=? AND generation=?",
-                (source_id, generation),
-            ).fetchone()
-            return str(row[0]) if row else None
+    async def get_manifest_blob(self, key: str) -> bytes | None:
+        def query(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("SELECT blob FROM manifest_blobs WHERE key=?", (key,)).fetchone()
+            return row[0] if row and isinstance(row[0], bytes) else None
 
-        text = await self._run(query)
-        return Manifest.from_json(text) if text is not None else None
+        return await self._run(query)
 
     async def remove(self, source_id: str, generation: str | None = None) -> bool:
         def tx(conn: sqlite3.Connection) -> bool:
@@ -204,7 +228,7 @@ class SqliteRegistry(RecordTransitions):
             if record is None or (generation is not None and record.generation != generation):
                 return False
             conn.execute("DELETE FROM sources WHERE source_id=?", (source_id,))
-            conn.execute("DELETE FROM manifests WHERE source_id=?", (source_id,))
+            self._collect(conn, record.manifest_key)
             return True
 
         return await self._run(lambda conn: self._update(conn, tx))

@@ -223,6 +223,10 @@ class FakeRegistry(MemoryRegistry):
         self._enter("get_manifest", source_id)
         return await super().get_manifest(source_id, generation)
 
+    async def get_manifest_blob(self, key: str) -> bytes | None:
+        self._enter("get_manifest_blob", key)
+        return await super().get_manifest_blob(key)
+
     def state_of(self, source_id: str) -> SourceState | None:
         record = self._records.get(source_id)
         return record.state if record else None
