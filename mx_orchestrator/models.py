@@ -339,13 +339,13 @@ class Manifest:
                 if a_offset < b_end and b_end != b_offset and a_end != a_offset:
                     _fail(f"tensors {b_name!r} and {a_name!r} overlap in region {region}")
 
-    # -- derived facts --------------------------------------------------------
+    # -- derived facts (computed once per manifest: one may be 90,000 tensors) --
 
-    @property
+    @cached_property
     def total_bytes(self) -> int:
         return sum(spec.nbytes for spec in self.tensors)
 
-    @property
+    @cached_property
     def manifest_fingerprint(self) -> str:
         """Hash of what the weights *are*: names, dtypes, shapes (order-insensitive)."""
         return _digest(
@@ -353,7 +353,7 @@ class Manifest:
             for s in sorted(self.tensors, key=lambda s: s.name)
         )
 
-    @property
+    @cached_property
     def layout_fingerprint(self) -> str:
         """Hash of *where* they are: region count, sizes and which tensor sits where."""
         parts = [f"regions={len(self.regions)}"]
@@ -364,7 +364,7 @@ class Manifest:
         )
         return _digest(parts)
 
-    @property
+    @cached_property
     def content_fingerprint(self) -> str | None:
         """The content pin of these weights: names, dtypes, shapes and every tensor's SHA-256.
 

@@ -194,3 +194,24 @@ def no_nixl_leaks() -> Iterator[None]:
     yield
     release_connections()  # kept on purpose across loads; what must not leak is everything else
     assert (agent.stats.handles_open, agent.stats.remote_agents, agent.stats.registrations) == before
+
+
+async def publish_a_lie(registry_url: str, source_id: str, tensor: int) -> str:
+    """Make ``source_id``'s published manifest promise other bytes than it serves for one tensor
+    (its checksum zeroed), as a lying source would publish it; returns that tensor's name."""
+    from dataclasses import replace
+
+    from mx_orchestrator.registry.sqlite import SqliteRegistry
+
+    registry = SqliteRegistry(registry_url.removeprefix("sqlite://"))
+    try:
+        record = await registry.get(source_id)
+        assert record is not None
+        manifest = await registry.get_manifest(source_id, record.generation)
+        assert manifest is not None
+        specs = list(manifest.tensors)
+        specs[tensor] = replace(specs[tensor], checksum="0" * 16)
+        await registry.publish(record, replace(manifest, tensors=tuple(specs)))
+        return specs[tensor].name
+    finally:
+        await registry.aclose()

@@ -210,22 +210,15 @@ async def test_bytes_that_fail_their_checksum_are_corrupt_and_mark_the_source_st
     peers: Peers, registry_url: str
 ) -> None:
     """The liar's manifest promises other bytes than it serves (its checksums are edited in the registry)."""
-    import json
-    import sqlite3
+    from tests.conftest import publish_a_lie
 
     _liar, _honest = peers.start(("liar", "arena"), ("honest", "arena"))
-    db = sqlite3.connect(registry_url.removeprefix("sqlite://"))
-    (text,) = db.execute("SELECT manifest FROM manifests WHERE source_id='liar'").fetchone()
-    manifest = json.loads(text)
-    manifest["tensors"][3]["checksum"] = "0" * 16
-    db.execute("UPDATE manifests SET manifest=? WHERE source_id='liar'", (json.dumps(manifest),))
-    db.commit()
-    db.close()
+    victim = await publish_a_lie(registry_url, "liar", 3)
     target = Target("arena")
     report, registry = await load(registry_url, target, selection=ordered("liar", "honest"))
     first = report.attempts[0]
     assert first.outcome.name == "Corrupt" and first.marked_stale
-    assert manifest["tensors"][3]["name"] in first.outcome.detail
+    assert victim in first.outcome.detail
     assert await state(registry, "liar") is SourceState.STALE
     assert report.final is not None and report.final.source_id == "honest" and report.final.verified
     assert_same_weights(target)

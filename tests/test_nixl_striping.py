@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from mx_orchestrator.target import Target
 from mx_orchestrator.testing.peers import MODEL_ID, Peers, minilm_dir
 from strategies.rdma_region import RdmaRegion
 from strategies.rdma_tensor import RdmaTensor
+from tests.conftest import publish_a_lie
 
 pytestmark = [pytest.mark.nixl, pytest.mark.slow, pytest.mark.usefixtures("no_nixl_leaks")]
 
@@ -173,14 +173,7 @@ async def test_a_corrupt_tensor_under_stripe_2_is_read_again_alone_from_the_othe
 ) -> None:
     peers.start(("liar", "arena"), ("honest", "arena"), weights=checkpoint, model_id=SYNTHETIC)
     # the liar's manifest promises other bytes than it serves for its first tensor
-    db = sqlite3.connect(registry_url.removeprefix("sqlite://"))
-    (text,) = db.execute("SELECT manifest FROM manifests WHERE source_id='liar'").fetchone()
-    manifest = json.loads(text)
-    victim = manifest["tensors"][0]["name"]
-    manifest["tensors"][0]["checksum"] = "0" * 16
-    db.execute("UPDATE manifests SET manifest=? WHERE source_id='liar'", (json.dumps(manifest),))
-    db.commit()
-    db.close()
+    victim = await publish_a_lie(registry_url, "liar", 0)
     target = Target("arena")
     report, registry = await striped_load(registry_url, target, stripe=2, selection=ordered("liar", "honest"))
     assert report.loaded, report.reason

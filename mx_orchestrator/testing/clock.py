@@ -1,0 +1,126 @@
+"""A virtual clock for asyncio that still waits for real I/O: simulations against real registries.
+
+trio's ``MockClock`` makes time jump whenever every task sleeps, but the Redis
+client is asyncio-only, and SQLite calls run in worker threads: a clock that
+jumps while a registry reply is on its way would expire leases, time out calls
+and reorder the simulation. :class:`VirtualClockLoop` is an asyncio event loop
+whose ``time()`` is virtual and whose waiting follows one rule:
+
+* while any *accounted* real I/O is in flight (:meth:`VirtualClockLoop.real_io`,
+  or every call through :func:`accounted`), the loop waits for it in real time and
+  virtual time stands still;
+* otherwise, when nothing is ready, virtual time jumps to the next timer.
+
+So a transfer of 16 GB that the model says takes 5 s costs no real time, while
+every registry call is a real call to a real server, taking zero virtual time.
+
+    anyio.run(main, backend="asyncio", backend_options={"loop_factory": VirtualClockLoop})
+    registry = accounted(SqliteRegistry(path, clock=virtual_wall_clock))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import selectors
+import time
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["VirtualClockLoop", "accounted", "virtual_wall_clock"]
+
+# how long one real wait for accounted I/O lasts before the loop looks again
+_REAL_WAIT = 0.05
+
+
+class _VirtualSelector:
+    """The loop's selector, with waits replaced by jumps of virtual time when nothing real is pending."""
+
+    def __init__(self, selector: selectors.BaseSelector, loop: VirtualClockLoop) -> None:
+        self._selector = selector
+        self._loop = loop
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        loop = self._loop
+        if loop.real_io_in_flight:
+            # wait for the real reply (a socket or a worker thread's wake-up) in real time
+            wait = _REAL_WAIT if timeout is None else min(timeout, _REAL_WAIT)
+            return self._selector.select(wait)
+        events = self._selector.select(0)
+        if events or timeout == 0:
+            return events
+        if timeout is None:  # nothing scheduled and nothing accounted: something real we did not count
+            return self._selector.select(_REAL_WAIT)
+        loop.advance(timeout)
+        return []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._selector, name)
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop on virtual time; see the module docstring for the waiting rule."""
+
+    def __init__(self, start: float | None = None) -> None:
+        super().__init__()
+        #: virtual seconds; starts at the real wall clock so records' timestamps look like any other
+        self._now = time.time() if start is None else start
+        self.real_io_in_flight = 0
+        self._selector: Any = _VirtualSelector(self._selector, self)  # type: ignore[has-type]
+
+    def time(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        self._now += max(0.0, seconds)
+
+    @contextlib.contextmanager
+    def real_io(self) -> Iterator[None]:
+        """Virtual time stands still until the block ends (it awaits something real)."""
+        self.real_io_in_flight += 1
+        try:
+            yield
+        finally:
+            self.real_io_in_flight -= 1
+
+
+def _running_virtual_loop() -> VirtualClockLoop | None:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return loop if isinstance(loop, VirtualClockLoop) else None
+
+
+def virtual_wall_clock() -> float:
+    """The running virtual loop's time as a wall clock (for registries' ``clock=``); else ``time.time()``."""
+    loop = _running_virtual_loop()
+    return loop.time() if loop is not None else time.time()
+
+
+class _Accounted:
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._inner, name)
+        if not inspect.iscoroutinefunction(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            loop = _running_virtual_loop()
+            if loop is None:
+                return await attribute(*args, **kwargs)
+            with loop.real_io():
+                return await attribute(*args, **kwargs)
+
+        return call
+
+
+def accounted(inner: Any) -> Any:
+    """``inner`` (a registry, or anything whose coroutine methods do real I/O) with every
+    coroutine call accounted as real I/O on a :class:`VirtualClockLoop` (elsewhere: unchanged)."""
+    return _Accounted(inner)
