@@ -110,7 +110,7 @@ class Planner:
         *,
         max_attempts: int = 64,
         capacity_waits: int = 0,
-        capacity_delay: Callable[[int], float] = lambda waits_made: 0.0,
+        capacity_delay: Callable[[int, float], float] = lambda waits_made, waited: 0.0,
     ) -> None:
         if not strategies:
             raise ValueError("at least one strategy is required")
@@ -124,6 +124,8 @@ class Planner:
         self._full: set[str] = set()
         self._full_from: int | None = None
         self.capacity_waits_made = 0
+        self._first_wait_at: float | None = None
+        self._now = 0.0
         #: refusals for capacity: attempts in the report, not counted toward ``max_attempts``
         self.refusals = 0
         self._index = 0
@@ -266,7 +268,9 @@ class Planner:
     # -- output ---------------------------------------------------------------
 
     def next_step(self, now: float = 0.0) -> Step:
-        """The next step; ``now`` (the caller's clock) starts the elapsed time of a new pair."""
+        """The next step; ``now`` (the caller's clock) starts the elapsed time of a new pair and
+        measures how long the load has waited for capacity."""
+        self._now = now
         step = self._next_step()
         if isinstance(step, Attempt):
             self._first_try.setdefault((step.strategy_index, step.source_id), now)
@@ -302,7 +306,9 @@ class Planner:
         return self._done
 
     def _wait_for_capacity(self) -> Requeue:
-        delay = self._capacity_delay(self.capacity_waits_made)
+        if self._first_wait_at is None:
+            self._first_wait_at = self._now
+        delay = self._capacity_delay(self.capacity_waits_made, self._now - self._first_wait_at)
         self.capacity_waits_made += 1
         # until requeue(): no step but this one (the driver waits and lists again)
         self._evaluating = True

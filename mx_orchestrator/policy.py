@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import math
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -247,6 +248,10 @@ class Policy:
     capacity_backoff: wait_base = field(
         default_factory=lambda: tenacity.wait_random_exponential(multiplier=0.05, max=1.0)
     )
+    #: ... and after a long wait, a wait may last up to this fraction of the time waited so far
+    #: (full jitter): a load queued behind a busy seed for minutes looks every few seconds, not
+    #: every second, costing it at most this fraction more time, and the registry far fewer calls
+    capacity_patience: float = 0.1
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -255,11 +260,16 @@ class Policy:
             raise ValueError("stall_floor must be finite and >= 0, stall_rate > 0")
         if self.capacity_waits < 0:
             raise ValueError("capacity_waits must be at least 0")
+        if not (math.isfinite(self.capacity_patience) and self.capacity_patience >= 0):
+            raise ValueError("capacity_patience must be finite and >= 0")
 
-    def capacity_delay(self, waits_made: int) -> float:
-        """Seconds before the (``waits_made`` + 1)-th listing when every candidate was full."""
+    def capacity_delay(self, waits_made: int, waited: float = 0.0) -> float:
+        """Seconds before the (``waits_made`` + 1)-th listing when every candidate was full, after
+        ``waited`` seconds of waiting for capacity so far."""
         delay = float(self.capacity_backoff(_retry_call_state(DecisionState(attempt_number=waits_made + 1))))
-        return delay if delay >= 0 else 0.0  # also NaN from a user's wait object
+        patient = self.capacity_patience * max(0.0, waited) * random.random()
+        delay = max(delay, patient) if delay >= 0 else patient  # a NaN from a user's wait object: ours
+        return delay if math.isfinite(delay) else 0.0
 
     def stall_evidence(self, outcome: TimedOut) -> float:
         """The least deadline (seconds) after which a ``TimedOut`` may be blamed on its source."""

@@ -280,8 +280,12 @@ def test_capacity_waits_grow_with_full_jitter_and_stay_under_the_cap() -> None:
     delays = [DEFAULT_POLICY.capacity_delay(n) for n in range(12) for _ in range(20)]
     assert all(0.0 <= d <= 1.0 for d in delays)
     assert len(set(delays)) > 100  # jittered: a fleet's retries do not line up
+    # after five minutes in the queue, waits stretch to at most a tenth of the time waited
+    patient = [DEFAULT_POLICY.capacity_delay(50, 300.0) for _ in range(200)]
+    assert all(0.0 <= d <= 30.0 for d in patient) and max(patient) > 10.0
     broken = Policy(capacity_backoff=lambda state: float("nan"))  # type: ignore[arg-type]
     assert broken.capacity_delay(3) == 0.0
+    assert 0.0 <= broken.capacity_delay(3, 100.0) <= 10.0
 
 
 def test_not_applicable_for_one_candidate_moves_to_the_next_candidate_never_stale() -> None:

@@ -63,12 +63,15 @@ class _VirtualSelector:
 class VirtualClockLoop(asyncio.SelectorEventLoop):
     """An asyncio loop on virtual time; see the module docstring for the waiting rule."""
 
-    def __init__(self, start: float | None = None) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        #: virtual seconds; starts at the real wall clock so records' timestamps look like any other
-        self._now = time.time() if start is None else start
+        # virtual seconds since the loop began: small numbers, so adding a timer's delay is exact
+        # (near 1.7e9, float steps are 2e-7 s and a timer due "now" would never be due)
+        self._now = 0.0
+        #: the wall-clock time the loop began, for :func:`virtual_wall_clock`
+        self.epoch = time.time()
         self.real_io_in_flight = 0
-        self._selector: Any = _VirtualSelector(self._selector, self)  # type: ignore[has-type]
+        self._selector: Any = _VirtualSelector(self._selector, self)
 
     def time(self) -> float:
         return self._now
@@ -97,7 +100,7 @@ def _running_virtual_loop() -> VirtualClockLoop | None:
 def virtual_wall_clock() -> float:
     """The running virtual loop's time as a wall clock (for registries' ``clock=``); else ``time.time()``."""
     loop = _running_virtual_loop()
-    return loop.time() if loop is not None else time.time()
+    return loop.epoch + loop.time() if loop is not None else time.time()
 
 
 class _Accounted:
