@@ -117,8 +117,7 @@ class Fleet:
 
     async def fault(self, source_id: str, doom: str, heartbeats: anyio.CancelScope) -> None:
         """Strike at a random moment of the source's first transfer (when it has one)."""
-        while self.fabric.peak_readers.get(source_id, 0) == 0:
-            await anyio.sleep(0.05)
+        await self.fabric.first_reader(source_id)
         full_speed = self.nbytes / (self.fabric.source_bps / max(1, self.args.reader_cap))
         await anyio.sleep(self.rng.uniform(0.05, 0.95) * full_speed)
         if doom == "kill":

@@ -67,6 +67,11 @@ class Fabric:
         self.peak_readers: dict[str, int] = {}
         #: bytes that went through each link (``hub``: what the Hub served)
         self.bytes_through: dict[str, float] = {}
+        self._first_reader: dict[str, anyio.Event] = {}
+
+    async def first_reader(self, source: str) -> None:
+        """Return once ``source`` has had a reader (at once if it had one already)."""
+        await self._first_reader.setdefault(source, anyio.Event()).wait()
 
     def capacity(self, link: str) -> float:
         if link == "hub":
@@ -106,6 +111,7 @@ class Fabric:
             if link.startswith("src:"):
                 source = link[4:]
                 self.peak_readers[source] = max(self.peak_readers.get(source, 0), self._on_link[link])
+                self._first_reader.setdefault(source, anyio.Event()).set()
         self._poke()
         try:
             await flow.done.wait()
