@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +43,11 @@ sys.path.insert(0, str(HERE.parent))
 
 import anyio  # noqa: E402
 
-from mx_orchestrator import ModelIdentity, Orchestrator, Policy  # noqa: E402
 from mx_orchestrator.logs import configure_logging  # noqa: E402
-from mx_orchestrator.manifests import ManifestCache  # noqa: E402
-from mx_orchestrator.models import SourceRecord  # noqa: E402
-from mx_orchestrator.outcomes import Loaded  # noqa: E402
 from mx_orchestrator.registry.redis import RedisRegistry  # noqa: E402
 from mx_orchestrator.registry.sqlite import SqliteRegistry  # noqa: E402
-from mx_orchestrator.testing import make_manifest  # noqa: E402
 from mx_orchestrator.testing.clock import VirtualClockLoop, accounted, virtual_wall_clock  # noqa: E402
-from mx_orchestrator.testing.fleet import Fabric, FabricHub, FabricPeer  # noqa: E402
+from mx_orchestrator.testing.fleet import FleetConfig, FleetSimulation  # noqa: E402
 
 sys.path.insert(0, str(HERE))
 from registry import start_redis  # noqa: E402
@@ -62,159 +55,40 @@ from registry import start_redis  # noqa: E402
 sys.path.remove(str(HERE))
 
 GB = 1e9
-IDENTITY = ModelIdentity("fleet/llama-8b")
-
-
-class Fleet:
-    """One simulated fleet: the fabric, the registry, the sources and the targets."""
-
-    def __init__(
-        self, args: argparse.Namespace, registry: Any, targets: int, fanout: bool, seed: int
-    ) -> None:
-        self.args = args
-        self.registry = registry
-        self.targets = targets
-        self.fanout = fanout
-        self.rng = random.Random(seed)
-        self.fabric = Fabric(
-            source_bps=args.link_gbps * GB, target_bps=args.link_gbps * GB, hub_bps=args.hub_gbps * GB
-        )
-        self.nbytes = int(args.model_gb * GB)
-        self.manifest = make_manifest(IDENTITY, 291)  # what the registry stores and targets parse
-        self.loaded_at: dict[str, float] = {}
-        self.reports: dict[str, Any] = {}
-        self.failed_sources: set[str] = set()
-        self.frozen_sources: set[str] = set()
-        self.sources: list[str] = []
-        self.policy = Policy(capacity_waits=100_000)  # a fleet waits for its peers rather than the Hub
-
-    async def source(self, source_id: str, hops: int, first_seed: bool) -> None:
-        """A serving process: publish, heartbeat; maybe die or freeze during its first transfer."""
-        record = SourceRecord(
-            source_id=source_id,
-            identity_key=IDENTITY.key,
-            generation=f"{source_id}-gen",
-            endpoint=f"fabric://{source_id}",
-            heartbeat_at=virtual_wall_clock(),
-            ttl=self.args.ttl,
-            max_readers=self.args.reader_cap,
-            hops=hops,
-        )
-        await self.registry.publish(record, self.manifest)
-        self.sources.append(source_id)
-        fate = self.rng.random()
-        doom = None
-        if not first_seed and fate < self.args.fail_rate:
-            doom = "kill"
-        elif not first_seed and fate < self.args.fail_rate + self.args.freeze_rate:
-            doom = "freeze"
-        async with anyio.create_task_group() as tg:
-            if doom is not None:
-                tg.start_soon(self.fault, source_id, doom, tg.cancel_scope)
-            while True:
-                await anyio.sleep(self.args.ttl / 3)
-                await self.registry.heartbeat(source_id, record.generation)
-
-    async def fault(self, source_id: str, doom: str, heartbeats: anyio.CancelScope) -> None:
-        """Strike at a random moment of the source's first transfer (when it has one)."""
-        await self.fabric.first_reader(source_id)
-        full_speed = self.nbytes / (self.fabric.source_bps / max(1, self.args.reader_cap))
-        await anyio.sleep(self.rng.uniform(0.05, 0.95) * full_speed)
-        if doom == "kill":
-            self.fabric.kill(source_id)
-            self.failed_sources.add(source_id)
-        else:
-            self.fabric.freeze(source_id)
-            self.frozen_sources.add(source_id)
-        heartbeats.cancel()  # a dead or stopped process sends none: its record expires with its TTL
-
-    async def target(self, index: int, tg: anyio.abc.TaskGroup) -> None:
-        target_id = f"t{index:04d}"
-        orchestrator = Orchestrator(
-            self.registry,
-            [FabricPeer(self.fabric, target_id, self.nbytes), FabricHub(self.fabric, target_id, self.nbytes)],
-            target_id=target_id,
-            policy=self.policy,
-            attempt_timeout=self.args.attempt_timeout,
-            probe_timeout=30.0,
-            manifest_cache=ManifestCache(),  # every target is its own process
-        )
-        report = await orchestrator.load(IDENTITY)
-        self.reports[target_id] = report
-        if report.loaded:
-            self.loaded_at[target_id] = anyio.current_time()
-            if self.fanout:
-                hops = 0 if report.source_hops is None else report.source_hops + 1
-                tg.start_soon(self.source, f"{target_id}-copy", hops, False)
-
-    async def run(self) -> dict[str, Any]:
-        began_real = time.perf_counter()
-        began = anyio.current_time()
-        async with anyio.create_task_group() as world:
-            world.start_soon(self.fabric.run)
-            for s in range(self.args.seeds):
-                world.start_soon(self.source, f"seed-{s}", 0, s == 0)
-            await anyio.sleep(0.001)  # the seeds are published before the fleet starts
-            async with anyio.create_task_group() as fleet:
-                for i in range(self.targets):
-                    fleet.start_soon(self.target, i, world)
-            world.cancel_scope.cancel()
-        return self.summary(began, time.perf_counter() - began_real)
-
-    def summary(self, began: float, real_seconds: float) -> dict[str, Any]:
-        reports = self.reports.values()
-        loaded_attempts = Counter(
-            t for t, r in self.reports.items() for a in r.attempts if isinstance(a.outcome, Loaded)
-        )
-        outcomes = Counter(a.outcome.name for r in reports for a in r.attempts)
-        stale_marks = sum(a.marked_stale for r in reports for a in r.attempts)
-        busy_stale = sum(
-            a.marked_stale for r in reports for a in r.attempts if a.outcome.name == "SourceBusy"
-        )
-        peak = max(self.fabric.peak_readers.values(), default=0)
-        hops = Counter(r.source_hops for r in reports if r.loaded)
-        return {
-            "targets": self.targets,
-            "fanout": self.fanout,
-            "registry": self.args.registry_name,
-            "seconds_to_all_loaded": round(max(self.loaded_at.values(), default=float("nan")) - began, 3),
-            "median_seconds_to_loaded": round(
-                sorted(self.loaded_at.values())[len(self.loaded_at) // 2] - began, 3
-            )
-            if self.loaded_at
-            else None,
-            "all_loaded": len(self.loaded_at) == self.targets,
-            "loaded_twice": sum(1 for n in loaded_attempts.values() if n > 1),
-            "max_readers_per_source": peak,
-            "reader_cap": self.args.reader_cap,
-            "cap_held": peak <= self.args.reader_cap or self.args.reader_cap == 0,
-            "hub_bytes": int(self.fabric.bytes_through.get("hub", 0.0)),
-            "peer_bytes": int(sum(v for k, v in self.fabric.bytes_through.items() if k.startswith("src:"))),
-            "sources_at_end": len(self.sources),
-            "failed_sources": len(self.failed_sources),
-            "frozen_sources": len(self.frozen_sources),
-            "stale_marks": stale_marks,
-            "full_sources_marked_stale": busy_stale,
-            "loaded_from_hops": {
-                str(k): v for k, v in sorted(hops.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
-            },
-            "capacity_waits": sum(r.capacity_waits for r in reports),
-            "outcomes": dict(outcomes),
-            "real_seconds": round(real_seconds, 2),
-        }
 
 
 def run_one(args: argparse.Namespace, url: str, targets: int, fanout: bool, seed: int) -> dict[str, Any]:
+    config = FleetConfig(
+        targets=targets,
+        fanout=fanout,
+        model_bytes=int(args.model_gb * GB),
+        link_bps=args.link_gbps * GB,
+        hub_bps=args.hub_gbps * GB,
+        reader_cap=args.reader_cap,
+        seeds=args.seeds,
+        ttl=args.ttl,
+        attempt_timeout=args.attempt_timeout,
+        fail_rate=args.fail_rate,
+        freeze_rate=args.freeze_rate,
+        seed=seed,
+    )
+
     async def main() -> dict[str, Any]:
         # leases, TTLs and ejections on the simulated clock
         if url.startswith("sqlite://"):
             registry: Any = SqliteRegistry(url.removeprefix("sqlite://"), clock=virtual_wall_clock)
         else:
             registry = RedisRegistry.from_url(url, clock=virtual_wall_clock)
+        began = time.perf_counter()
         try:
-            return await Fleet(args, accounted(registry), targets, fanout, seed).run()
+            summary = await FleetSimulation(config, accounted(registry)).run()
         finally:
             await registry.aclose()
+        return {
+            "registry": args.registry_name,
+            **summary,
+            "real_seconds": round(time.perf_counter() - began, 2),
+        }
 
     return anyio.run(main, backend="asyncio", backend_options={"loop_factory": VirtualClockLoop})
 

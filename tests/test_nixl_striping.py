@@ -143,6 +143,15 @@ async def test_a_source_killed_mid_load_costs_only_its_part(
     victim.signal(19)  # frozen first, so its part is surely in flight when it dies
 
     async def kill_soon() -> None:
+        # once the target holds its reader lease on the victim (it connects and reads next), plus
+        # time for a busy machine to get the read in flight: a kill before the connect would be
+        # SourceUnreachable, which is not what this test is about
+        watcher = SqliteRegistry(registry_url.removeprefix("sqlite://"))
+        try:
+            while not ((record := await watcher.get("victim")) and record.readers):
+                await anyio.sleep(0.05)
+        finally:
+            await watcher.aclose()
         await anyio.sleep(1.5)
         victim.kill()
 

@@ -337,7 +337,8 @@ def test_an_attempt_never_takes_more_than_its_share_of_the_load_deadline(
     budget = attempt_budget(remaining, left, timeout)
     assert 0.0 <= budget <= timeout and budget <= remaining
     if remaining != float("inf"):
-        assert budget * left <= remaining * (1 + 1e-9)  # every attempt still has its share
+        # every attempt still has its share (with room for rounding in subnormal floats)
+        assert budget * left <= remaining * (1 + 1e-9) + 1e-300
 
 
 def test_attempts_left_counts_untried_candidates_and_later_peerless_strategies(

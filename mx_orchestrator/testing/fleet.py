@@ -15,19 +15,41 @@ and admission, capacity waits, the policy and the registry are the real ones.
 Faults are the fabric's: :meth:`Fabric.kill` fails a source's flows in flight
 (``SourceFailed``) and refuses new ones (``SourceUnreachable``);
 :meth:`Fabric.freeze` stalls them until the attempt's deadline (``TimedOut``).
+
+:class:`FleetSimulation` puts it together: seeds, a thousand targets started at
+once, fan-out, faults, and a summary (``bench/fleet.py`` prints it).
 """
 
 from __future__ import annotations
 
 import math
+import random
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
+import anyio.abc
 
+from ..manifests import ManifestCache
+from ..models import ModelIdentity, SourceRecord
 from ..outcomes import Loaded, Outcome, SourceFailed, SourceUnreachable
+from ..pipeline import Orchestrator
+from ..policy import Policy
+from ..report import LoadReport
 from ..strategy import AttemptContext
+from . import make_manifest
+from .clock import virtual_wall_clock
 
-__all__ = ["Fabric", "FabricHub", "FabricPeer", "Flow", "SourceDied"]
+__all__ = [
+    "Fabric",
+    "FabricHub",
+    "FabricPeer",
+    "FleetConfig",
+    "FleetSimulation",
+    "Flow",
+    "SourceDied",
+]
 
 _EPSILON_BYTES = 1e-3
 
@@ -220,3 +242,162 @@ class FabricHub:
             seconds=anyio.current_time() - began,
             verified=True,
         )
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """A simulated fleet: one model, its links, its seeds, its faults (rates per source)."""
+
+    targets: int
+    fanout: bool = True
+    model_bytes: int = 16 * 10**9
+    link_bps: float = 25e9
+    hub_bps: float = 10e9
+    reader_cap: int = 8
+    seeds: int = 1
+    ttl: float = 15.0
+    attempt_timeout: float = 60.0
+    #: each source but the first seed dies (or freezes) with this probability, at a random
+    #: moment of its first transfer
+    fail_rate: float = 0.0
+    freeze_rate: float = 0.0
+    seed: int = 1
+    tensors: int = 291
+
+
+class FleetSimulation:
+    """A fleet of targets loading one model at once through the real orchestrator and registry.
+
+    Sources publish and heartbeat real records (``max_readers`` = the cap); every
+    target runs a real :class:`~mx_orchestrator.Orchestrator` with
+    :class:`FabricPeer` and :class:`FabricHub`; with ``fanout`` a target that
+    loaded publishes itself one hop further than the source it read. Run
+    :meth:`run` on :class:`~mx_orchestrator.testing.clock.VirtualClockLoop` with a
+    registry wrapped by :func:`~mx_orchestrator.testing.clock.accounted` whose
+    clock is :func:`~mx_orchestrator.testing.clock.virtual_wall_clock`.
+    """
+
+    def __init__(self, config: FleetConfig, registry: Any, *, policy: Policy | None = None) -> None:
+        self.config = config
+        self.registry = registry
+        self.rng = random.Random(config.seed)
+        self.fabric = Fabric(source_bps=config.link_bps, target_bps=config.link_bps, hub_bps=config.hub_bps)
+        self.identity = ModelIdentity("fleet/model")
+        self.manifest = make_manifest(self.identity, config.tensors)
+        #: a fleet waits for its peers rather than falling back to the Hub
+        self.policy = policy or Policy(capacity_waits=100_000)
+        self.loaded_at: dict[str, float] = {}
+        self.reports: dict[str, LoadReport] = {}
+        self.failed_sources: set[str] = set()
+        self.frozen_sources: set[str] = set()
+        self.sources: list[str] = []
+
+    async def source(self, source_id: str, hops: int, first_seed: bool = False) -> None:
+        """A serving process: publish, heartbeat; maybe die or freeze during its first transfer."""
+        config = self.config
+        record = SourceRecord(
+            source_id=source_id,
+            identity_key=self.identity.key,
+            generation=f"{source_id}-1",
+            endpoint=f"fabric://{source_id}",
+            heartbeat_at=virtual_wall_clock(),
+            ttl=config.ttl,
+            max_readers=config.reader_cap,
+            hops=hops,
+        )
+        await self.registry.publish(record, self.manifest)
+        self.sources.append(source_id)
+        fate = self.rng.random()
+        doom = None
+        if not first_seed and fate < config.fail_rate:
+            doom = "kill"
+        elif not first_seed and fate < config.fail_rate + config.freeze_rate:
+            doom = "freeze"
+        async with anyio.create_task_group() as tg:
+            if doom is not None:
+                tg.start_soon(self._fault, source_id, doom, tg.cancel_scope)
+            while True:
+                await anyio.sleep(config.ttl / 3)
+                await self.registry.heartbeat(source_id, record.generation)
+
+    async def _fault(self, source_id: str, doom: str, heartbeats: anyio.CancelScope) -> None:
+        await self.fabric.first_reader(source_id)
+        # the first transfer lasts at least this long (one reader alone on the link): strike within it
+        alone = self.config.model_bytes / self.fabric.source_bps
+        await anyio.sleep(self.rng.uniform(0.05, 0.95) * alone)
+        if doom == "kill":
+            self.fabric.kill(source_id)
+            self.failed_sources.add(source_id)
+        else:
+            self.fabric.freeze(source_id)
+            self.frozen_sources.add(source_id)
+        heartbeats.cancel()  # a dead or stopped process sends none: its record expires with its TTL
+
+    async def target(self, index: int, world: anyio.abc.TaskGroup) -> None:
+        target_id = f"t{index:04d}"
+        nbytes = self.config.model_bytes
+        orchestrator = Orchestrator(
+            self.registry,
+            [FabricPeer(self.fabric, target_id, nbytes), FabricHub(self.fabric, target_id, nbytes)],
+            target_id=target_id,
+            policy=self.policy,
+            attempt_timeout=self.config.attempt_timeout,
+            probe_timeout=30.0,
+            manifest_cache=ManifestCache(),  # every target is its own process
+        )
+        report = await orchestrator.load(self.identity)
+        self.reports[target_id] = report
+        if report.loaded:
+            self.loaded_at[target_id] = anyio.current_time()
+            if self.config.fanout:
+                hops = 0 if report.source_hops is None else report.source_hops + 1
+                world.start_soon(self.source, f"{target_id}-copy", hops)
+
+    async def run(self) -> dict[str, Any]:
+        """Seeds first, then every target at the same moment; returns :meth:`summary`."""
+        began = anyio.current_time()
+        async with anyio.create_task_group() as world:
+            world.start_soon(self.fabric.run)
+            for s in range(self.config.seeds):
+                world.start_soon(self.source, f"seed-{s}", 0, s == 0)
+            await anyio.sleep(0.001)  # the seeds are published before the fleet starts
+            async with anyio.create_task_group() as fleet:
+                for i in range(self.config.targets):
+                    fleet.start_soon(self.target, i, world)
+            world.cancel_scope.cancel()
+        return self.summary(began)
+
+    def summary(self, began: float) -> dict[str, Any]:
+        """What a fleet run showed: times (simulated seconds), caps, faults, where bytes came from."""
+        config = self.config
+        reports = list(self.reports.values())
+        loads = Counter(
+            t for t, r in self.reports.items() for a in r.attempts if isinstance(a.outcome, Loaded)
+        )
+        times = sorted(t - began for t in self.loaded_at.values())
+        peak = max(self.fabric.peak_readers.values(), default=0)
+        hops = Counter(r.source_hops for r in reports if r.loaded)
+        return {
+            "targets": config.targets,
+            "fanout": config.fanout,
+            "seconds_to_all_loaded": round(times[-1], 3) if times else None,
+            "median_seconds_to_loaded": round(times[len(times) // 2], 3) if times else None,
+            "all_loaded": len(self.loaded_at) == config.targets,
+            "loaded_twice": sum(1 for n in loads.values() if n > 1),
+            "max_readers_per_source": peak,
+            "reader_cap": config.reader_cap,
+            "cap_held": config.reader_cap == 0 or peak <= config.reader_cap,
+            "hub_bytes": int(self.fabric.bytes_through.get("hub", 0.0)),
+            "peer_bytes": int(sum(v for k, v in self.fabric.bytes_through.items() if k.startswith("src:"))),
+            "sources_at_end": len(self.sources),
+            "failed_sources": len(self.failed_sources),
+            "frozen_sources": len(self.frozen_sources),
+            "stale_marks": sum(a.marked_stale for r in reports for a in r.attempts),
+            "full_sources_marked_stale": sum(
+                a.marked_stale for r in reports for a in r.attempts if a.outcome.name == "SourceBusy"
+            ),
+            "loaded_from_hops": {str(k): hops[k] for k in sorted(h for h in hops if h is not None)}
+            | ({"hub": hops[None]} if None in hops else {}),
+            "capacity_waits": sum(r.capacity_waits for r in reports),
+            "outcomes": dict(Counter(a.outcome.name for r in reports for a in r.attempts)),
+        }
