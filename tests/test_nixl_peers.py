@@ -380,5 +380,3 @@ def test_a_reader_cap_holds_when_many_targets_race_for_one_source(peers: Peers, 
     # the admitted reads of a frozen source end TimedOut at the deadline, evidence of a stall (STALE
     # is right for them); a refusal for capacity never marks
     assert not any(a["marked_stale"] for o in outs for a in o["attempts"] if a["outcome"] == "SourceBusy")
-        [(a["outcome"], a["seconds"], a["detail"]) for a in o["attempts"]] for o in admitted
-    ]
