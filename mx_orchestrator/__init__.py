@@ -32,7 +32,7 @@ from .pipeline import LoadObserver, Orchestrator
 from .policy import DEFAULT_POLICY, Action, ActionKind, DecisionState, Policy
 from .registry import MemoryRegistry, SourceRegistry, open_registry
 from .report import AttemptRecord, LoadReport, ProbeRecord
-from .selection import least_loaded, prefer_labels, prefer_seeds, rendezvous
+from .selection import least_loaded, prefer_labels, prefer_seeds, rendezvous, spare_seeds
 from .strategy import AttemptContext, ProbeFailure, Prober, RegistryProber, Strategy
 
 __version__ = "0.1.0"
@@ -91,5 +91,6 @@ __all__ = [
     "parse_layout",
     "prefer_labels",
     "prefer_seeds",
+    "spare_seeds",
     "rendezvous",
 ]

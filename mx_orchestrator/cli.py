@@ -28,6 +28,7 @@ from .models import ModelIdentity, SourceRecord
 from .registry import open_registry, records_of
 from .render import print_report, print_sources, printable, source_rows
 from .report import LoadReport
+from .selection import NAMED as NAMED_SELECTIONS
 from .strategy import Strategy, StrategyOptions, load_strategy
 
 __all__ = ["build_parser", "main"]
@@ -175,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds("reader_lease"),
         default=10.0,
         help="seconds a reader's count on a source lasts unless renewed (a killed pull's count runs out)",
+    )
+    pull.add_argument(
+        "--selection",
+        choices=sorted(NAMED_SELECTIONS),
+        default="rendezvous",
+        help="how sources are ranked: rendezvous spreads a fleet over every copy, least-loaded takes the "
+        "idlest, prefer-seeds keeps reads near the seeds, spare-seeds moves them onto copies (default "
+        "%(default)s)",
     )
     pull.add_argument(
         "--stripe",
@@ -376,6 +385,7 @@ def _pull(args: argparse.Namespace) -> int:
                 reader_lease=args.reader_lease,
                 stripe=args.stripe,
                 hedge=args.hedge,
+                selection=NAMED_SELECTIONS[args.selection],
             ) as orchestrator:
                 return await _until_signal(orchestrator.load(identity, target, progress=display))
         finally:

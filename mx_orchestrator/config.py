@@ -26,6 +26,7 @@ FLOORS = {
     "reader_lease": (0.5, "a target renews its lease every lease/3"),
     "drain_timeout": (0.0, "it is a wait"),
     "poll_interval": (1e-4, "it is a pause between polls"),
+    "reader_watch": (1e-3, "it is a pause between samples of the registry"),
 }
 
 

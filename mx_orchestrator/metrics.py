@@ -70,3 +70,18 @@ class SourceMetrics:
         self.regions = prom.Gauge("mxo_source_regions", "Registered regions", **kwargs)
         self.heartbeats = prom.Counter("mxo_source_heartbeats_total", "Heartbeats", ["ok"], **kwargs)
         self.notifications = prom.Counter("mxo_source_notifications_total", "NIXL notifications", **kwargs)
+        self.readers = prom.Gauge("mxo_source_readers", "Readers holding a live lease now", **kwargs)
+        self.readers_peak = prom.Gauge(
+            "mxo_source_readers_peak", "The most readers seen holding live leases at once", **kwargs
+        )
+        self.readers_cap = prom.Gauge(
+            "mxo_source_readers_cap", "Readers admitted at once (0: no cap)", **kwargs
+        )
+
+        self._peak = 0
+
+    def saw_readers(self, live: int) -> None:
+        self.readers.set(live)
+        if live > self._peak:
+            self._peak = live
+            self.readers_peak.set(live)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from .models import Candidate
 
 __all__ = [
+    "NAMED",
     "RankKey",
     "SelectionPolicy",
     "least_loaded",
@@ -22,6 +23,7 @@ __all__ = [
     "prefer_seeds",
     "rendezvous",
     "rendezvous_score",
+    "spare_seeds",
 ]
 
 RankKey = Callable[[Candidate], tuple[float, ...]]
@@ -86,3 +88,31 @@ def prefer_seeds(then: SelectionPolicy = rendezvous) -> SelectionPolicy:
         return key
 
     return policy
+
+
+def spare_seeds(then: SelectionPolicy = rendezvous) -> SelectionPolicy:
+    """Most fan-out hops first (copies before the seeds they came from), then ``then``.
+
+    For fleets whose seeds are scarce (the origin also serves traffic, or loaded from
+    the Hub once for everyone): once copies exist, reads move off the seeds, and a
+    seed's slots go to the targets that find no copy yet.
+    """
+
+    def policy(target_id: str) -> RankKey:
+        inner = then(target_id)
+
+        def key(candidate: Candidate) -> tuple[float, ...]:
+            return (-float(candidate.record.hops), *inner(candidate))
+
+        return key
+
+    return policy
+
+
+#: The selections the CLI offers by name (``mxo pull --selection NAME``).
+NAMED: dict[str, SelectionPolicy] = {
+    "rendezvous": rendezvous,
+    "least-loaded": least_loaded,
+    "prefer-seeds": prefer_seeds(),
+    "spare-seeds": spare_seeds(),
+}

@@ -12,6 +12,7 @@ shutdown (cancellation, SIGTERM/SIGINT through :func:`serve_until_signal`).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -99,6 +100,7 @@ class WeightSource:
         interfaces: Sequence[str] = (),
         max_readers: int = DEFAULT_MAX_READERS,
         hops: int = 0,
+        reader_watch: float = 0.05,
     ) -> None:
         check_seconds("ttl", ttl)
         check_seconds("drain_timeout", drain_timeout)
@@ -118,6 +120,8 @@ class WeightSource:
         self.max_readers = check_count("max_readers", max_readers, minimum=0)
         #: 0 for a seed; a republished target is one more than the source it loaded from
         self.hops = check_count("hops", hops, minimum=0, maximum=1 << 16)
+        #: with metrics, how often the source samples its readers' leases
+        self.reader_watch = check_seconds("reader_watch", reader_watch)
         self.record: SourceRecord | None = None
 
     def _build_record(self, agent: RdmaAgent, extra: Mapping[str, str]) -> SourceRecord:
@@ -178,9 +182,12 @@ class WeightSource:
                 self._metrics.published.set(1)
                 self._metrics.bytes.set(w.manifest.total_bytes)
                 self._metrics.regions.set(len(w.spans))
+                self._metrics.readers_cap.set(self.max_readers)
             task_status.started(self.record)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat, log)
+                if self._metrics is not None:
+                    tg.start_soon(self._watch_readers)
                 await self._progress(agent)
         finally:
             with anyio.CancelScope(shield=True):
@@ -236,6 +243,17 @@ class WeightSource:
                 log.warning("source.heartbeat_failed", error=str(exc))
                 if self._metrics is not None:
                     self._metrics.heartbeats.labels(ok="false").inc()
+
+    async def _watch_readers(self) -> None:
+        """With metrics: the live reader leases on our record, sampled every ``reader_watch`` seconds
+        (reads are one-sided: the leases are what a source can know of its readers)."""
+        assert self._metrics is not None
+        while True:
+            with contextlib.suppress(Exception):  # an outage: the next sample will tell
+                record = await self.registry.get(self.source_id)
+                if record is not None and record.generation == self.generation:
+                    self._metrics.saw_readers(record.live_readers(time.time()))
+            await anyio.sleep(self.reader_watch)
 
     async def _progress(self, agent: RdmaAgent) -> None:
         # readers hang unless the source side drives UCX (no NIXL progress thread)

@@ -494,7 +494,7 @@ def test_prefer_seeds_ranks_fewer_hops_first_and_the_report_says_how_far_the_sou
 ) -> None:
     from dataclasses import replace as with_fields
 
-    from mx_orchestrator import prefer_seeds
+    from mx_orchestrator import prefer_seeds, spare_seeds
 
     async def main() -> None:
         registry = FakeRegistry()
@@ -504,6 +504,8 @@ def test_prefer_seeds_ranks_fewer_hops_first_and_the_report_says_how_far_the_sou
         strategy = FakeStrategy("rdma_region", default=succeed())
         report = await Orchestrator(registry, [strategy], selection=prefer_seeds()).load(identity)
         assert report.final is not None and report.final.source_id == "seed" and report.source_hops == 0
+        spared = await Orchestrator(registry, [strategy], selection=spare_seeds()).load(identity)
+        assert spared.final is not None and spared.final.source_id == "copy-2" and spared.source_hops == 2
 
     backend(main)
 

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ class SourceProcess:
         labels: dict[str, str] | None = None,
         interfaces: tuple[str, ...] = (),
         max_readers: int | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.source_id = source_id
         env = dict(os.environ, PYTHONUNBUFFERED="1", MXO_LOG_LEVEL="warning")
@@ -60,6 +62,7 @@ class SourceProcess:
             command += ["--interface", interface]
         if max_readers is not None:
             command += ["--max-readers", str(max_readers)]
+        command += list(extra_args)
         self.proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
         )
@@ -126,8 +129,11 @@ class Peers:
         labels: dict[str, dict[str, str]] | None = None,
         interfaces: tuple[str, ...] = (),
         max_readers: int | None = None,
+        extra_args: Sequence[str] = (),
     ) -> list[SourceProcess]:
-        """Start one source per ``(source_id, layout)`` in parallel; return once all are published."""
+        """Start one source per ``(source_id, layout)`` in parallel; return once all are published.
+
+        ``extra_args`` go to every ``mxo serve`` as they are (``--metrics-port P``, ...)."""
         procs = [
             SourceProcess(
                 self.registry_url,
@@ -139,6 +145,7 @@ class Peers:
                 (labels or {}).get(sid),
                 interfaces,
                 max_readers,
+                extra_args,
             )
             for sid, layout in specs
         ]

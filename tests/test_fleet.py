@@ -1,0 +1,215 @@
+"""Fleets: the virtual clock, the bandwidth model, a simulated fleet over a real registry, and a real
+fan-out on loopback (one seed admitting two readers, eight republishing pulls started at once)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from safetensors.torch import load_file
+
+from mx_orchestrator import ModelIdentity
+from mx_orchestrator.registry.sqlite import SqliteRegistry
+from mx_orchestrator.testing import make_manifest, make_record
+from mx_orchestrator.testing.clock import VirtualClockLoop, accounted, virtual_wall_clock
+from mx_orchestrator.testing.fleet import Fabric, FleetConfig, FleetSimulation, SourceDied
+from mx_orchestrator.testing.peers import MODEL_ID, Peers, minilm_dir
+
+GB = 10**9
+
+
+def on_virtual_time(main: Callable[[], Awaitable[Any]]) -> Any:
+    return anyio.run(main, backend="asyncio", backend_options={"loop_factory": VirtualClockLoop})
+
+
+def test_virtual_time_stands_still_while_a_registry_call_is_in_flight_and_jumps_otherwise(
+    tmp_path: Path,
+) -> None:
+    """A slow real call (a worker thread holding SQLite for 0.3 s) takes no virtual time even with a
+    timer due meanwhile; an hour of sleeping takes no real time."""
+
+    class Slow:
+        async def call(self) -> float:
+            began = anyio.current_time()
+            await anyio.to_thread.run_sync(time.sleep, 0.3)
+            return anyio.current_time() - began
+
+    async def main() -> None:
+        slow = accounted(Slow())
+        woke: list[float] = []
+
+        async def timer() -> None:
+            await anyio.sleep(0.01)
+            woke.append(anyio.current_time())
+
+        began_real = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(timer)
+            assert await slow.call() == 0.0  # virtual time did not move during the real call
+        assert woke and woke[0] >= 0.01
+        began = anyio.current_time()
+        await anyio.sleep(3600)
+        assert anyio.current_time() - began == 3600
+        assert time.perf_counter() - began_real < 5
+        # registries on the virtual wall clock: a record heartbeats and expires in simulated time
+        registry = accounted(SqliteRegistry(tmp_path / "r.db", clock=virtual_wall_clock))
+        identity = ModelIdentity("org/m")
+        record = make_record(identity, "s", ttl=10)
+        await registry.publish(record, make_manifest(identity))
+        assert [r.source_id for r in await registry.list(identity.key)] == ["s"]
+        await anyio.sleep(11)
+        assert await registry.list(identity.key) == []
+        await registry.aclose()
+
+    on_virtual_time(main)
+
+
+def test_a_source_link_is_shared_by_its_readers_and_a_killed_source_fails_its_flows() -> None:
+    async def main() -> None:
+        fabric = Fabric(source_bps=10 * GB, target_bps=100 * GB, hub_bps=1 * GB)
+        ends: dict[str, float] = {}
+        failed: list[str] = []
+
+        async def read(target: str, source: str, nbytes: int) -> None:
+            try:
+                await fabric.transfer((f"src:{source}", f"tgt:{target}"), nbytes)
+                ends[target] = anyio.current_time()
+            except SourceDied:
+                failed.append(target)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fabric.run)
+            async with anyio.create_task_group() as readers:
+                for i in range(4):  # four readers share the 10 GB/s link: 40 GB in 4 s
+                    readers.start_soon(read, f"t{i}", "a", 10 * GB)
+                readers.start_soon(read, "doomed", "b", 10 * GB)
+                await anyio.sleep(0.5)
+                fabric.kill("b")
+            tg.cancel_scope.cancel()
+        assert sorted(ends) == ["t0", "t1", "t2", "t3"]
+        assert all(abs(t - 4.0) < 1e-6 for t in ends.values())
+        assert failed == ["doomed"] and fabric.peak_readers["a"] == 4
+        assert abs(fabric.bytes_through["src:b"] - 5 * GB) < 1e3  # half of it moved before the kill
+
+    on_virtual_time(main)
+
+
+@pytest.mark.parametrize("fanout", [True, False])
+def test_a_simulated_fleet_loads_every_target_once_within_every_cap(tmp_path: Path, fanout: bool) -> None:
+    """Forty targets, one seed admitting four readers, a real SQLite registry, sources failing 10 %
+    of the time: all load exactly once, no source carries more than four readers, none is blamed for
+    being full; with fan-out some read from copies and it is faster than one seed's link allows."""
+    config = FleetConfig(targets=40, fanout=fanout, reader_cap=4, fail_rate=0.1, seed=7)
+
+    async def main() -> dict[str, Any]:
+        registry = SqliteRegistry(tmp_path / "fleet.db", clock=virtual_wall_clock)
+        try:
+            return await FleetSimulation(config, accounted(registry)).run()
+        finally:
+            await registry.aclose()
+
+    summary = on_virtual_time(main)
+    assert summary["all_loaded"] and summary["loaded_twice"] == 0, summary
+    assert summary["cap_held"] and summary["max_readers_per_source"] == 4
+    assert summary["full_sources_marked_stale"] == 0 and summary["hub_bytes"] == 0
+    one_seed = config.targets * config.model_bytes / config.link_bps  # the seed's link, divided
+    if fanout:
+        assert sum(v for k, v in summary["loaded_from_hops"].items() if k != "0") > 0
+        assert summary["seconds_to_all_loaded"] < one_seed / 3
+    else:
+        assert summary["loaded_from_hops"] == {"0": 40}
+        assert one_seed <= summary["seconds_to_all_loaded"] < one_seed * 1.2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert match is not None, text[-2000:]
+    return float(match.group(1))
+
+
+@pytest.mark.nixl
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_nixl_leaks")
+def test_eight_republishing_pulls_against_a_seed_admitting_two_fan_out(
+    peers: Peers, registry_url: str, tmp_path: Path
+) -> None:
+    """Real processes on loopback: one seed with --max-readers 2 and eight `mxo pull --republish`
+    started at the same moment (``--selection spare-seeds``: once copies exist, reads move onto
+    them). All eight load byte-identical weights, the seed never had more than two readers at once
+    (its own metrics), and at least three targets read from a republished one."""
+    port = _free_port()
+    (seed,) = peers.start(
+        ("seed", "arena"), ttl=60.0, max_readers=2, extra_args=("--metrics-port", str(port))
+    )
+    env = dict(os.environ, MXO_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
+
+    def pull(i: int) -> list[str]:
+        return [sys.executable, "-m", "mx_orchestrator", "pull", "--model-id", MODEL_ID, "--registry",
+                registry_url, "--timeout", "180", "--json", "--republish", "--source-id", f"copy-{i}",
+                "--selection", "spare-seeds",
+                "--out", str(tmp_path / f"out-{i}")]  # fmt: skip
+
+    pulls = [
+        subprocess.Popen(
+            pull(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
+        )
+        for i in range(8)
+    ]
+    serving: set[int] = set()
+    try:
+        deadline = time.monotonic() + 240
+        while len(serving) < len(pulls) and time.monotonic() < deadline:
+            streams = {p.stderr.fileno(): i for i, p in enumerate(pulls) if i not in serving and p.stderr}
+            assert all(pulls[i].poll() is None for i in streams.values()), "a pull exited before serving"
+            ready, _, _ = select.select(list(streams), [], [], 0.5)
+            for fd in ready:
+                i = streams[fd]
+                line = pulls[i].stderr.readline().decode(errors="replace")  # type: ignore[union-attr]
+                if "serving as" in line:
+                    serving.add(i)
+        assert len(serving) == len(pulls), f"only {sorted(serving)} loaded and republished"
+        peak = _metric(port, "mxo_source_readers_peak")
+        assert _metric(port, "mxo_source_readers_cap") == 2
+    finally:
+        for p in pulls:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        outs = []
+        for p in pulls:
+            try:
+                out, _ = p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                out, _ = p.communicate()
+            outs.append(out)
+    reports = [json.loads(out) for out in outs]
+    assert all(r["outcome"] == "loaded" and r["verified"] for r in reports)
+    assert 1 <= peak <= 2, peak
+    from_copies = [r for r in reports if (r["source_hops"] or 0) >= 1]
+    assert len(from_copies) >= 3, [(r["source"], r["source_hops"]) for r in reports]
+    expected = load_file(minilm_dir() / "model.safetensors")
+    files = [(tmp_path / f"out-{i}" / "model.safetensors").read_bytes() for i in range(8)]
+    assert all(f == files[0] for f in files)  # byte-identical
+    got = load_file(tmp_path / "out-0" / "model.safetensors")
+    assert got.keys() == expected.keys() and all(got[k].equal(expected[k]) for k in expected)
+    assert seed.proc.poll() is None  # the seed served throughout
