@@ -566,50 +566,53 @@ class SourceRecord:
         return sum(1 for expires in self.readers.values() if expires > now)
 
     def __post_init__(self) -> None:
-        # records are written by anyone who can write the registry: every field is checked
+        # records are written by anyone who can write the registry: every field is checked (and a
+        # fleet lists hundreds of them per evaluation: messages are formatted only on failure)
         for name in ("source_id", "identity_key", "generation"):
             value = getattr(self, name)
-            _require(
-                isinstance(value, str) and 0 < len(value) <= 512 and value.isprintable(),
-                f"source record {name} must be a non-empty printable string, got {value!r:.80}",
-            )
-        _require(
-            isinstance(self.endpoint, str) and len(self.endpoint) <= 1024 and self.endpoint.isprintable(),
-            "source record endpoint must be a printable string",
-        )
-        _require(isinstance(self.state, SourceState), "source record state is not a SourceState")
+            if not (isinstance(value, str) and 0 < len(value) <= 512 and value.isprintable()):
+                _fail(f"source record {name} must be a non-empty printable string, got {value!r:.80}")
+        if not (
+            isinstance(self.endpoint, str) and len(self.endpoint) <= 1024 and self.endpoint.isprintable()
+        ):
+            _fail("source record endpoint must be a printable string")
+        if not isinstance(self.state, SourceState):
+            _fail("source record state is not a SourceState")
         for name in ("load", "times_ejected", "unreachable_reports", "max_readers", "hops"):
             value = getattr(self, name)
-            _require(_is_int(value) and 0 <= value < 1 << 31, f"source record {name} must be in 0..2**31")
+            if not (type(value) is int and 0 <= value < 1 << 31):
+                _fail(f"source record {name} must be in 0..2**31")
         for name, low, high in (
             ("heartbeat_at", 0.0, 1e11),
             ("ejected_until", 0.0, 1e11),
             ("ttl", 1e-3, 86400.0),
         ):
             value = getattr(self, name)
-            _require(
-                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                and low <= value <= high,
-                f"source record {name} must be a finite number in {low}..{high}, got {value!r:.40}",
-            )  # fmt: skip
-        _require(isinstance(self.stale_reason, str) and len(self.stale_reason) <= 4096, "bad stale_reason")
-        _require(
-            self.manifest_key == ""
-            or (isinstance(self.manifest_key, str) and MANIFEST_KEY.fullmatch(self.manifest_key) is not None),
-            "source record manifest_key must be mxm1-<64 hex>",
-        )
-        _require(len(self.readers) <= 65_536, "source record lists too many readers")
+            if not (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and low <= value <= high
+            ):
+                _fail(f"source record {name} must be a finite number in {low}..{high}, got {value!r:.40}")
+        if not (isinstance(self.stale_reason, str) and len(self.stale_reason) <= 4096):
+            _fail("bad stale_reason")
+        key = self.manifest_key
+        if key and not (isinstance(key, str) and MANIFEST_KEY.fullmatch(key) is not None):
+            _fail("source record manifest_key must be mxm1-<64 hex>")
+        if len(self.readers) > 65_536:
+            _fail("source record lists too many readers")
         for reader, expires in self.readers.items():
-            _require(
+            if not (
                 isinstance(reader, str) and 0 < len(reader) <= 256 and reader.isprintable()
-                and isinstance(expires, float) and math.isfinite(expires),
-                "source record readers must map printable ids to finite expiry times",
-            )  # fmt: skip
+                and isinstance(expires, float) and math.isfinite(expires)
+            ):  # fmt: skip
+                _fail("source record readers must map printable ids to finite expiry times")
         for key, value in self.labels.items():
-            _require(
-                isinstance(key, str) and isinstance(value, str) and key.isprintable() and value.isprintable(),
-                "source record labels must be printable strings",
-            )
+            if not (
+                isinstance(key, str) and isinstance(value, str) and key.isprintable() and value.isprintable()
+            ):
+                _fail("source record labels must be printable strings")
 
     def to_dict(self) -> dict[str, Any]:
         return {
