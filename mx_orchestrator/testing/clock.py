@@ -26,6 +26,7 @@ import functools
 import inspect
 import selectors
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -106,6 +107,8 @@ def virtual_wall_clock() -> float:
 class _Accounted:
     def __init__(self, inner: Any) -> None:
         self._inner = inner
+        #: coroutine calls made through this wrapper, by method name
+        self.calls: Counter[str] = Counter()
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._inner, name)
@@ -114,6 +117,7 @@ class _Accounted:
 
         @functools.wraps(attribute)
         async def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
             loop = _running_virtual_loop()
             if loop is None:
                 return await attribute(*args, **kwargs)
@@ -125,5 +129,6 @@ class _Accounted:
 
 def accounted(inner: Any) -> Any:
     """``inner`` (a registry, or anything whose coroutine methods do real I/O) with every
-    coroutine call accounted as real I/O on a :class:`VirtualClockLoop` (elsewhere: unchanged)."""
+    coroutine call accounted as real I/O on a :class:`VirtualClockLoop` (elsewhere: unchanged),
+    and counted by method name in the wrapper's ``calls``."""
     return _Accounted(inner)

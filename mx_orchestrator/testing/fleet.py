@@ -399,5 +399,10 @@ class FleetSimulation:
             "loaded_from_hops": {str(k): hops[k] for k in sorted(h for h in hops if h is not None)}
             | ({"hub": hops[None]} if None in hops else {}),
             "capacity_waits": sum(r.capacity_waits for r in reports),
+            # what the fleet cost the registry (the calls an accounted registry counted), per target
+            "registry_calls_per_target": {
+                name: round(n / max(1, config.targets), 1)
+                for name, n in sorted(getattr(self.registry, "calls", {}).items())
+            },
             "outcomes": dict(Counter(a.outcome.name for r in reports for a in r.attempts)),
         }
