@@ -48,12 +48,39 @@ def test_asgi_app_loads_weights_in_its_lifespan_before_serving(tmp_path: Path) -
     from starlette.testclient import TestClient
 
     with HubServer({MODEL_ID: minilm_dir()}) as hub:
-        app = create_app(MODEL_ID, f"sqlite://{tmp_path}/registry.db", hub.endpoint)
-        with TestClient(app) as client:  # runs the lifespan: the weights load first
+        app = create_app(MODEL_ID, f"sqlite://{tmp_path}/registry.db", minilm_dir(), hub.endpoint)
+        with TestClient(app) as client:  # runs the lifespan: the model is filled first
             body = client.get("/health").json()
+            embedding = client.get("/embed", params={"text": "weights from the Hub"}).json()
+    # the module has no pooler: 102 of the checkpoint's 104 tensors fill it
     assert (
-        body["loaded"] and body["tensors"] == 104 and body["strategy"] == "hf_download" and body["verified"]
+        body["loaded"] and body["tensors"] == 102 and body["strategy"] == "hf_download" and body["verified"]
     )
+    assert embedding["dim"] == 384 and abs(sum(x * x for x in embedding["embedding"]) - 1.0) < 1e-4
+
+
+@pytest.mark.nixl
+def test_a_transformers_model_built_empty_is_filled_from_a_peer_and_embeds() -> None:
+    result = run(str(EXAMPLES / "transformers_module.py"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout)
+    assert out["outcome"] == "loaded" and out["verified"] and out["source"] == "minilm-peer"
+    assert out["tensors_filled"] == 102 and out["checkpoint_only"] == [
+        "pooler.dense.bias",
+        "pooler.dense.weight",
+    ]
+    # the same similarity as the model transformers loads from the checkpoint file itself
+    import transformers
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from transformers_module import embed  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    reference = transformers.BertModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False).eval()
+    vectors = embed(reference, "cpu")
+    assert out["embedding_dim"] == 384
+    assert out["cosine_similarity"] == round(float(vectors[0] @ vectors[1]), 4)
 
 
 async def test_custom_strategy_registered_through_an_entry_point(tmp_path: Path) -> None:
