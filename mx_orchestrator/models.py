@@ -108,6 +108,14 @@ def _fail(message: str) -> None:
     raise ManifestError(message)
 
 
+def _parse_json(text: str | bytes, what: str) -> Any:
+    """Untrusted JSON, or :class:`ManifestError` saying ``what`` is not valid JSON."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ManifestError(f"{what} is not valid JSON: {exc}") from None
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -412,11 +420,7 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
         _require(len(text) <= MAX_MANIFEST_BYTES, "manifest exceeds the size limit")
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise ManifestError(f"manifest is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(_parse_json(text, "manifest"))
 
     # -- the stored form: content-addressed, columnar, compressed ---------------
 
@@ -474,11 +478,7 @@ class Manifest:
             "mxm1-" + hashlib.sha256(canonical).hexdigest() == key,
             f"stored manifest {key[:17]}... does not hash to its key",
         )
-        try:
-            data = json.loads(canonical)
-        except (ValueError, RecursionError) as exc:
-            raise ManifestError(f"stored manifest is not valid JSON: {exc}") from None
-        return cls.from_columns(data)
+        return cls.from_columns(_parse_json(canonical, "stored manifest"))
 
     @classmethod
     def from_columns(cls, data: Any) -> Manifest:
