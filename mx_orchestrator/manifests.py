@@ -55,6 +55,13 @@ class ManifestCache:
         self._entries.clear()
         self._tensors = 0
 
+    def peek(self, key: str) -> Manifest | None:
+        """The parsed manifest ``key`` names if it is cached (no fetch)."""
+        manifest = self._entries.get(key)
+        if manifest is not None:
+            self._entries.move_to_end(key)
+        return manifest
+
     async def get(self, key: str, fetch: Callable[[], Awaitable[bytes | None]]) -> Manifest | None:
         """The manifest ``key`` names: cached, or ``fetch()``-ed, checked against the key and parsed.
 
@@ -69,9 +76,8 @@ class ManifestCache:
             if not flight.cancelled:
                 return flight.result
             # the fetcher was cancelled (its load ended): fetch ourselves
-        cached = self._entries.get(key)
+        cached = self.peek(key)
         if cached is not None:
-            self._entries.move_to_end(key)
             return cached
         flight = self._flights[key] = _Flight()
         try:

@@ -348,9 +348,14 @@ class _Load:
                 else:
                     records = listed
             limiter = anyio.CapacityLimiter(config.probe_concurrency)
+            known = getattr(config.prober, "probe_known", None)
             async with anyio.create_task_group() as tg:
                 for record in records:
-                    tg.start_soon(self.probe_one, record, limiter, send)
+                    candidate = known(record) if known is not None else None
+                    if candidate is not None:  # its manifest is parsed already: no I/O, no task
+                        self.probed(record, candidate, 0.0, send)
+                    else:
+                        tg.start_soon(self.probe_one, record, limiter, send)
             self.evaluation.finished_at = anyio.current_time()
             self.log.info(
                 "evaluate.done",
@@ -383,24 +388,34 @@ class _Load:
             seconds = anyio.current_time() - began
             if result is None:
                 result = ProbeFailure(record.source_id, f"probe timed out after {timeout:.3g}s")
-            if isinstance(result, ProbeFailure):
-                probe = ProbeRecord(record.source_id, False, seconds, result.detail)
-                self.log.info("probe.failed", source=record.source_id, detail=result.detail)
-            else:
-                probe = ProbeRecord(record.source_id, True, seconds)
-            # recorded before the candidate is handed over: the load may end
-            # (and cancel this task) as soon as the attempt loop sees it
-            self.evaluation.probes[record.source_id] = probe
-            for observer in self.config.observers:
-                observer.probe_done(probe)
-            if isinstance(result, Candidate):
-                if result.manifest is not None:
-                    key = result.manifest.manifest_fingerprint
-                    seen = self.evaluation.manifests.setdefault(key, [])
-                    if record.source_id not in seen:
-                        seen.append(record.source_id)
-                with contextlib.suppress(anyio.BrokenResourceError):  # the load already ended
-                    send.send_nowait(result)
+            self.probed(record, result, seconds, send)
+
+    def probed(
+        self,
+        record: SourceRecord,
+        result: Candidate | ProbeFailure,
+        seconds: float,
+        send: MemoryObjectSendStream[Candidate],
+    ) -> None:
+        """Record one probe's result and hand a candidate to the attempt loop."""
+        if isinstance(result, ProbeFailure):
+            probe = ProbeRecord(record.source_id, False, seconds, result.detail)
+            self.log.info("probe.failed", source=record.source_id, detail=result.detail)
+        else:
+            probe = ProbeRecord(record.source_id, True, seconds)
+        # recorded before the candidate is handed over: the load may end
+        # (and cancel the probing task) as soon as the attempt loop sees it
+        self.evaluation.probes[record.source_id] = probe
+        for observer in self.config.observers:
+            observer.probe_done(probe)
+        if isinstance(result, Candidate):
+            if result.manifest is not None:
+                key = result.manifest.manifest_fingerprint
+                seen = self.evaluation.manifests.setdefault(key, [])
+                if record.source_id not in seen:
+                    seen.append(record.source_id)
+            with contextlib.suppress(anyio.BrokenResourceError):  # the load already ended
+                send.send_nowait(result)
 
     # -- taking in candidates ---------------------------------------------------
 

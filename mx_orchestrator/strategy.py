@@ -137,6 +137,15 @@ class RegistryProber:
         self._registry = registry
         self._cache = cache if cache is not None else PROCESS_MANIFESTS
 
+    def probe_known(self, record: SourceRecord) -> Candidate | None:
+        """The candidate at once when its manifest is parsed already (no I/O, no task); else ``None``.
+
+        A fleet target re-listing hundreds of sources during capacity waits probes
+        each one this way: they all name manifests it has seen.
+        """
+        manifest = self._cache.peek(record.manifest_key) if record.manifest_key else None
+        return Candidate(record, manifest) if manifest is not None else None
+
     async def probe(self, record: SourceRecord) -> Candidate | ProbeFailure:
         key = record.manifest_key
         if not key:

@@ -11,6 +11,7 @@ earlier; a new process generation starts with a clean record.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -213,9 +214,19 @@ class SourceRegistry(Protocol):
 
 
 def decode_record(text: str | bytes | None) -> SourceRecord | None:
-    """A stored record, or ``None`` for garbage: a row a buggy or hostile writer left breaks no listing."""
+    """A stored record, or ``None`` for garbage: a row a buggy or hostile writer left breaks no listing.
+
+    Records are immutable and a listing repeats most of the last one (a target
+    re-listing a fleet during capacity waits sees the same rows between
+    heartbeats), so decoded records are kept by their text (LRU).
+    """
     if text is None:
         return None
+    return _decode_record(text)
+
+
+@functools.lru_cache(maxsize=16384)
+def _decode_record(text: str | bytes) -> SourceRecord | None:
     try:
         return SourceRecord.from_dict(json.loads(text))
     except (ValueError, ManifestError, RecursionError):
