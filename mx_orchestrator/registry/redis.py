@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+
+import anyio
 
 from ..errors import ConfigError, RegistryUnavailable
 from ..models import Manifest, SourceRecord, SourceState
@@ -126,6 +129,7 @@ class RedisRegistry(RecordTransitions):
 
         async def run() -> SourceRecord | None:
             async with self._r.pipeline(transaction=True) as pipe:
+                conflicts = 0
                 while True:
                     try:
                         await pipe.watch(key)
@@ -145,6 +149,10 @@ class RedisRegistry(RecordTransitions):
                         await pipe.execute()
                         return updated
                     except WatchError:
+                        # another writer changed the record first: back off a little, with full
+                        # jitter, so a hundred targets leasing one seed do not retry in lockstep
+                        conflicts += 1
+                        await anyio.sleep(random.uniform(0.0, min(0.05, 0.0005 * 2**conflicts)))
                         continue
 
         return await self._call(run)
