@@ -64,7 +64,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def serve(weights: Path, model_id: str, device: str, registry: str, source_id: str) -> subprocess.Popen[bytes]:
+def serve(
+    weights: Path, model_id: str, device: str, registry: str, source_id: str
+) -> subprocess.Popen[bytes]:
     """An ``mxo serve`` process holding ``weights`` on ``device``; returns once it is published."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mx_orchestrator", "serve", "--model-id", model_id, "--weights", str(weights),
@@ -92,7 +94,9 @@ def computed_buffers(model: Any, config: Any, device: str) -> None:
             for name, buffer in fresh.named_buffers():
                 module.get_buffer(name).copy_(buffer)
         elif type(module).__name__ == "BertEmbeddings":
-            module.position_ids.copy_(torch.arange(module.position_ids.shape[-1], device=device).expand(1, -1))
+            module.position_ids.copy_(
+                torch.arange(module.position_ids.shape[-1], device=device).expand(1, -1)
+            )
             module.token_type_ids.zero_()
 
 
@@ -114,7 +118,10 @@ def empty(cls: Any, config: Any, device: str, dtype: torch.dtype, **kwargs: Any)
 async def fill(model: Any, model_id: str, registry: str) -> dict[str, Any]:
     report = await load_module(model, model_id, registry=registry, rank_window=0.5, load_timeout=600)
     data = report.to_dict()
-    assert report.loaded, (data["reason"], [(a["strategy"], a["outcome"], a["detail"]) for a in data["attempts"]])
+    assert report.loaded, (
+        data["reason"],
+        [(a["strategy"], a["outcome"], a["detail"]) for a in data["attempts"]],
+    )
     final = data["attempts"][-1]
     return {
         "strategy": data["strategy"],
@@ -137,8 +144,14 @@ def bert_check(work: Path, source_device: str, device: str, registry: str) -> di
         model = empty(transformers.BertModel, config, device, torch.float32, add_pooling_layer=False)
         before = {n: p.data_ptr() for n, p in model.named_parameters()}
         result = anyio.run(fill, model, "bench/minilm-shape", registry)
-        loaded = transformers.BertModel.from_pretrained(str(work / "bert"), add_pooling_layer=False).to(device).eval()
-        ids = torch.randint(0, config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1)).to(device)
+        loaded = (
+            transformers.BertModel.from_pretrained(str(work / "bert"), add_pooling_layer=False)
+            .to(device)
+            .eval()
+        )
+        ids = torch.randint(0, config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1)).to(
+            device
+        )
         with torch.no_grad():
             ours, theirs = model(input_ids=ids).last_hidden_state, loaded(input_ids=ids).last_hidden_state
         result["hidden_states_equal"] = bool(torch.equal(ours, theirs))
@@ -169,7 +182,9 @@ def llama_check(work: Path, source_device: str, device: str, registry: str, tiny
         # by a forward pass of a small model of the same kind
         tiny = transformers.LlamaConfig(**LLAMA_TINY)
         with torch.no_grad():
-            empty(transformers.LlamaForCausalLM, tiny, device, torch.bfloat16)(input_ids=ids.to(device) % 1024)
+            empty(transformers.LlamaForCausalLM, tiny, device, torch.bfloat16)(
+                input_ids=ids.to(device) % 1024
+            )
         sync(device)
         began = time.perf_counter()  # transformers first: the page cache holds the files (its best case)
         placement = {"device_map": device} if device != "cpu" else {}  # (a device map needs accelerate)
