@@ -48,13 +48,6 @@ class ManifestCache:
         #: blobs fetched from a registry (each distinct key once while it stays cached)
         self.fetches = 0
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._tensors = 0
-
     def peek(self, key: str) -> Manifest | None:
         """The parsed manifest ``key`` names if it is cached (no fetch)."""
         manifest = self._entries.get(key)

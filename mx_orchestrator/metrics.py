@@ -77,7 +77,6 @@ class SourceMetrics:
         self.readers_cap = prom.Gauge(
             "mxo_source_readers_cap", "Readers admitted at once (0: no cap)", **kwargs
         )
-
         self._peak = 0
 
     def saw_readers(self, live: int) -> None:

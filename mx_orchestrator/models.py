@@ -561,6 +561,12 @@ class SourceRecord:
     def at_capacity(self, now: float) -> bool:
         return self.max_readers > 0 and self.live_readers(now) >= self.max_readers
 
+    @property
+    def listed_full(self) -> bool:
+        """At its reader cap by the count the registry wrote (``load``): what a target that only
+        listed the record knows, with no clock (ranking and planning are pure)."""
+        return self.max_readers > 0 and self.load >= self.max_readers
+
     def live_readers(self, now: float) -> int:
         """Readers whose lease has not expired at ``now`` (a crashed target's lease simply runs out)."""
         return sum(1 for expires in self.readers.values() if expires > now)

@@ -96,12 +96,6 @@ class Done:
 Step = Attempt | Wait | Requeue | Done
 
 
-def _listed_full(candidate: Candidate) -> bool:
-    """The record was at its reader cap when it was listed (it will most likely refuse us too)."""
-    record = candidate.record
-    return record.max_readers > 0 and record.load >= record.max_readers
-
-
 class Planner:
     def __init__(
         self,
@@ -324,8 +318,9 @@ class Planner:
             if sid in self._forgotten or sid in self._full or (self._index, sid) in self._tried:
                 continue
             candidate = self._known[sid]
-            if _listed_full(candidate) and self.capacity_waits_made < self._capacity_waits:
-                # no attempt while we may still wait: it was at its cap when we listed it
+            if candidate.record.listed_full and self.capacity_waits_made < self._capacity_waits:
+                # no attempt while we may still wait: it was at its cap when we listed it (it
+                # would most likely refuse us too)
                 self._mark_full(sid, self._index)
                 continue
             return candidate

@@ -39,8 +39,7 @@ def rendezvous(target_id: str) -> RankKey:
     """Sources below their reader cap first, then highest rendezvous score first."""
 
     def key(candidate: Candidate) -> tuple[float, ...]:
-        record = candidate.record
-        full = record.max_readers > 0 and record.load >= record.max_readers
+        full = candidate.record.listed_full
         return (float(full), -float(rendezvous_score(target_id, candidate.source_id)))
 
     return key

@@ -86,13 +86,14 @@ def apply_publish(
 ) -> SourceRecord:
     """A new generation starts clean; re-publishing the same generation keeps its ejection (and,
     published without a manifest, the manifest it had). The record names its stored manifest."""
+    same_generation = previous is not None and previous.generation == record.generation
     if stored is not None:
         record = replace(record, manifest_key=stored.key)
-    elif previous is not None and previous.generation == record.generation:
-        record = replace(record, manifest_key=previous.manifest_key)
     else:
-        record = replace(record, manifest_key="")
-    if previous is not None and previous.generation == record.generation:
+        record = replace(
+            record, manifest_key=previous.manifest_key if previous is not None and same_generation else ""
+        )
+    if previous is not None and same_generation:
         record = replace(
             record,
             state=previous.state,

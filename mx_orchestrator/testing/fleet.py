@@ -56,6 +56,11 @@ _EPSILON_BYTES = 1e-3
 _TICK = 1e-6
 
 
+def _source_of(link: str) -> str | None:
+    """The source a ``src:ID`` link belongs to (``None`` for a target's link or the Hub's)."""
+    return link[4:] if link.startswith("src:") else None
+
+
 class SourceDied(Exception):
     """The source of a flow died while the flow was in flight."""
 
@@ -102,7 +107,7 @@ class Fabric:
     def capacity(self, link: str) -> float:
         if link == "hub":
             return self.hub_bps
-        return self.source_bps if link.startswith("src:") else self.target_bps
+        return self.source_bps if _source_of(link) is not None else self.target_bps
 
     # -- faults ------------------------------------------------------------------
 
@@ -127,15 +132,15 @@ class Fabric:
 
     async def transfer(self, links: tuple[str, ...], nbytes: int) -> None:
         """Move ``nbytes`` through ``links``; raises :class:`SourceDied` if a source link dies."""
-        if any(link.removeprefix("src:") in self.dead for link in links if link.startswith("src:")):
+        if any(_source_of(link) in self.dead for link in links):
             raise SourceDied(links[0])
         self._drain()
         flow = Flow(links, float(nbytes), nbytes)
         self._flows.add(flow)
         for link in links:
             self._on_link[link] = self._on_link.get(link, 0) + 1
-            if link.startswith("src:"):
-                source = link[4:]
+            source = _source_of(link)
+            if source is not None:
                 self.peak_readers[source] = max(self.peak_readers.get(source, 0), self._on_link[link])
                 self._first_reader.setdefault(source, anyio.Event()).set()
         self._poke()
@@ -160,7 +165,7 @@ class Fabric:
         self._changed.set()
 
     def _rate(self, flow: Flow) -> float:
-        if any(link.startswith("src:") and link[4:] in self.frozen for link in flow.links):
+        if any(_source_of(link) in self.frozen for link in flow.links):
             return 0.0
         return min(self.capacity(link) / self._on_link[link] for link in flow.links)
 
@@ -395,7 +400,9 @@ class FleetSimulation:
             "reader_cap": config.reader_cap,
             "cap_held": config.reader_cap == 0 or peak <= config.reader_cap,
             "hub_bytes": int(self.fabric.bytes_through.get("hub", 0.0)),
-            "peer_bytes": int(sum(v for k, v in self.fabric.bytes_through.items() if k.startswith("src:"))),
+            "peer_bytes": int(
+                sum(v for k, v in self.fabric.bytes_through.items() if _source_of(k) is not None)
+            ),
             "sources_at_end": len(self.sources),
             "failed_sources": len(self.failed_sources),
             "frozen_sources": len(self.frozen_sources),
