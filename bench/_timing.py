@@ -9,7 +9,7 @@ from typing import Any
 from mx_orchestrator import ModelIdentity, Orchestrator
 from mx_orchestrator._backends.nixl import get_agent
 from mx_orchestrator._backends.rdma import descriptor_rows
-from mx_orchestrator.peer import parse_advert
+from mx_orchestrator.pullplan import parse_advert
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.target import Target
 

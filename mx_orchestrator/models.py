@@ -39,6 +39,7 @@ __all__ = [
     "SourceState",
     "StoredManifest",
     "TensorSpec",
+    "content_difference",
     "content_fingerprint",
     "dtype_name",
     "torch_dtype",
@@ -271,6 +272,35 @@ def content_fingerprint(tensors: Iterable[tuple[str, str, tuple[int, ...], str]]
     for name, dtype, shape, digest in sorted(tensors):
         h.update(f"{name}\t{dtype}\t{','.join(map(str, shape))}\t{digest}\n".encode())
     return f"mxc1-{h.hexdigest()}"
+
+
+def content_difference(a: Manifest, b: Manifest) -> str | None:
+    """A tensor whose published content differs between ``a`` and ``b`` (``None``: no evidence).
+
+    For manifests of the same names, dtypes and shapes: two revisions of one
+    model (a fine-tune, a roll-out in progress) look alike until their digests
+    or checksums are compared. Digests are compared where both have one;
+    checksums value by value under every algorithm both name. Sources that
+    publish no comparable value are not told apart (and their bytes are
+    checked against their own checksums as they land).
+    """
+    algorithms_a = a.checksum_algorithm.split("+")
+    algorithms_b = b.checksum_algorithm.split("+")
+    shared = [(i, algorithms_b.index(n)) for i, n in enumerate(algorithms_a) if n in algorithms_b]
+    theirs = b.by_name()
+    for spec in a.tensors:
+        other = theirs.get(spec.name)
+        if other is None:
+            continue
+        if spec.digest is not None and other.digest is not None and spec.digest != other.digest:
+            return spec.name
+        if spec.checksum is None or other.checksum is None or not shared:
+            continue
+        mine, yours = spec.checksum.split("+"), other.checksum.split("+")
+        for i, j in shared:
+            if i < len(mine) and j < len(yours) and mine[i] and yours[j] and mine[i] != yours[j]:
+                return spec.name
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,6 +105,9 @@ class TimedOut(_OutcomeBase):
 
     deadline: float = 0.0
     planned_bytes: int = 0
+    #: the driver's evidence that the source is slow, short of a stall: another source delivered
+    #: the same bytes first, or the read outlived several times its expected time
+    slow: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,10 +24,15 @@ whichever lands first wins and the other is superseded
 (:meth:`PartPlanner.landed` names it so the driver cancels it).
 
 Termination: every :meth:`take` and :meth:`hedge` counts one attempt against
-``max_attempts``; when the bound is reached they hand out nothing more, so a
-load ends whatever the outcomes. The property tests drive this class with
-arbitrary outcomes to pin that, and that parts never overlap, always cover
-the model, and never re-plan a landed tensor.
+``max_attempts`` until its part lands whole, which gives the attempt back
+(landing whole removes at least one tensor from the pool for good, so that
+happens at most once per tensor); when the bound is reached they hand out
+nothing more, so a load ends whatever the outcomes: at most ``tensors +
+max_attempts`` parts are ever handed out. A whole load from one source is so
+a handful of parts (a geometric series, see sizing), none of them counted.
+The property tests drive this class with arbitrary outcomes to pin that, and
+that parts never overlap, always cover the model, and never re-plan a landed
+tensor.
 
 Nothing here performs I/O or reads a clock (``now`` is passed in).
 """
@@ -220,6 +225,8 @@ class PartPlanner:
         if twin is not None:
             self._twin.pop(twin, None)
         wrong = {i for i in bad if part.first <= i < part.stop}
+        if not wrong:
+            self.attempts -= 1  # progress, not a failed try (see Termination)
         for i in part.tensors:
             if i not in wrong:
                 self._landed[i] = True

@@ -1,49 +1,42 @@
-"""The peer attempt: a pure :func:`check` of everything decidable before I/O, then a short :func:`transfer`.
+"""The peer read: connect, allocate, register, READ, verify, over an :class:`~._backends.rdma.RdmaAgent`.
 
-:func:`check` reads the candidate's advertisement (untrusted: its transport
-fields are validated against its manifest: region count and sizes, memory
-type, metadata size), asks the target which manifest it will have, and plans
-the descriptors with the strategy's pure read planner. It returns a
-:class:`PullPlan` or the outcome that ends the attempt (``LayoutMismatch``,
-``ManifestMismatch``, ``SourceUnreachable``, ``NotApplicable``), having moved
-and allocated nothing.
+Everything decidable before I/O is decided by :func:`~mx_orchestrator.pullplan.check`
+(a :class:`~mx_orchestrator.pullplan.PullPlan`); this module carries a plan out.
+A read is split the way the load driver (:mod:`mx_orchestrator.load`) needs it:
 
-:func:`transfer` carries a plan out through an :class:`~._backends.rdma.RdmaAgent`:
-connect, allocate (if the target has no memory yet), register, READ under the
-attempt's deadline, verify. Every failure arrives as an
-:class:`~._backends.EdgeFailure` already mapped to its outcome type; the
-registration and the remote agent are released on every path.
+* :meth:`PeerStrategy.open` connects to the source (through the agent's pooled
+  remote agents) and returns a :class:`PeerConnection`, or the outcome that
+  ends the attempt: a source is asked to answer before the target allocates
+  anything for what its record claims;
+* :meth:`PeerConnection.read` READs one part (the plan cut down to some
+  tensors) under the attempt's deadline and verifies what landed;
+* :class:`TargetRegistrations` registers the target's memory once per agent for
+  a whole load and releases it when the load ends.
+
+:meth:`PeerStrategy.attempt` (the :class:`~mx_orchestrator.strategy.Strategy`
+contract) is the same steps for the whole model at once. Every failure arrives
+as an :class:`~._backends.EdgeFailure` already mapped to its outcome type; the
+connection, registrations and handles are released on every path.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import bisect
 import contextlib
-import hashlib
-import json
-import time
-import weakref
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
 from ._backends import EdgeFailure
-from ._backends.rdma import RdmaAgent, descriptor_rows
+from ._backends.pool import PoolKey, pool_for, release_connections
+from ._backends.rdma import RdmaAgent, Release, descriptor_rows
 from .buffers import Buffers
 from .errors import ConfigError
-from .layout import Descriptors
-from .models import Candidate, Manifest
 from .outcomes import (
     Corrupt,
-    LayoutMismatch,
     Loaded,
     LocalFailure,
-    ManifestMismatch,
     NotApplicable,
     Outcome,
     SourceFailed,
@@ -51,280 +44,74 @@ from .outcomes import (
     Superseded,
     TimedOut,
 )
+from .pullplan import PullPlan, ReadPlanner, check
 from .strategy import AttemptContext
-from .target import Target, TargetMismatch
+from .target import Target
 
 __all__ = [
-    "ConnectionPool",
-    "PeerAdvert",
-    "PartReader",
+    "PartCapable",
+    "PartConnection",
+    "PeerConnection",
     "PeerStrategy",
-    "PullPlan",
-    "ReadPlanner",
+    "Settle",
+    "TargetRegistrations",
     "allocate",
-    "check",
-    "parse_advert",
-    "pool_for",
-    "release_connections",
-    "transfer",
     "verify_landed",
 ]
 
-_MAX_METADATA_BYTES = 1 << 20
+#: Awaited once a part's READ completed, before it is verified: False when another copy won (a hedge).
+Settle = Callable[[], Awaitable[bool]]
 
-#: The pure descriptor planner: (source, remote spans, target, local spans) -> descriptors or a reason.
-ReadPlanner = Callable[
-    [Manifest, list[tuple[int, int]], Manifest, list[tuple[int, int]]],
-    "tuple[Descriptors, Descriptors] | str",
-]
-
-# Local descriptors are planned before the target's memory exists, against
-# virtual region bases this far apart, and relocated onto the real bases once
-# allocated: region i starts at i << _REGION_SHIFT, beyond any region a valid
-# manifest can describe (MAX_TOTAL_BYTES is 2**50; Python integers do not overflow).
-_REGION_SHIFT = 51
+#: outcomes after which a connection is not trusted again
+_FAILED = (SourceFailed, TimedOut, SourceUnreachable, Corrupt)
 
 
-@dataclass(frozen=True)
-class PeerAdvert:
-    agent_name: str
-    metadata: bytes
-    mem_type: str
-    spans: list[tuple[int, int]]
-    device_id: int
+class TargetRegistrations:
+    """The target's memory registered once per agent for one load; :meth:`close` releases it all."""
 
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self._registered: dict[int, tuple[RdmaAgent, Release]] = {}
 
-def parse_advert(transport: Any, manifest: Manifest) -> PeerAdvert | str:
-    """Validate a record's NIXL fields against its manifest; a string says what is wrong."""
-    try:
-        name = transport["nixl_agent"]
-        raw = transport["nixl_metadata"]
-        mem = transport.get("nixl_mem", "DRAM")
-        regions = json.loads(transport["nixl_regions"])
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        return f"record does not advertise NIXL ({type(exc).__name__}: {exc})"
-    if mem not in ("DRAM", "VRAM"):
-        return f"unknown memory type {mem!r}"
-    if not isinstance(raw, str) or len(raw) > _MAX_METADATA_BYTES * 4 // 3 + 4:
-        return "NIXL metadata missing or oversized"
-    try:
-        metadata = base64.b64decode(raw, validate=True)
-    except (binascii.Error, ValueError):
-        return "NIXL metadata is not base64"
-    if not isinstance(regions, list) or len(regions) != len(manifest.regions):
-        count = len(regions) if isinstance(regions, list) else "?"
-        return f"record advertises {count} regions, manifest has {len(manifest.regions)}"
-    spans: list[tuple[int, int]] = []
-    device_ids: set[int] = set()
-    for i, row in enumerate(regions):
-        if (
-            not isinstance(row, list)
-            or len(row) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in row)
-        ):
-            return f"region {i} of the advertisement is malformed"
-        address, nbytes, device = row
-        if nbytes != manifest.regions[i].nbytes or address + nbytes >= 1 << 64:
-            return f"region {i}: advertised {nbytes} bytes, manifest says {manifest.regions[i].nbytes}"
-        spans.append((address, nbytes))
-        device_ids.add(device)
-    if len(device_ids) > 1:
-        return "regions on several devices are not supported"
-    return PeerAdvert(str(name), metadata, mem, spans, device_ids.pop() if device_ids else 0)
-
-
-@dataclass(frozen=True)
-class PullPlan:
-    """Everything a transfer needs, decided before any I/O."""
-
-    advert: PeerAdvert
-    source: Manifest
-    local_manifest: Manifest
-    #: ``(local region, offset in it, nbytes)`` per descriptor
-    local: tuple[tuple[int, int, int], ...]
-    #: ``(remote address, nbytes)`` per descriptor
-    remote: tuple[tuple[int, int], ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(n for _, n in self.remote)
-
-    def local_blocks(self, spans: list[tuple[int, int]]) -> Descriptors:
-        """The local descriptors on the target's real region bases."""
-        return [(spans[region][0] + offset, n) for region, offset, n in self.local]
-
-    def restricted(self, tensors: Collection[int]) -> PullPlan:
-        """The same plan cut down to the bytes of the local manifest's tensors ``tensors`` (indices).
-
-        A part of a striped load: every descriptor is clipped to those tensors'
-        byte ranges, so the part moves their bytes and nothing else (a subset of
-        descriptors already checked against the target's buffers).
-        """
-        specs = self.local_manifest.tensors
-        wanted: dict[int, list[tuple[int, int]]] = {}
-        for i in sorted(tensors, key=lambda i: (specs[i].region, specs[i].offset)):
-            spec = specs[i]
-            runs = wanted.setdefault(spec.region, [])
-            if runs and runs[-1][1] == spec.offset:
-                runs[-1] = (runs[-1][0], spec.offset + spec.nbytes)
-            elif spec.nbytes:
-                runs.append((spec.offset, spec.offset + spec.nbytes))
-        local: list[tuple[int, int, int]] = []
-        remote: list[tuple[int, int]] = []
-        for (region, offset, n), (address, _) in zip(self.local, self.remote, strict=True):
-            runs = wanted.get(region, [])
-            if not runs:
-                continue
-            i = bisect.bisect_right(runs, (offset, 1 << 62)) - 1
-            i = max(i, 0)
-            while i < len(runs) and runs[i][0] < offset + n:
-                lo, hi = max(runs[i][0], offset), min(runs[i][1], offset + n)
-                if lo < hi:
-                    local.append((region, lo, hi - lo))
-                    remote.append((address + lo - offset, hi - lo))
-                i += 1
-        return replace(self, local=tuple(local), remote=tuple(remote))
-
-
-def check(
-    candidate: Candidate | None,
-    target: object,
-    planner: ReadPlanner,
-    *,
-    strategy: str,
-    refusal_is_layout: bool,
-    expect: str | None = None,
-) -> PullPlan | Outcome:
-    """Decide a peer attempt without I/O: the plan, or the outcome that ends it (0 bytes moved).
-
-    With ``expect``, a manifest that does not commit to the pinned content is a
-    ``ManifestMismatch`` (another revision, or a liar: either way never read).
-    """
-    sid = candidate.source_id if candidate is not None else None
-    if candidate is None or candidate.manifest is None:
-        return SourceUnreachable(strategy=strategy, source_id=sid, detail="no manifest from evaluation")
-    if not isinstance(target, Target):
-        return NotApplicable(
-            strategy=strategy, source_id=sid, detail="the target is not a mx_orchestrator Target"
-        )
-    source = candidate.manifest
-    if expect is not None and source.content_fingerprint != expect:
-        found = source.content_fingerprint or "no content fingerprint (no digests)"
-        return ManifestMismatch(strategy=strategy, source_id=sid, detail=f"not the pinned content: {found}")
-    advert = parse_advert(candidate.record.transport, source)
-    if isinstance(advert, str):
-        return SourceUnreachable(strategy=strategy, source_id=sid, detail=advert)
-    try:
-        local_manifest = target.plan_for(source)
-    except TargetMismatch as exc:
-        return ManifestMismatch(strategy=strategy, source_id=sid, detail=str(exc))
-    virtual = [(i << _REGION_SHIFT, r.nbytes) for i, r in enumerate(local_manifest.regions)]
-    planned = planner(source, advert.spans, local_manifest, virtual)
-    if isinstance(planned, str):
-        if refusal_is_layout:
-            return LayoutMismatch(
-                strategy=strategy,
-                source_id=sid,
-                detail=planned,
-                source_regions=len(source.regions),
-                target_regions=len(local_manifest.regions),
-            )
-        return ManifestMismatch(strategy=strategy, source_id=sid, detail=planned)
-    local, remote = planned
-    mask = (1 << _REGION_SHIFT) - 1
-    return PullPlan(
-        advert,
-        source,
-        local_manifest,
-        tuple((a >> _REGION_SHIFT, a & mask, n) for a, n in local),
-        tuple(remote),
-    )
-
-
-class ConnectionPool:
-    """Remote agents kept across attempts and loads, so a second pull from a source skips the connect.
-
-    Keyed by the source's id, process generation and metadata: a source that
-    restarts or re-publishes is a new key, and connecting to it drops the old
-    generation's entry. An entry is dropped when an attempt through it fails
-    (the caller says so), when it sat unused for ``idle_seconds`` (the source
-    may have expired), and the least recently used one goes when more than
-    ``limit`` are held. :meth:`close` drops them all.
-    """
-
-    def __init__(self, agent: RdmaAgent, *, limit: int = 64, idle_seconds: float = 120.0) -> None:
-        self.agent = agent
-        self.limit = limit
-        self.idle_seconds = idle_seconds
-        self._entries: OrderedDict[tuple[str, str, bytes], tuple[str, float]] = OrderedDict()
-        self._in_use: dict[tuple[str, str, bytes], int] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def acquire(self, source_id: str, generation: str, metadata: bytes) -> tuple[tuple[str, str, bytes], str]:
-        """The remote agent's name for this source, connecting only when none is held (EdgeFailure)."""
-        key = (source_id, generation, hashlib.sha256(metadata).digest())
-        now = time.monotonic()
-        for other in [k for k in self._entries if k[0] == source_id and k != key]:
-            self._disconnect(other)  # an older generation, or metadata that changed
-        for other, (_, used) in list(self._entries.items()):
-            if now - used > self.idle_seconds and not self._in_use.get(other):
-                self._disconnect(other)
-        if key in self._entries:
-            name, _ = self._entries.pop(key)
-        else:
-            name = self.agent.connect(metadata)
-        self._entries[key] = (name, now)
-        self._in_use[key] = self._in_use.get(key, 0) + 1
-        while len(self._entries) > self.limit:
-            oldest = next((k for k in self._entries if not self._in_use.get(k)), None)
-            if oldest is None:
-                break
-            self._disconnect(oldest)
-        return key, name
-
-    def release(self, key: tuple[str, str, bytes], *, failed: bool) -> None:
-        """Done with ``key``; ``failed`` drops the connection (the source failed or lied)."""
-        count = self._in_use.get(key, 0) - 1
-        if count <= 0:
-            self._in_use.pop(key, None)
-        else:
-            self._in_use[key] = count
-        if failed:
-            self._disconnect(key)
-
-    def _disconnect(self, key: tuple[str, str, bytes]) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self.agent.disconnect(entry[0])
+    def ensure(self, agent: RdmaAgent) -> Buffers:
+        """The target's buffers, registered with ``agent`` (EdgeFailure when registration fails)."""
+        buffers = self.target.buffers
+        if buffers is None:
+            raise RuntimeError("the target's memory is allocated before any part is read")
+        if id(agent) not in self._registered:
+            release = agent.register([(a, n, buffers.device_id) for a, n in buffers.spans], buffers.mem_type)
+            self._registered[id(agent)] = (agent, release)
+        return buffers
 
     def close(self) -> None:
-        for key in list(self._entries):
-            self._disconnect(key)
+        for _, release in self._registered.values():
+            release()
+        self._registered.clear()
 
 
-_pools: weakref.WeakKeyDictionary[Any, ConnectionPool] = weakref.WeakKeyDictionary()
+@runtime_checkable
+class PartConnection(Protocol):
+    """An open source for one load: reads parts of its plan until closed."""
+
+    async def read(
+        self, plan: PullPlan, ctx: AttemptContext, names: Collection[str] | None, settle: Settle | None
+    ) -> Outcome: ...
+
+    def close(self) -> None: ...
 
 
-def pool_for(agent: RdmaAgent) -> ConnectionPool:
-    """The one connection pool of ``agent`` (shared by every strategy that uses it)."""
-    pool = _pools.get(agent)
-    if pool is None:
-        pool = _pools[agent] = ConnectionPool(agent)
-    return pool
+@runtime_checkable
+class PartCapable(Protocol):
+    """A strategy that can read any part of a model from one source: the load driver stripes it."""
 
+    name: str
+    uses_peers: bool
 
-def release_connections() -> None:
-    """Drop every pooled remote agent of this process (shutdown, tests asserting no leaks)."""
-    for pool in list(_pools.values()):
-        pool.close()
+    def check_for(self, ctx: AttemptContext) -> PullPlan | Outcome: ...
 
-
-#: Gives the transfer its agent, waiting while it is still being made (EdgeFailure when there is none).
-AgentSource = Callable[[], Awaitable[RdmaAgent]]
-
-_FAILED = (SourceFailed, TimedOut, SourceUnreachable)
+    async def open(
+        self, plan: PullPlan, ctx: AttemptContext, registrations: TargetRegistrations
+    ) -> PartConnection | Outcome: ...
 
 
 async def allocate(plan: PullPlan, target: Target, ctx: AttemptContext, strategy: str) -> Buffers | Outcome:
@@ -345,42 +132,6 @@ async def allocate(plan: PullPlan, target: Target, ctx: AttemptContext, strategy
         )
 
 
-async def transfer(
-    plan: PullPlan, target: Target, agent_source: AgentSource, ctx: AttemptContext, strategy: str
-) -> Outcome:
-    """Connect, allocate, register, READ, verify; each phase timed into ``ctx.phases``.
-
-    Cheap checks before expensive ones: the source must answer the connect
-    before the target allocates anything for what its record claims (a dead or
-    lying record costs no memory). Every acquired resource is released on every
-    path.
-    """
-    began = anyio.current_time()
-    ctx.phases.planned_bytes = plan.nbytes
-    try:
-        with ctx.phases.timed("agent"):
-            agent = await agent_source()
-    except EdgeFailure as exc:
-        return _failed(exc, plan, ctx, strategy, began)
-
-    async def allocate_and_read(remote_name: str) -> Outcome:
-        allocated = await allocate(plan, target, ctx, strategy)
-        if not isinstance(allocated, Buffers):
-            return allocated
-        buffers = allocated
-        with ctx.phases.timed("register"):
-            release = agent.register([(a, n, buffers.device_id) for a, n in buffers.spans], buffers.mem_type)
-        try:
-            seconds = await _read(agent, remote_name, plan, buffers, ctx)
-        finally:
-            release()
-        return await verify_landed(
-            plan, target, ctx, strategy, seconds, began, f"{len(plan.local)} descriptors"
-        )
-
-    return await _connected(agent, plan, ctx, strategy, began, allocate_and_read)
-
-
 def _failed(exc: EdgeFailure, plan: PullPlan, ctx: AttemptContext, strategy: str, began: float) -> Outcome:
     outcome = exc.outcome(strategy, ctx.source_id, anyio.current_time() - began)
     if isinstance(outcome, TimedOut):  # what the policy needs to tell a stall from a short deadline
@@ -388,132 +139,74 @@ def _failed(exc: EdgeFailure, plan: PullPlan, ctx: AttemptContext, strategy: str
     return outcome
 
 
-async def _connected(
-    agent: RdmaAgent,
-    plan: PullPlan,
-    ctx: AttemptContext,
-    strategy: str,
-    began: float,
-    body: Callable[[str], Awaitable[Outcome]],
-) -> Outcome:
-    """``await body(remote agent name)`` over a pooled connection to the plan's source.
+class PeerConnection:
+    """One source's pooled remote agent, held while a load reads from it (see :meth:`PeerStrategy.open`)."""
 
-    The connection goes back to the pool, or is dropped when the attempt failed
-    through it or was cancelled (it is not trusted again); an
-    :class:`EdgeFailure` becomes the attempt's outcome.
-    """
-    pool = pool_for(agent)
-    record = ctx.candidate.record if ctx.candidate is not None else None
-    key: tuple[str, str, bytes] | None = None
-    outcome: Outcome | None = None
-    try:
-        with ctx.phases.timed("connect"):
-            key, remote_name = pool.acquire(
-                ctx.source_id or "", record.generation if record else "", plan.advert.metadata
-            )
-        if remote_name != plan.advert.agent_name:
-            outcome = SourceUnreachable(
-                strategy=strategy,
-                source_id=ctx.source_id,
-                seconds=anyio.current_time() - began,
-                detail=f"metadata names agent {remote_name!r}, record says {plan.advert.agent_name!r}",
-            )
-            return outcome
-        outcome = await body(remote_name)
-        return outcome
-    except EdgeFailure as exc:
-        outcome = _failed(exc, plan, ctx, strategy, began)
-        return outcome
-    finally:
-        if key is not None:
-            pool.release(key, failed=outcome is None or isinstance(outcome, (*_FAILED, Corrupt)))
-
-
-async def _read(
-    agent: RdmaAgent, remote_name: str, plan: PullPlan, buffers: Buffers, ctx: AttemptContext
-) -> float:
-    """The READ of ``plan`` into ``buffers`` under the attempt's deadline (EdgeFailure on failure)."""
-    with ctx.phases.timed("transfer"):
-        seconds = await agent.read(
-            remote_name,
-            descriptor_rows(plan.local_blocks(buffers.spans), buffers.device_id),
-            descriptor_rows(list(plan.remote), plan.advert.device_id),
-            local_mem=buffers.mem_type,
-            remote_mem=plan.advert.mem_type,
-            deadline=ctx.deadline,
-        )
-    if isinstance(ctx.target, Target):
-        ctx.target.bytes_written += plan.nbytes
-    return seconds
-
-
-class PartReader:
-    """Reads the parts of one striped load into a target whose memory already exists.
-
-    The target's buffers are registered once per agent for the whole load (not
-    once per part), connections come from the agent's pool; :meth:`close`
-    releases every registration (the driver calls it on every path).
-    """
-
-    def __init__(self, target: Target) -> None:
-        if target.buffers is None:
-            raise RuntimeError("a striped load allocates its target before reading parts")
-        self.target = target
-        self.buffers: Buffers = target.buffers
-        self._registered: dict[int, tuple[RdmaAgent, Callable[[], None]]] = {}
+    def __init__(
+        self,
+        strategy: str,
+        agent: RdmaAgent,
+        key: PoolKey,
+        remote_name: str,
+        registrations: TargetRegistrations,
+    ) -> None:
+        self.strategy = strategy
+        self.agent = agent
+        self.key = key
+        self.remote_name = remote_name
+        self.registrations = registrations
+        #: an attempt through it failed (or was cancelled): the pool drops it on close
+        self.failed = False
+        self._closed = False
 
     async def read(
-        self,
-        strategy: PeerStrategy,
-        plan: PullPlan,
-        tensors: Collection[int],
-        ctx: AttemptContext,
-        settle: Callable[[], Awaitable[bool]] | None = None,
+        self, plan: PullPlan, ctx: AttemptContext, names: Collection[str] | None, settle: Settle | None
     ) -> Outcome:
-        """Read the local manifest's ``tensors`` (indices) from ``plan``'s source and verify them.
+        """READ ``plan`` (the whole plan or a part of it) into the target and verify what landed.
 
-        ``settle``: awaited once the READ completed, before verification; False
-        means another copy of the same bytes won (a hedge), so this one is
-        ``Superseded`` and not verified.
+        ``names``: the tensors the part holds (``None``: the plan's whole target
+        manifest); ``settle``: see :data:`Settle`.
         """
         began = anyio.current_time()
-        part = plan.restricted(tensors)
-        ctx.phases.planned_bytes = part.nbytes
+        ctx.phases.planned_bytes = plan.nbytes
+        outcome: Outcome | None = None
         try:
-            with ctx.phases.timed("agent"):
-                agent = await strategy._agent()
             with ctx.phases.timed("register"):
-                self._register(agent)
-        except EdgeFailure as exc:
-            return _failed(exc, part, ctx, strategy.name, began)
-        names = [plan.local_manifest.tensors[i].name for i in tensors]
-
-        async def read_and_verify(remote_name: str) -> Outcome:
-            seconds = await _read(agent, remote_name, part, self.buffers, ctx)
+                buffers = self.registrations.ensure(self.agent)
+            with ctx.phases.timed("transfer"):
+                seconds = await self.agent.read(
+                    self.remote_name,
+                    descriptor_rows(plan.local_blocks(buffers.spans), buffers.device_id),
+                    descriptor_rows(list(plan.remote), plan.advert.device_id),
+                    local_mem=buffers.mem_type,
+                    remote_mem=plan.advert.mem_type,
+                    deadline=ctx.deadline,
+                )
+            target = self.registrations.target
+            target.bytes_written += plan.nbytes
             if settle is not None and not await settle():
-                return Superseded(
-                    strategy=strategy.name,
+                outcome = Superseded(
+                    strategy=self.strategy,
                     source_id=ctx.source_id,
-                    bytes_moved=part.nbytes,
+                    bytes_moved=plan.nbytes,
                     seconds=seconds,
                     detail="another source landed these bytes first",
                 )
-            return await verify_landed(
-                part, self.target, ctx, strategy.name, seconds, began, f"{len(part.local)} descriptors", names
-            )
-
-        return await _connected(agent, part, ctx, strategy.name, began, read_and_verify)
-
-    def _register(self, agent: RdmaAgent) -> None:
-        if id(agent) not in self._registered:
-            buffers = self.buffers
-            release = agent.register([(a, n, buffers.device_id) for a, n in buffers.spans], buffers.mem_type)
-            self._registered[id(agent)] = (agent, release)
+            else:
+                outcome = await verify_landed(
+                    plan, target, ctx, self.strategy, seconds, began, f"{len(plan.local)} descriptors", names
+                )
+        except EdgeFailure as exc:
+            outcome = _failed(exc, plan, ctx, self.strategy, began)
+        finally:
+            if outcome is None or isinstance(outcome, _FAILED):
+                self.failed = True
+        return outcome
 
     def close(self) -> None:
-        for _, release in self._registered.values():
-            release()
-        self._registered.clear()
+        if not self._closed:
+            self._closed = True
+            pool_for(self.agent).release(self.key, failed=self.failed)
 
 
 async def verify_landed(
@@ -570,7 +263,8 @@ class PeerStrategy:
     """Base of the RDMA strategies: each names its descriptor planner and what a refused plan means.
 
     ``agent``: the :class:`~._backends.rdma.RdmaAgent` to transfer with
-    (default: the process-wide NIXL agent, created on first use).
+    (default: the process-wide NIXL agent, created on first use). Part-capable
+    (:class:`PartCapable`): the load driver reads parts through :meth:`open`.
     """
 
     name = "peer"
@@ -615,7 +309,7 @@ class PeerStrategy:
             release_connections()
 
     def check_for(self, ctx: AttemptContext) -> PullPlan | Outcome:
-        """This strategy's :func:`check` of the attempt's candidate and target (no I/O)."""
+        """This strategy's :func:`~mx_orchestrator.pullplan.check` of the attempt (no I/O)."""
         return check(
             ctx.candidate,
             ctx.target,
@@ -625,9 +319,52 @@ class PeerStrategy:
             expect=ctx.expect,
         )
 
+    async def open(
+        self, plan: PullPlan, ctx: AttemptContext, registrations: TargetRegistrations
+    ) -> PeerConnection | Outcome:
+        """Connect to the plan's source (a pooled remote agent): the connection, or why not."""
+        began = anyio.current_time()
+        try:
+            with ctx.phases.timed("agent"):
+                agent = await self._agent()
+            record = ctx.candidate.record if ctx.candidate is not None else None
+            with ctx.phases.timed("connect"):
+                key, remote_name = pool_for(agent).acquire(
+                    ctx.source_id or "",
+                    record.generation if record else "",
+                    plan.advert.metadata,
+                    anyio.current_time(),
+                )
+        except EdgeFailure as exc:
+            return _failed(exc, plan, ctx, self.name, began)
+        connection = PeerConnection(self.name, agent, key, remote_name, registrations)
+        if remote_name != plan.advert.agent_name:
+            connection.failed = True
+            connection.close()
+            return SourceUnreachable(
+                strategy=self.name,
+                source_id=ctx.source_id,
+                seconds=anyio.current_time() - began,
+                detail=f"metadata names agent {remote_name!r}, record says {plan.advert.agent_name!r}",
+            )
+        return connection
+
     async def attempt(self, ctx: AttemptContext) -> Outcome:
+        """The whole model from one source in one READ: check, connect, allocate, read, verify."""
         plan = self.check_for(ctx)
         if not isinstance(plan, PullPlan):
             return plan
-        assert isinstance(ctx.target, Target)  # check() returned a plan only for a Target
-        return await transfer(plan, ctx.target, self._agent, ctx, self.name)
+        target = ctx.target
+        assert isinstance(target, Target)  # check() returned a plan only for a Target
+        registrations = TargetRegistrations(target)
+        connection = await self.open(plan, ctx, registrations)
+        if not isinstance(connection, PeerConnection):
+            return connection
+        try:
+            allocated = await allocate(plan, target, ctx, self.name)
+            if not isinstance(allocated, Buffers):
+                return allocated
+            return await connection.read(plan, ctx, None, None)
+        finally:
+            registrations.close()
+            connection.close()

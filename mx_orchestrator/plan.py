@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .models import Candidate
 from .policy import Action, ActionKind, DecisionState
@@ -57,15 +57,21 @@ EXHAUSTED = "every strategy and candidate was tried"
 class StrategySlot:
     name: str
     uses_peers: bool = True
+    #: reads parts (:class:`~mx_orchestrator.peer.PartCapable`): attempts of it on several sources may
+    #: run at once; a slot that reads the whole model at once runs alone
+    parts: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
+    """One (strategy, candidate) pair handed to a worker; ``ticket`` identifies it while in flight."""
+
     strategy: str
     strategy_index: int
     candidate: Candidate | None
     attempt_number: int = 1
     delay: float = 0.0
+    ticket: int = 0
 
     @property
     def source_id(self) -> str | None:
@@ -74,7 +80,7 @@ class Attempt:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """No candidate is ready for the current strategy, but evaluation is still running."""
+    """Nothing to hand out now: evaluation is still running, or attempts in flight may change the plan."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,14 +132,17 @@ class Planner:
         self._known: dict[str, Candidate] = {}
         self._keys: dict[str, tuple[float, ...]] = {}
         # Candidates not yet tried by the current strategy, best first; entries
-        # for forgotten or tried sources are dropped lazily when popped.
+        # for forgotten, tried or busy sources are dropped lazily when popped
+        # (a busy one is pushed back when its attempt ends, see record()).
         self._heap: list[tuple[tuple[float, ...], str]] = []
         self._heap_index = -1
         self._forgotten: set[str] = set()
         self._tried: set[tuple[int, str | None]] = set()
         self._evaluating = True
-        self._pending: Attempt | None = None
-        self._retry: Attempt | None = None
+        #: attempts handed out and not recorded yet, by ticket
+        self._in_flight: dict[int, Attempt] = {}
+        self._next_ticket = 1
+        self._retries: list[Attempt] = []
         self._done: Done | None = None
         self._first_try: dict[tuple[int, str | None], float] = {}
         self.attempts_total = 0
@@ -158,23 +167,32 @@ class Planner:
     def evaluating(self) -> bool:
         return self._evaluating
 
-    def attempts_left(self) -> int:
-        """How many first attempts the plan could still make, the pending one included.
+    @property
+    def done(self) -> Done | None:
+        """The plan's end once it is decided (``None`` while attempts may still be handed out)."""
+        return self._done
 
-        The untried, unforgotten candidates of the current peer strategy, plus one
-        for every peerless strategy (the Hub) after it: what a load's remaining
-        budget is shared among.
+    @property
+    def in_flight(self) -> int:
+        """How many attempts are handed out and not recorded yet."""
+        return len(self._in_flight)
+
+    def attempts_left(self) -> int:
+        """How many attempts, one after another, the load could still make, a pending one included.
+
+        One for an attempt in flight (attempts in flight at once share no time),
+        the untried, unforgotten, idle candidates of the current peer strategy,
+        plus one for every peerless strategy (the Hub) after it: what a load's
+        remaining budget is shared among.
         """
-        pending = self._pending
-        index = pending.strategy_index if pending is not None else self._index
-        left = 1 if pending is not None else 0
+        index = self._index
+        left = 1 if self._in_flight else 0
+        busy = self._busy_sources()
         if index < len(self._strategies) and self._strategies[index].uses_peers:
             left += sum(
                 1
                 for sid in self._known
-                if sid not in self._forgotten
-                and (index, sid) not in self._tried
-                and (pending is None or sid != pending.source_id)
+                if sid not in self._forgotten and (index, sid) not in self._tried and sid not in busy
             )
         left += sum(1 for slot in self._strategies[index + 1 :] if not slot.uses_peers)
         return max(1, left)
@@ -183,22 +201,39 @@ class Planner:
     def candidates_known(self) -> int:
         return len(self._known)
 
-    def record(self, action: Action) -> None:
-        """Apply the policy's action for the attempt last returned by :meth:`next_step`."""
-        attempt = self._pending
+    def _pending(self, attempt: Attempt | None) -> Attempt:
         if attempt is None:
-            raise RuntimeError("record() called without an attempt in progress")
-        self._pending = None
+            if len(self._in_flight) != 1:
+                raise RuntimeError(f"{len(self._in_flight)} attempts in flight: say which one")
+            return next(iter(self._in_flight.values()))
+        pending = self._in_flight.get(attempt.ticket)
+        if pending is None:
+            raise RuntimeError(f"attempt {attempt.ticket} is not in flight")
+        return pending
+
+    def record(self, action: Action, attempt: Attempt | None = None) -> None:
+        """Apply the policy's action for ``attempt`` (returned by :meth:`next_step`; may be left out
+        while it is the only one in flight)."""
+        attempt = self._pending(attempt)
+        del self._in_flight[attempt.ticket]
         self.attempts_total += 1
-        self._tried.add((attempt.strategy_index, attempt.source_id))
-        if action.forget_source and attempt.source_id is not None:
-            self._forgotten.add(attempt.source_id)
-        if action.full and attempt.source_id is not None and action.kind is ActionKind.NEXT_CANDIDATE:
+        sid = attempt.source_id
+        self._tried.add((attempt.strategy_index, sid))
+        if action.forget_source and sid is not None:
+            self._forgotten.add(sid)
+        if action.full and sid is not None and action.kind is ActionKind.NEXT_CANDIDATE:
             self.refusals += 1
-            self._mark_full(attempt.source_id, attempt.strategy_index)
+            self._mark_full(sid, attempt.strategy_index)
         TRANSITIONS[action.kind](self, attempt, action)
         if self._done is None and self.attempts_counted >= self._max_attempts:
             self._done = Done(False, f"attempt limit {self._max_attempts} reached")
+        if (  # it was skipped by the current strategy while busy: it may be tried there now
+            sid is not None
+            and sid in self._known
+            and self._heap_index == self._index
+            and attempt.strategy_index < self._index
+        ):
+            heapq.heappush(self._heap, (self._keys[sid], sid))
 
     @property
     def attempts_counted(self) -> int:
@@ -214,8 +249,8 @@ class Planner:
             self._index = min(self._index, self._full_from)
         self._full_from = None
         # records are listed afresh: their loads (and so their ranks) have changed
-        self._known.clear()
-        self._keys.clear()
+        self._known = {sid: c for sid, c in self._known.items() if sid in self._busy_sources()}
+        self._keys = {sid: k for sid, k in self._keys.items() if sid in self._known}
         self._heap_index = -1
         self._evaluating = True
 
@@ -224,11 +259,9 @@ class Planner:
         if self._full_from is None or strategy_index < self._full_from:
             self._full_from = strategy_index
 
-    def decision_state(self, now: float) -> DecisionState:
-        """What the policy may know about the pending attempt, ``now`` being the caller's clock."""
-        attempt = self._pending
-        if attempt is None:
-            raise RuntimeError("decision_state() called without an attempt in progress")
+    def decision_state(self, now: float, attempt: Attempt | None = None) -> DecisionState:
+        """What the policy may know about ``attempt`` (in flight), ``now`` being the caller's clock."""
+        attempt = self._pending(attempt)
         first = self._first_try.get((attempt.strategy_index, attempt.source_id), now)
         return DecisionState(
             attempt_number=attempt.attempt_number,
@@ -245,12 +278,14 @@ class Planner:
         self._done = Done(False, action.reason or "aborted")
 
     def _retry_same(self, attempt: Attempt, action: Action) -> None:
-        self._retry = Attempt(
-            attempt.strategy,
-            attempt.strategy_index,
-            attempt.candidate,
-            attempt.attempt_number + 1,
-            action.delay,
+        self._retries.append(
+            Attempt(
+                attempt.strategy,
+                attempt.strategy_index,
+                attempt.candidate,
+                attempt.attempt_number + 1,
+                action.delay,
+            )
         )
 
     def _next_strategy(self, attempt: Attempt, action: Action) -> None:
@@ -263,43 +298,56 @@ class Planner:
 
     def next_step(self, now: float = 0.0) -> Step:
         """The next step; ``now`` (the caller's clock) starts the elapsed time of a new pair and
-        measures how long the load has waited for capacity."""
+        measures how long the load has waited for capacity. May be called while other attempts
+        are in flight (a striped load's workers): each source has one attempt at a time, and an
+        attempt of a slot that reads the whole model runs alone."""
         self._now = now
         step = self._next_step()
         if isinstance(step, Attempt):
+            step = replace(step, ticket=self._next_ticket)
+            self._next_ticket += 1
+            self._in_flight[step.ticket] = step
             self._first_try.setdefault((step.strategy_index, step.source_id), now)
         return step
+
+    def _alone(self, slot: StrategySlot) -> bool:
+        """An attempt of ``slot`` must wait: it reads the whole model, and others are in flight."""
+        return not slot.parts and bool(self._in_flight)
 
     def _next_step(self) -> Step:
         if self._done is not None:
             return self._done
-        if self._pending is not None:
-            raise RuntimeError("next_step() called before the previous attempt was recorded")
-        if self._retry is not None:
-            self._pending, self._retry = self._retry, None
-            return self._pending
+        for i, retry in enumerate(self._retries):
+            if not self._alone(self._strategies[retry.strategy_index]):
+                return self._retries.pop(i)
+        if self._retries:
+            return Wait()
         while self._index < len(self._strategies):
             slot = self._strategies[self._index]
+            if self._alone(slot):
+                return Wait()
             if not slot.uses_peers:
                 if self._full and self.capacity_waits_made < self._capacity_waits:
                     return self._wait_for_capacity()
                 if (self._index, None) not in self._tried:
-                    self._pending = Attempt(slot.name, self._index, None)
-                    return self._pending
+                    return Attempt(slot.name, self._index, None)
             else:
                 best = self._pop_best()
                 if best is not None:
-                    self._pending = Attempt(slot.name, self._index, best)
-                    return self._pending
+                    return Attempt(slot.name, self._index, best)
                 if self._evaluating:
                     return Wait()
             self._index += 1
+        if self._in_flight:
+            return Wait()
         if self._full and self.capacity_waits_made < self._capacity_waits:
             return self._wait_for_capacity()
         self._done = Done(False, EXHAUSTED)
         return self._done
 
-    def _wait_for_capacity(self) -> Requeue:
+    def _wait_for_capacity(self) -> Step:
+        if self._in_flight:  # the attempts in flight may finish the load: wait for them first
+            return Wait()
         if self._first_wait_at is None:
             self._first_wait_at = self._now
         delay = self._capacity_delay(self.capacity_waits_made, self._now - self._first_wait_at)
@@ -308,14 +356,20 @@ class Planner:
         self._evaluating = True
         return Requeue(delay, self.capacity_waits_made)
 
+    def _busy_sources(self) -> set[str]:
+        return {a.source_id for a in self._in_flight.values() if a.source_id is not None}
+
     def _pop_best(self) -> Candidate | None:
         if self._heap_index != self._index:
             self._heap = [(self._keys[sid], sid) for sid in self._known]
             heapq.heapify(self._heap)
             self._heap_index = self._index
+        busy = self._busy_sources()
         while self._heap:
             _, sid = heapq.heappop(self._heap)
             if sid in self._forgotten or sid in self._full or (self._index, sid) in self._tried:
+                continue
+            if sid in busy:
                 continue
             candidate = self._known[sid]
             if candidate.record.listed_full and self.capacity_waits_made < self._capacity_waits:

@@ -297,12 +297,15 @@ class Policy:
         if isinstance(outcome, TimedOut) and (action.mark_stale or action.report_unreachable):
             needed = self.stall_evidence(outcome)
             if not outcome.deadline >= needed:  # NaN counts as no evidence
+                # slow, not stalled: never STALE on one load's word, but the report counts toward
+                # ejection, so a source slow across loads (and targets) is ejected, Envoy-style
                 action = replace(
                     action,
                     mark_stale=False,
-                    report_unreachable=False,
+                    report_unreachable=outcome.slow,
                     reason=f"{action.reason}; STALE suppressed: the attempt had {outcome.deadline:.3g}s, "
-                    f"less than the {needed:.3g}s that would show a stall",
+                    f"less than the {needed:.3g}s that would show a stall"
+                    + ("; reported as slow" if outcome.slow else ""),
                 )
         if not action.delay >= 0:  # also catches NaN from a user's wait object
             action = replace(action, delay=0.0)

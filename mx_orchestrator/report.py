@@ -16,7 +16,7 @@ from .outcomes import Loaded, Outcome
 from .policy import Action
 from .strategy import PHASES
 
-__all__ = ["AttemptRecord", "LoadReport", "ProbeRecord", "gbps"]
+__all__ = ["AttemptRecord", "LoadObserver", "LoadReport", "ProbeRecord", "gbps"]
 
 
 def gbps(nbytes: int, seconds: float) -> float:
@@ -211,3 +211,19 @@ class LoadReport:
 
     def to_json(self, *, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent)
+
+
+class LoadObserver:
+    """Hooks for metrics and progress displays; every method is optional to override."""
+
+    def probe_done(self, record: ProbeRecord) -> None:
+        """Called once per evaluated candidate."""
+
+    def attempt_start(self, strategy: str, source_id: str | None) -> None:
+        """Called as each attempt begins."""
+
+    def attempt_done(self, record: AttemptRecord) -> None:
+        """Called once per finished attempt, after its action was carried out."""
+
+    def load_done(self, report: LoadReport) -> None:
+        """Called once per load."""

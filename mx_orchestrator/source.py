@@ -11,7 +11,6 @@ shutdown (cancellation, SIGTERM/SIGINT through :func:`serve_until_signal`).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -34,6 +33,7 @@ from .config import check_count, check_seconds
 from .errors import ConfigError
 from .layout import LayoutSpec, parse_layout, plan_layout
 from .models import ModelIdentity, SourceRecord, dtype_name
+from .pullplan import encode_advert
 from .registry.base import SourceRegistry
 
 if TYPE_CHECKING:
@@ -137,10 +137,7 @@ class WeightSource:
             max_readers=self.max_readers,
             hops=self.hops,
             transport={
-                "nixl_agent": agent.name,
-                "nixl_metadata": base64.b64encode(agent.metadata()).decode(),
-                "nixl_mem": w.mem_type,
-                "nixl_regions": json.dumps([[a, n, w.device_id] for a, n in w.spans]),
+                **encode_advert(agent.name, agent.metadata(), w.mem_type, w.spans, w.device_id),
                 **extra,
             },
         )

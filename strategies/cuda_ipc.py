@@ -25,7 +25,8 @@ from mx_orchestrator._backends.cuda_ipc import IpcRegion, host_identity, open_re
 from mx_orchestrator.buffers import Buffers
 from mx_orchestrator.layout import plan_region_reads, plan_tensor_reads
 from mx_orchestrator.outcomes import LayoutMismatch, NotApplicable, Outcome, SourceUnreachable
-from mx_orchestrator.peer import PullPlan, allocate, check, verify_landed
+from mx_orchestrator.peer import allocate, verify_landed
+from mx_orchestrator.pullplan import PullPlan, check
 from mx_orchestrator.strategy import AttemptContext
 from mx_orchestrator.target import Target
 
@@ -97,20 +98,35 @@ class CudaIpc:
     async def _copy(
         self, plan: PullPlan, regions: list[IpcRegion], target: Target, ctx: AttemptContext
     ) -> Outcome:
-        import torch
-
         began = anyio.current_time()
         sid = ctx.source_id
         phases = ctx.phases
         ctx.phases.planned_bytes = plan.nbytes
-        buffers = await allocate(plan, target, ctx, self.name)
-        if not isinstance(buffers, Buffers):
-            return buffers
-        try:
+        try:  # the source's memory is opened before the target allocates anything for it
             with phases.timed("connect"):
                 remote = [open_region(r) for r in regions]
         except EdgeFailure as exc:
             return exc.outcome(self.name, sid, anyio.current_time() - began)
+        try:
+            buffers = await allocate(plan, target, ctx, self.name)
+            if not isinstance(buffers, Buffers):
+                return buffers
+            return await self._copy_into(plan, buffers, remote, target, ctx, began)
+        finally:
+            remote.clear()  # closes this process's view of the source's memory
+
+    async def _copy_into(
+        self,
+        plan: PullPlan,
+        buffers: Buffers,
+        remote: list[Any],
+        target: Target,
+        ctx: AttemptContext,
+        began: float,
+    ) -> Outcome:
+        import torch
+
+        phases = ctx.phases
         spans = plan.advert.spans
         device = torch.device(buffers.device)
 
@@ -124,11 +140,8 @@ class CudaIpc:
                     local_views[region][offset : offset + n].copy_(src, non_blocking=True)
                 torch.cuda.synchronize(device)
 
-        try:
-            with phases.timed("transfer"):
-                await anyio.to_thread.run_sync(copy)
-        finally:
-            remote.clear()  # closes this process's view of the source's memory
+        with phases.timed("transfer"):
+            await anyio.to_thread.run_sync(copy)
         seconds = phases.seconds["transfer"]
         detail = f"{len(plan.local)} device copies"
         return await verify_landed(plan, target, ctx, self.name, seconds, began, detail)

@@ -167,13 +167,6 @@ class HfDownload:
                 )
             if load_error is not None:
                 raise EdgeFailure(SourceFailed, f"cannot read the downloaded checkpoint: {load_error}")
-            if ctx.expect is not None:
-                with ctx.phases.timed("verify"):
-                    found = fingerprint_of(target.tensors())
-                if found != ctx.expect:  # another revision than the one pinned
-                    raise EdgeFailure(
-                        ManifestMismatch, f"the Hub's content is not the pinned content: {found}"
-                    )
             return fetched
 
         try:
@@ -186,6 +179,15 @@ class HfDownload:
             return ManifestMismatch(strategy=self.name, seconds=anyio.current_time() - began, detail=str(exc))
         finally:
             stop.set()
+        if ctx.expect is not None:
+            with ctx.phases.timed("verify"):
+                found = await anyio.to_thread.run_sync(fingerprint_of, target.tensors())
+            if found != ctx.expect:  # another revision than the one pinned
+                return ManifestMismatch(
+                    strategy=self.name,
+                    seconds=anyio.current_time() - began,
+                    detail=f"the Hub's content is not the pinned content: {found}",
+                )
         if ctx.progress is not None:
             ctx.progress(fetched.nbytes, fetched.nbytes)
         return Loaded(

@@ -186,7 +186,7 @@ def secure_redis_url(secure_redis_server: RedisServer) -> Iterator[str]:
 def no_nixl_leaks() -> Iterator[None]:
     """After the test: no open transfer handles, remote agents or registrations in this process."""
     from mx_orchestrator._backends.nixl import get_agent
-    from mx_orchestrator.peer import release_connections
+    from mx_orchestrator._backends.pool import release_connections
 
     agent = get_agent()
     release_connections()  # pooled connections of earlier tests are not this test's

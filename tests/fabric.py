@@ -10,8 +10,8 @@ import anyio
 import torch
 
 from mx_orchestrator import DEFAULT_POLICY, LoadReport, ModelIdentity, Orchestrator, Policy
+from mx_orchestrator._backends.pool import pool_for
 from mx_orchestrator.buffers import Buffers
-from mx_orchestrator.peer import pool_for
 from mx_orchestrator.source import WeightSource, load_weights
 from mx_orchestrator.testing import FakeRdmaAgent, FakeRdmaNetwork, FakeRegistry
 from strategies.rdma_region import RdmaRegion

@@ -35,10 +35,11 @@ from mx_orchestrator import (
     TensorSpec,
 )
 from mx_orchestrator._backends.nixl import get_agent
+from mx_orchestrator._backends.pool import release_connections
 from mx_orchestrator.buffers import Buffers
 from mx_orchestrator.layout import parse_layout, plan_layout, plan_region_reads, plan_tensor_reads
 from mx_orchestrator.models import MAX_TENSORS, SourceRecord
-from mx_orchestrator.peer import parse_advert, release_connections
+from mx_orchestrator.pullplan import parse_advert
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.target import Target
 from mx_orchestrator.testing import FakeProber, FakeStrategy, make_manifest, make_record, scenario, succeed

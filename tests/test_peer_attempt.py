@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from mx_orchestrator import ModelIdentity, Orchestrator, Policy, SourceState
+from mx_orchestrator._backends.pool import pool_for
 from mx_orchestrator.buffers import Buffers
 from mx_orchestrator.models import Candidate, Manifest
 from mx_orchestrator.outcomes import (
@@ -32,7 +33,7 @@ from mx_orchestrator.outcomes import (
     SourceUnreachable,
     TimedOut,
 )
-from mx_orchestrator.peer import PullPlan, check, pool_for
+from mx_orchestrator.pullplan import PullPlan, check
 from mx_orchestrator.source import WeightSource, load_weights
 from mx_orchestrator.target import Target
 from strategies.rdma_region import RdmaRegion
