@@ -15,18 +15,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from .errors import ManifestError, RegistryError
 from .models import Candidate, ModelIdentity, SourceRecord, SourceState
-from .registry.base import SourceRegistry
-from .report import LoadObserver, ProbeRecord
-from .strategy import ProbeFailure, Prober
+from .report import ProbeRecord
+from .settings import EvaluationSettings
+from .strategy import ProbeFailure
 
-__all__ = ["REGISTRY_CALL_TIMEOUT", "Evaluation", "EvaluationSettings", "Evaluator", "registry_call"]
+__all__ = ["REGISTRY_CALL_TIMEOUT", "Evaluation", "Evaluator", "registry_call"]
 
 T = TypeVar("T")
 
@@ -51,21 +51,6 @@ async def registry_call(
         error = exc if isinstance(exc, RegistryError) else RegistryError(str(exc) or type(exc).__name__)
         log.warning(event, error=str(error), **fields)
         return error
-
-
-class EvaluationSettings(Protocol):
-    """What evaluation reads of the orchestrator's configuration."""
-
-    @property
-    def registry(self) -> SourceRegistry | None: ...
-    @property
-    def prober(self) -> Prober | None: ...
-    @property
-    def probe_concurrency(self) -> int: ...
-    @property
-    def probe_timeout(self) -> float: ...
-    @property
-    def observers(self) -> tuple[LoadObserver, ...]: ...
 
 
 @dataclass

@@ -25,6 +25,7 @@ __all__ = [
     "SourceUnreachable",
     "Superseded",
     "TimedOut",
+    "out_of_time",
 ]
 
 
@@ -161,3 +162,33 @@ ALL_OUTCOME_TYPES: tuple[type[Outcome], ...] = (
     Superseded,
     Cancelled,
 )
+
+
+def out_of_time(
+    strategy: str,
+    source_id: str | None,
+    wall: float,
+    deadline: float,
+    planned_bytes: int,
+    *,
+    over: bool,
+    slow: bool = False,
+) -> TimedOut | Cancelled:
+    """What an attempt that ran out of time is: ``Cancelled`` when the load's own deadline passed
+    (``over``), else ``TimedOut`` at its ``deadline`` (seconds it was given)."""
+    if over:
+        return Cancelled(
+            strategy=strategy,
+            source_id=source_id,
+            seconds=wall,
+            detail="the load's overall deadline passed during the attempt",
+        )
+    return TimedOut(
+        strategy=strategy,
+        source_id=source_id,
+        seconds=wall,
+        deadline=deadline,
+        planned_bytes=planned_bytes,
+        slow=slow,
+        detail=f"no completion within the attempt deadline of {deadline:.3g}s",
+    )

@@ -44,7 +44,15 @@ import math
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Part", "PartPlanner", "expected_seconds"]
+__all__ = [
+    "HEDGE_FACTOR",
+    "HEDGE_FLOOR",
+    "PART_DEADLINE_FACTOR",
+    "Part",
+    "PartPlanner",
+    "PartTimes",
+    "expected_seconds",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,3 +273,44 @@ class PartPlanner:
             else:
                 merged.append((lo, hi))
         self._pending = merged
+
+
+#: a part in flight this many times its expected time is hedged by an idle reader ...
+HEDGE_FACTOR = 2.0
+#: ... but never sooner than this (seconds): below it a hedge costs more than it saves
+HEDGE_FLOOR = 0.2
+#: a part's deadline: this many times its expected time (and never under the stall evidence)
+PART_DEADLINE_FACTOR = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class PartTimes:
+    """When a part is due, overdue and given up, from its bytes alone.
+
+    ``rate``: the expected bytes/s (the best a load observed, else the policy's
+    stall rate); ``stall_seconds``: the policy's least time without completion
+    that is evidence of a stall, for some bytes; ``hedging``: whether hedges run.
+    """
+
+    rate: float
+    stall_seconds: Callable[[int], float]
+    hedging: bool = True
+
+    def expected(self, part: Part) -> float:
+        return expected_seconds(part.nbytes, self.rate, 0.0)
+
+    def hedge_after(self, part: Part) -> float:
+        """An idle reader hedges a part in flight this long."""
+        return max(HEDGE_FLOOR, HEDGE_FACTOR * self.expected(part))
+
+    def stall_after(self, part: Part) -> float:
+        """A part in flight this long is a stall: another source (beyond the stripe) may join."""
+        return max(self.hedge_after(part), self.stall_seconds(part.nbytes))
+
+    def budget(self, part: Part, share: float) -> float:
+        """The part's deadline: long enough to be evidence of a stall (and for a hedge to act
+        before the original is given up), never over ``share`` (its share of the load's time)."""
+        wanted = max(self.stall_seconds(part.nbytes), PART_DEADLINE_FACTOR * self.expected(part))
+        if self.hedging:
+            wanted = max(wanted, 2 * self.stall_after(part))
+        return max(0.0, min(wanted, share))

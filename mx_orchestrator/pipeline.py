@@ -21,13 +21,14 @@ import anyio
 
 from .config import check_count, check_seconds
 from .errors import ConfigError
-from .load import Learned, LoadRun
+from .load import LoadRun
 from .manifests import ManifestCache
 from .models import ModelIdentity
 from .policy import DEFAULT_POLICY, Policy
 from .registry.base import SourceRegistry
 from .report import LoadObserver, LoadReport
 from .selection import SelectionPolicy, rendezvous
+from .settings import Learned
 from .strategy import Prober, ProgressCallback, RegistryProber, Strategy
 
 __all__ = ["Learned", "LoadObserver", "Orchestrator"]

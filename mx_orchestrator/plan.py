@@ -125,6 +125,7 @@ class Planner:
         self._full_from: int | None = None
         self.capacity_waits_made = 0
         self._first_wait_at: float | None = None
+        self._requeue_asked = False
         self._now = 0.0
         #: refusals for capacity: attempts in the report, not counted toward ``max_attempts``
         self.refusals = 0
@@ -243,6 +244,7 @@ class Planner:
     def requeue(self) -> None:
         """Start a new round after a capacity wait: the full sources may be tried again, and the
         sources listed since (fed through :meth:`add_candidate` before or after this) with them."""
+        self._requeue_asked = False
         self._tried = {(i, sid) for i, sid in self._tried if sid not in self._full}
         self._full.clear()
         if self._full_from is not None:
@@ -346,8 +348,10 @@ class Planner:
         return self._done
 
     def _wait_for_capacity(self) -> Step:
-        if self._in_flight:  # the attempts in flight may finish the load: wait for them first
+        # the attempts in flight may finish the load, and a wait already asked for lists again
+        if self._in_flight or self._requeue_asked:
             return Wait()
+        self._requeue_asked = True
         if self._first_wait_at is None:
             self._first_wait_at = self._now
         delay = self._capacity_delay(self.capacity_waits_made, self._now - self._first_wait_at)

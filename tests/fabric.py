@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,10 +22,10 @@ from strategies.rdma_tensor import RdmaTensor
 class Fabric:
     """One fake network, one registry, the sources started on them and the target's agent."""
 
-    def __init__(self, identity: ModelIdentity) -> None:
+    def __init__(self, identity: ModelIdentity, clock: Callable[[], float] = time.time) -> None:
         self.identity = identity
         self.network = FakeRdmaNetwork()
-        self.registry = FakeRegistry()
+        self.registry = FakeRegistry(clock=clock)
         self.agent = self.network.agent("target")
         self.sources: dict[str, tuple[FakeRdmaAgent, Buffers]] = {}
 
@@ -65,19 +66,22 @@ class Fabric:
 async def fabric(
     identity: ModelIdentity,
     weights: Callable[[], dict[str, torch.Tensor]],
-    *specs: tuple[str, str],
+    *specs: tuple[str, str] | tuple[str, str, dict[str, Any]],
+    clock: Callable[[], float] = time.time,
     **faults: dict[str, Any],
 ) -> AsyncIterator[Fabric]:
-    """Sources ``(source_id, layout)`` serving ``weights()``, in rank order; ``faults[sid]`` for their agents."""
-    f = Fabric(identity)
+    """Sources ``(source_id, layout[, WeightSource options, or "weights": another callable])`` serving
+    ``weights()``, in rank order;
+    ``faults[sid]`` for their agents; ``clock`` is the registry's (virtual time: ``virtual_wall_clock``)."""
+    f = Fabric(identity, clock)
     async with anyio.create_task_group() as tg:
-        for sid, layout in specs:
+        for sid, layout, *extra in specs:
+            options: dict[str, Any] = {"poll_interval": 0.01, **(extra[0] if extra else {})}
+            served_weights = options.pop("weights", weights)  # another revision, say
             agent = f.network.agent(sid, **faults.get(sid, {}))
-            served = load_weights(identity, weights(), layout)
+            served = load_weights(identity, served_weights(), layout)
             f.sources[sid] = (agent, served)
-            await tg.start(
-                WeightSource(f.registry, served, source_id=sid, agent=agent, poll_interval=0.01).run
-            )
+            await tg.start(WeightSource(f.registry, served, source_id=sid, agent=agent, **options).run)
         yield f
         tg.cancel_scope.cancel()
     f.assert_nothing_held()

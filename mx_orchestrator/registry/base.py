@@ -33,6 +33,7 @@ __all__ = [
     "apply_unreachable",
     "apply_mark_stale",
     "is_expired",
+    "as_listed",
     "is_listed",
 ]
 
@@ -62,6 +63,14 @@ def is_listed(record: SourceRecord, now: float, state: SourceState | None) -> bo
             record.state is SourceState.READY and not is_expired(record, now) and now >= record.ejected_until
         )
     return record.state is state
+
+
+def as_listed(record: SourceRecord, now: float) -> SourceRecord:
+    """The record as a listing at ``now`` shows it: reader leases that ran out are not counted
+    (a crashed target's lease must not keep a source "full" until the next write to its record)."""
+    if all(expires > now for expires in record.readers.values()):
+        return record
+    return _with_readers(record, record.readers, now)
 
 
 def apply_heartbeat(record: SourceRecord, now: float) -> SourceRecord:

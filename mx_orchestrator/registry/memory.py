@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 from ..models import Manifest, SourceRecord, SourceState
-from .base import Change, EjectionPolicy, RecordTransitions, apply_publish, is_listed
+from .base import Change, EjectionPolicy, RecordTransitions, apply_publish, as_listed, is_listed
 
 __all__ = ["MemoryRegistry"]
 
@@ -53,7 +53,7 @@ class MemoryRegistry(RecordTransitions):
     ) -> list[SourceRecord]:
         now = self._clock()
         return [
-            r
+            as_listed(r, now)
             for r in self._records.values()
             if (identity_key is None or r.identity_key == identity_key) and is_listed(r, now, state)
         ]

@@ -40,6 +40,7 @@ from .base import (
     EjectionPolicy,
     RecordTransitions,
     apply_publish,
+    as_listed,
     decode_record,
     encode_record,
     is_listed,
@@ -193,7 +194,7 @@ class RedisRegistry(RecordTransitions):
             now = self._clock()
             records = (decode_record(t) for t in texts)
             return [
-                r
+                as_listed(r, now)
                 for r in records
                 if r is not None
                 and (identity_key is None or r.identity_key == identity_key)

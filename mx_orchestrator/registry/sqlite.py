@@ -29,6 +29,7 @@ from .base import (
     EjectionPolicy,
     RecordTransitions,
     apply_publish,
+    as_listed,
     decode_record,
     encode_record,
     is_listed,
@@ -223,7 +224,7 @@ class SqliteRegistry(RecordTransitions):
                     "SELECT record FROM sources WHERE identity_key=?", (identity_key,)
                 ).fetchall()
             records = (decode_record(row[0]) for row in rows)
-            return [r for r in records if r is not None and is_listed(r, now, state)]
+            return [as_listed(r, now) for r in records if r is not None and is_listed(r, now, state)]
 
         return await self._run(query)
 

@@ -7,8 +7,10 @@ and reorder the simulation. :class:`VirtualClockLoop` is an asyncio event loop
 whose ``time()`` is virtual and whose waiting follows one rule:
 
 * while any *accounted* real I/O is in flight (:meth:`VirtualClockLoop.real_io`,
-  or every call through :func:`accounted`), the loop waits for it in real time and
-  virtual time stands still;
+  every call through :func:`accounted`, and after
+  :meth:`VirtualClockLoop.account_worker_threads` anything running in anyio's
+  worker threads: allocations, verifications), the loop waits for it in real
+  time and virtual time stands still;
 * otherwise, when nothing is ready, virtual time jumps to the next timer.
 
 So a transfer of 16 GB that the model says takes 5 s costs no real time, while
@@ -27,10 +29,14 @@ import inspect
 import selectors
 import time
 from collections import Counter
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
-__all__ = ["VirtualClockLoop", "accounted", "virtual_wall_clock"]
+import anyio
+
+__all__ = ["VirtualClockLoop", "accounted", "run_on_virtual_time", "virtual_wall_clock"]
+
+T = TypeVar("T")
 
 # how long one real wait for accounted I/O lasts before the loop looks again
 _REAL_WAIT = 0.05
@@ -45,7 +51,7 @@ class _VirtualSelector:
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         loop = self._loop
-        if loop.real_io_in_flight:
+        if loop.real_io_in_flight or loop.worker_threads_busy():
             # wait for the real reply (a socket or a worker thread's wake-up) in real time
             wait = _REAL_WAIT if timeout is None else min(timeout, _REAL_WAIT)
             return self._selector.select(wait)
@@ -72,6 +78,7 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
         #: the wall-clock time the loop began, for :func:`virtual_wall_clock`
         self.epoch = time.time()
         self.real_io_in_flight = 0
+        self._thread_limiter: anyio.CapacityLimiter | None = None
         self._selector: Any = _VirtualSelector(self._selector, self)
 
     def time(self) -> float:
@@ -79,6 +86,15 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
 
     def advance(self, seconds: float) -> None:
         self._now += max(0.0, seconds)
+
+    def account_worker_threads(self) -> None:
+        """From now on, work in anyio's worker threads (allocations, verifications, SQLite calls)
+        is real I/O too: virtual time waits for it. Call it from a task of this loop."""
+        self._thread_limiter = anyio.to_thread.current_default_thread_limiter()
+
+    def worker_threads_busy(self) -> bool:
+        limiter = self._thread_limiter
+        return limiter is not None and limiter.borrowed_tokens > 0
 
     @contextlib.contextmanager
     def real_io(self) -> Iterator[None]:
@@ -132,3 +148,16 @@ def accounted(inner: Any) -> Any:
     coroutine call accounted as real I/O on a :class:`VirtualClockLoop` (elsewhere: unchanged),
     and counted by method name in the wrapper's ``calls``."""
     return _Accounted(inner)
+
+
+def run_on_virtual_time(main: Callable[[], Awaitable[T]]) -> T:
+    """``main()`` on a :class:`VirtualClockLoop` that accounts worker threads as real work: a
+    driver's timeline (deadlines, hedges, capacity waits) is then exact, whatever the machine."""
+
+    async def accounted_main() -> T:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, VirtualClockLoop)
+        loop.account_worker_threads()
+        return await main()
+
+    return anyio.run(accounted_main, backend="asyncio", backend_options={"loop_factory": VirtualClockLoop})

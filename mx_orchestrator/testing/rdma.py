@@ -12,7 +12,10 @@ the agent whose behaviour they describe (:class:`RdmaFaults`):
 * a *source's* ``die_mid_read``: half the descriptors land, then the peer
   disconnects (``SourceFailed``);
 * a *source's* ``frozen``: a READ never completes, so it ends at its deadline
-  (``TimedOut``), like a SIGSTOPped process.
+  (``TimedOut``), like a SIGSTOPped process;
+* a *source's* ``die_after_bytes``: it serves that many bytes in all, then dies
+  inside the READ that crosses the line (half of that READ lands; every later
+  connect and READ fails), like a process SIGKILLed mid-load.
 
 ``stats`` counts what is held (handles, remote agents, registrations) exactly
 like the NIXL agent's, so leak assertions read the same.
@@ -46,6 +49,8 @@ class RdmaFaults:
     frozen: bool = False
     #: seconds every READ from this agent takes (on anyio's clock, so virtual clocks apply)
     read_delay: float = 0.0
+    #: bytes this agent serves before it dies mid-READ (``None``: never)
+    die_after_bytes: int | None = None
 
 
 @dataclass
@@ -70,6 +75,8 @@ class FakeRdmaAgent:
         self.polls = 0
         self.connects = 0
         self.bytes_read = 0
+        #: bytes READ from this agent by others (what ``die_after_bytes`` counts)
+        self.bytes_served = 0
         self._registered: list[tuple[int, int]] = []  # (address, nbytes), sorted
         self._remotes: dict[str, int] = {}
 
@@ -146,11 +153,18 @@ class FakeRdmaAgent:
                 await anyio.sleep(peer.faults.read_delay)
             if peer.faults.dead:
                 raise EdgeFailure(SourceFailed, "remote disconnected")
-            half = len(pairs) // 2 if peer.faults.die_mid_read else len(pairs)
+            limit = peer.faults.die_after_bytes
+            dies = peer.faults.die_mid_read or (
+                limit is not None and peer.bytes_served + sum(n for _, _, n in pairs) > limit
+            )
+            half = len(pairs) // 2 if dies else len(pairs)
             for dst, src, n in pairs[:half]:
                 ctypes.memmove(dst, src, n)
                 self.bytes_read += n
-            if peer.faults.die_mid_read:
+                peer.bytes_served += n
+            if dies:
+                if limit is not None:
+                    peer.faults.dead = True  # killed: nothing more from it
                 raise EdgeFailure(SourceFailed, "remote disconnected mid-read")
             self.stats.transfers += 1
             await anyio.lowlevel.checkpoint()

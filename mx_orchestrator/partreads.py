@@ -1,0 +1,209 @@
+"""What a load's part reads share: the target's memory, the content it holds, and the hedge race.
+
+The driver (:mod:`mx_orchestrator.load`) decides who reads which part when;
+this module is the state those reads share and the read of one part:
+
+* **allocation, once per load**: the first session whose source answered
+  allocates the target for that source's manifest (or finds the memory there
+  already) and so fixes the load's *content*; plans made before the memory
+  existed are made again against it;
+* **one content**: a source whose manifest differs from that content (another
+  revision with the same names, dtypes and shapes) is a ``ManifestMismatch``
+  before any byte moves, so parts of two revisions are never spliced;
+* **the hedge race**: two copies of one part in flight; the first whose READ
+  completes wins, its twin is cancelled and awaited (released, no longer
+  writing) before the winner is verified;
+* what landed (byte runs, rates, hops) for the report and the next load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import anyio
+
+from .buffers import Buffers
+from .models import Manifest, content_difference
+from .outcomes import Corrupt, Loaded, ManifestMismatch, Outcome, Superseded, TimedOut, out_of_time
+from .parts import Part, PartPlanner, PartTimes
+from .peer import PartCapable, PartConnection, TargetRegistrations, allocate
+from .pullplan import PullPlan
+from .strategy import AttemptContext
+from .target import Target
+
+__all__ = ["PartReads"]
+
+
+class PartReads:
+    """The part reads of one load into ``target`` (see the module docstring)."""
+
+    def __init__(self, target: Target, stripe: int, min_part_bytes: int, max_attempts: int) -> None:
+        self.target = target
+        self.stripe = stripe
+        self.min_part_bytes = min_part_bytes
+        self.max_attempts = max_attempts
+        self.registrations = TargetRegistrations(target)
+        self.allocation = anyio.Lock()
+        self.planner: PartPlanner | None = None
+        #: the manifest of the source whose content this load reads
+        self.content: Manifest | None = None
+        self.scopes: dict[int, anyio.CancelScope] = {}
+        self.finished: dict[int, anyio.Event] = {}
+        self.won: set[int] = set()
+        #: bytes/s of every part that landed (transfer phase), the hops of its source
+        self.rates: list[float] = []
+        self.hops: list[int] = []
+        self.first_part_at: float | None = None
+        self.last_landing_at: float | None = None
+
+    # -- content and memory -----------------------------------------------------
+
+    def agrees(self, plan: PullPlan, strategy: str, source_id: str | None) -> PullPlan | Outcome:
+        """``plan``, or a ``ManifestMismatch`` when its source's content differs from this load's."""
+        differs = content_difference(plan.source, self.content) if self.content is not None else None
+        if differs is None:
+            return plan
+        return ManifestMismatch(
+            strategy=strategy,
+            source_id=source_id,
+            detail=f"other content than this load reads (tensor {differs!r} differs): never mixed in",
+        )
+
+    async def allocate_for(
+        self, plan: PullPlan, strategy: PartCapable, ctx: AttemptContext
+    ) -> PullPlan | Outcome:
+        """The plan against the target's real memory, allocating it for this source (which
+        answered) when there is none; the first session here fixes the load's content."""
+        target = self.target
+        async with self.allocation:
+            if target.buffers is None:
+                allocated = await allocate(plan, target, ctx, strategy.name)
+                if not isinstance(allocated, Buffers):
+                    return allocated
+            elif plan.local_manifest is not target.manifest:
+                replanned = strategy.check_for(ctx)  # planned before the memory existed: again, for it
+                if not isinstance(replanned, PullPlan):
+                    return replanned
+                plan = replanned
+            agreed = self.agrees(plan, strategy.name, ctx.source_id)
+            if isinstance(agreed, PullPlan) and self.planner is None:
+                manifest = target.manifest
+                assert manifest is not None
+                self.content = plan.source
+                self.planner = PartPlanner(
+                    [spec.nbytes for spec in manifest.tensors],
+                    self.stripe,
+                    min_part_bytes=self.min_part_bytes,
+                    max_attempts=self.max_attempts,
+                )
+            return agreed
+
+    def forget(self, release: bool) -> None:
+        """Drop the parts and registrations (a whole-model strategy reads everything next);
+        ``release``: the load allocated the memory, so it is dropped too."""
+        self.planner, self.content = None, None
+        self.registrations.close()
+        if release:
+            self.target.release()
+
+    def close(self) -> None:
+        self.registrations.close()
+
+    # -- one part ---------------------------------------------------------------------
+
+    async def read(
+        self,
+        part: Part,
+        ctx: AttemptContext,
+        budget: float,
+        strategy: str,
+        plan: PullPlan,
+        connection: PartConnection,
+        hops: int,
+    ) -> Outcome:
+        """Read ``part`` through ``connection`` within ``budget`` seconds: its outcome, a lost
+        hedge race included; the part planner is told what became of it."""
+        planner = self.planner
+        assert planner is not None
+        began = anyio.current_time()
+        if self.first_part_at is None:
+            self.first_part_at = began
+        scope = anyio.CancelScope()
+        self.scopes[part.index] = scope
+        self.finished[part.index] = anyio.Event()
+        names = [plan.local_manifest.tensors[i].name for i in part.tensors]
+        outcome: Outcome | None = None
+        try:
+            with scope, anyio.move_on_after(budget + 1.0):  # the agent keeps the deadline; a backstop
+                restricted = plan.restricted(part.tensors)
+                outcome = await connection.read(restricted, ctx, names, lambda: self.settle_twin(part))
+        finally:
+            self.scopes.pop(part.index, None)
+            self.finished.pop(part.index).set()
+        wall = anyio.current_time() - began
+        sid = ctx.source_id
+        if outcome is None and scope.cancel_called:
+            planner.superseded(part)
+            if part.hedge_of is not None:  # the hedge that lost did nothing wrong
+                return Superseded(
+                    strategy=strategy, source_id=sid, seconds=wall, detail="the original landed first"
+                )
+            # the original that lost was slower than another source with the same bytes: evidence
+            # of slowness (counted toward ejection), and of a stall only if it had the time to show it
+            lost = out_of_time(strategy, sid, wall, wall, part.nbytes, over=False, slow=True)
+            return replace(lost, detail=f"superseded by a hedge after {wall:.3g}s without completing")
+        if outcome is None:
+            outcome = out_of_time(strategy, sid, wall, budget, part.nbytes, over=ctx.remaining <= 0)
+        if isinstance(outcome, TimedOut):  # the part's own deadline, what stall evidence is judged on
+            outcome = replace(outcome, deadline=budget, planned_bytes=part.nbytes)
+        if isinstance(outcome, Superseded):
+            planner.superseded(part)
+        elif isinstance(outcome, (Loaded, Corrupt)):
+            index = {spec.name: i for i, spec in enumerate(plan.local_manifest.tensors)}
+            bad = [index[n] for n in outcome.bad_tensors] if isinstance(outcome, Corrupt) else []
+            planner.landed(part, bad)
+            self.last_landing_at = anyio.current_time()
+            transfer = ctx.phases.seconds.get("transfer", 0.0)
+            if isinstance(outcome, Loaded):
+                self.hops.append(hops)
+                if transfer > 0:
+                    self.rates.append(part.nbytes / transfer)
+        else:
+            planner.failed(part)
+        return outcome
+
+    async def settle_twin(self, part: Part) -> bool:
+        """Called when ``part``'s READ completed, before its bytes are verified: True when it won."""
+        twin = self.planner.twin_of(part) if self.planner is not None else None
+        if twin is None:
+            return True
+        if twin in self.won:
+            return False
+        self.won.add(part.index)
+        scope, finished = self.scopes.get(twin), self.finished.get(twin)
+        if scope is not None and finished is not None:
+            scope.cancel()
+            await finished.wait()
+        return True
+
+    def landed(self, part: Part, outcome: Outcome, plan: PullPlan) -> tuple[tuple[int, int], ...]:
+        """The byte runs of ``part`` that landed verified (all of it when ``Loaded``, the good
+        tensors of a ``Corrupt`` part, nothing otherwise)."""
+        assert self.planner is not None
+        if isinstance(outcome, Loaded):
+            tensors: list[int] = list(part.tensors)
+        elif isinstance(outcome, Corrupt):
+            bad = set(outcome.bad_tensors)
+            tensors = [i for i in part.tensors if plan.local_manifest.tensors[i].name not in bad]
+        else:
+            tensors = []
+        return tuple(self.planner.byte_runs(tensors))
+
+    def times(
+        self, learned_rate: float | None, stall_rate: float, stall_seconds: Any, hedging: bool
+    ) -> PartTimes:
+        """How long parts should take: at the best rate of this load, else of earlier ones, else
+        the policy's stall rate."""
+        rate = max(self.rates) if self.rates else learned_rate or stall_rate
+        return PartTimes(rate, stall_seconds, hedging)

@@ -1,0 +1,101 @@
+"""A load's side effects on the registry: reader leases while a source is read, and what the
+policy's actions tell the registry (a STALE mark, an unreachable or slow report).
+
+Every call goes through :func:`~mx_orchestrator.evaluation.registry_call`:
+bounded in time, a failure logged and returned, never raised into the load.
+A lease is held for a whole session on one source (not per part), renewed in
+the background and given back on every path, cancellation included; a target
+killed mid-read stops renewing and its lease runs out within ``reader_lease``
+seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+
+from .evaluation import registry_call
+from .outcomes import Outcome
+from .plan import Attempt
+from .policy import Action
+from .settings import LoadSettings
+
+__all__ = ["SourceAccounting"]
+
+#: leases are bookkeeping: a slow registry must not hold a read back for long
+_READER_ACCOUNTING_TIMEOUT = 0.5
+
+
+class SourceAccounting:
+    """The registry side of one load (``reader``: this load's name in the sources' lease tables)."""
+
+    def __init__(self, config: LoadSettings, reader: str, log: Any, tasks: anyio.abc.TaskGroup) -> None:
+        self.config = config
+        self.reader = reader
+        self.log = log
+        self.tasks = tasks
+
+    @contextlib.asynccontextmanager
+    async def lease(self, attempt: Attempt) -> AsyncIterator[bool | None]:
+        """This load's reader lease on the attempt's source while the block runs: True held, False
+        refused (the source is at its reader cap), ``None`` no registry to ask or it failed (best
+        effort: the read goes ahead)."""
+        leased = await self._lease(attempt, self.config.reader_lease)
+        renewals = anyio.CancelScope()
+        if leased:
+            self.tasks.start_soon(self._renew, attempt, renewals)
+        try:
+            yield leased
+        finally:
+            renewals.cancel()
+            if leased:
+                with anyio.CancelScope(shield=True):
+                    await self._lease(attempt, None)
+
+    async def _lease(self, attempt: Attempt, seconds: float | None) -> bool | None:
+        registry = self.config.registry
+        if attempt.candidate is None or registry is None:
+            return None
+        record = attempt.candidate.record
+        result = await registry_call(
+            self.log,
+            lambda: registry.lease_reader(record.source_id, record.generation, self.reader, seconds),
+            "source.reader_lease_failed",
+            within=_READER_ACCOUNTING_TIMEOUT,
+            source=record.source_id,
+        )
+        return None if isinstance(result, Exception) else result
+
+    async def _renew(self, attempt: Attempt, scope: anyio.CancelScope) -> None:
+        with scope:
+            while True:
+                await anyio.sleep(self.config.reader_lease / 3)
+                await self._lease(attempt, self.config.reader_lease)
+
+    async def carry_out(self, action: Action, attempt: Attempt, outcome: Outcome) -> bool:
+        """Apply the action's side effect; True when the source was marked STALE (or this report
+        was the one that ejected it)."""
+        registry = self.config.registry
+        if (
+            not (action.mark_stale or action.report_unreachable)
+            or attempt.candidate is None
+            or registry is None
+        ):
+            return False
+        record = attempt.candidate.record
+        reason = f"{outcome.name}: {outcome.detail}"[:500]
+        reporter = self.config.target_id
+        report = registry.mark_stale if action.mark_stale else registry.report_unreachable
+        marked = await registry_call(
+            self.log,
+            lambda: report(record.source_id, record.generation, reason=reason, reporter=reporter),
+            "source.mark_stale_failed",
+            source=record.source_id,
+        )
+        if marked is True:
+            self.log.warning("source.marked_stale", source=record.source_id, reason=reason)
+            return True
+        return False

@@ -1,0 +1,193 @@
+"""The one load driver on the fake fabric, on virtual time: exact timelines for hedges, failover and
+capacity waits, and the rules every mode keeps (``stripe`` 1 and 3 alike).
+
+The fabric is real sources, registry and target on the public fake RDMA network
+(which really copies bytes). The loop is :class:`~mx_orchestrator.testing.clock.VirtualClockLoop`
+with worker threads accounted: allocation and verification take no virtual
+time, so every figure asserted below is the driver's own decision, exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import tenacity
+import torch
+
+from mx_orchestrator import ModelIdentity, Policy, SourceState
+from mx_orchestrator.parts import HEDGE_FACTOR, HEDGE_FLOOR
+from mx_orchestrator.outcomes import Loaded, ManifestMismatch, SourceFailed, SourceUnreachable, TimedOut
+from mx_orchestrator.report import LoadReport
+from mx_orchestrator.target import Target
+from mx_orchestrator.testing.clock import run_on_virtual_time, virtual_wall_clock
+from tests.fabric import fabric as shared_fabric
+
+IDENTITY = ModelIdentity("acme/driven")
+TENSORS = 24
+STRIPES = [1, 3]
+
+
+def weights(seed: int = 11) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"layer.{i}.weight": torch.randn(256 + 64 * (i % 5), 16, generator=g) for i in range(TENSORS)}
+
+
+def fabric(*specs: Any, **faults: Any) -> Any:
+    return shared_fabric(IDENTITY, weights, *specs, clock=virtual_wall_clock, **faults)
+
+
+def assert_equal_weights(target: Target, seed: int = 11) -> None:
+    for name, tensor in weights(seed).items():
+        assert torch.equal(target.tensors()[name], tensor), name
+
+
+def assert_parts_cover_once(report: LoadReport, total: int) -> None:
+    ranges = report.landed_ranges()
+    assert sum(end - start for start, end in ranges) == total
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(ranges))
+
+
+@pytest.mark.parametrize("stripe", STRIPES)
+def test_a_stalled_part_is_hedged_at_the_stall_with_stripe_1_and_at_twice_its_expected_time_when_striped(
+    stripe: int,
+) -> None:
+    """One part (the whole model) from a frozen source. With one reader, another source joins only
+    once the read is a stall (the policy's evidence, 1 s); striped, an idle reader hedges it at
+    twice its expected time (the floor, 0.2 s). Either way the hedge lands at once, the frozen
+    read is cancelled then, and nothing else takes time."""
+    policy = Policy(stall_floor=1.0, stall_rate=1e12)  # a part is expected to take ~0 s
+
+    async def main() -> tuple[LoadReport, Target, SourceState | None]:
+        async with fabric(("frozen", "arena"), ("b", "arena"), frozen={"frozen": True}) as f:
+            target = Target("arena")
+            report = await f.load(target, stripe=stripe, min_part_bytes=1 << 30, rank_window=0, policy=policy)
+            return report, target, f.registry.state_of("frozen")
+
+    report, target, state = run_on_virtual_time(main)
+    assert report.loaded
+    assert_equal_weights(target)
+    when = 1.0 if stripe == 1 else max(HEDGE_FLOOR, HEDGE_FACTOR * 0.0)
+    assert report.seconds == pytest.approx(when, abs=1e-9)
+    lost = [a for a in report.attempts if a.outcome.source_id == "frozen"]
+    assert len(lost) == 1 and isinstance(lost[0].outcome, TimedOut) and lost[0].outcome.slow
+    assert lost[0].wall_seconds == pytest.approx(when, abs=1e-9)
+    won = report.loaded_parts()
+    assert [a.outcome.source_id for a in won] == ["b"] and won[0].byte_range == lost[0].byte_range
+    # a second in flight for the policy's whole stall evidence: stale; 0.2 s of it: only reported slow
+    assert lost[0].marked_stale == (stripe == 1) and (state is SourceState.STALE) == (stripe == 1)
+    assert target.bytes_written == target.nbytes
+    assert_parts_cover_once(report, target.nbytes)
+
+
+@pytest.mark.parametrize("stripe", STRIPES)
+def test_a_source_killed_after_half_the_model_costs_the_load_only_the_rest(stripe: int) -> None:
+    """Failover per part in every mode: the source dies inside the read that crosses half the
+    model; what landed before stays, the rest comes from the other source, and the target's own
+    accounting shows at most one part read twice."""
+    total = sum(t.numel() * 4 for t in weights().values())
+    # one reader reads half the model first; three share it, so the dying one has less to serve
+    kill_at = total // 2 if stripe == 1 else total // 8
+
+    async def main() -> tuple[LoadReport, Target, SourceState | None]:
+        async with fabric(("dies", "arena"), ("b", "arena"), dies={"die_after_bytes": kill_at}) as f:
+            target = Target("arena")
+            report = await f.load(target, stripe=stripe, min_part_bytes=4096, rank_window=0)
+            return report, target, f.registry.state_of("dies")
+
+    report, target, state = run_on_virtual_time(main)
+    assert report.loaded
+    assert_equal_weights(target)
+    assert state is SourceState.STALE
+    failed = [a for a in report.attempts if isinstance(a.outcome, SourceFailed)]
+    assert len(failed) == 1 and failed[0].marked_stale and failed[0].byte_range is not None
+    landed_from_dead = sum(
+        e - s for a in report.loaded_parts() if a.outcome.source_id == "dies" for s, e in a.landed
+    )
+    if stripe == 1:
+        assert landed_from_dead >= total // 4  # the first (largest) part landed before the death
+    biggest = max(e - s for a in report.attempts if a.byte_range for s, e in [a.byte_range])
+    assert target.bytes_written <= target.nbytes + biggest
+    assert_parts_cover_once(report, target.nbytes)
+    assert all(a.byte_range is not None for a in report.attempts)  # every attempt here read a part
+
+
+@pytest.mark.parametrize("stripe", STRIPES)
+def test_a_full_source_is_waited_for_exactly_as_the_policy_says_and_then_loads(stripe: int) -> None:
+    """The only source admits one reader and another holds it for 4 s: the load waits for capacity
+    (0.5 s a wait, listing again each time), never falls back nor blames, and loads at the first
+    listing after the slot freed."""
+    policy = Policy(capacity_backoff=tenacity.wait_fixed(0.5), capacity_patience=0.0)
+
+    async def main() -> tuple[LoadReport, Target, SourceState | None]:
+        async with fabric(("only", "arena", {"max_readers": 1})) as f:
+            record = await f.registry.get("only")
+            assert record is not None
+            assert await f.registry.lease_reader("only", record.generation, "someone-else", 4.0)
+            target = Target("arena")
+            report = await f.load(target, stripe=stripe, min_part_bytes=4096, rank_window=0, policy=policy)
+            return report, target, f.registry.state_of("only")
+
+    report, target, state = run_on_virtual_time(main)
+    assert report.loaded and state is SourceState.READY
+    assert_equal_weights(target)
+    assert report.capacity_waits in (8, 9)  # the lease ends at 4.0 s: the listing at 4.0 or 4.5 s
+    assert report.seconds == pytest.approx(0.5 * report.capacity_waits, abs=1e-9)
+    assert all(isinstance(a.outcome, Loaded) for a in report.attempts)  # listed full: no attempt
+
+
+@pytest.mark.parametrize("stripe", STRIPES)
+def test_junk_records_that_outnumber_the_honest_source_never_shape_the_target(stripe: int) -> None:
+    """Five records publishing the honest manifest relabelled (F32 -> I32) with garbage connection
+    metadata, all ranked first: each costs one refused connect, none allocates, the honest source
+    loads the model; no count of records decides what the target holds."""
+
+    async def main() -> tuple[LoadReport, Target]:
+        async with fabric(("honest", "arena")) as f:
+            honest = await f.registry.get("honest")
+            manifest = await f.registry.get_manifest("honest", honest.generation)  # type: ignore[union-attr]
+            assert honest is not None and manifest is not None
+            relabelled = replace(manifest, tensors=tuple(replace(t, dtype="I32") for t in manifest.tensors))
+            junk = {**honest.transport, "nixl_metadata": "Z2FyYmFnZQ=="}
+            for i in range(5):
+                record = replace(honest, source_id=f"junk-{i}", generation=f"g{i}", transport=junk)
+                await f.registry.publish(record, relabelled)
+            orchestrator = f.orchestrator(stripe=stripe, min_part_bytes=4096, rank_window=0.01)
+            orchestrator.selection = lambda _t: lambda c: (0.0 if c.source_id.startswith("junk") else 1.0,)
+            target = Target("arena")
+            return await orchestrator.load(IDENTITY, target), target
+
+    report, target = run_on_virtual_time(main)
+    assert report.loaded, report.reason
+    assert_equal_weights(target)
+    assert target.allocations == [target.nbytes]  # allocated once, for the honest manifest
+    junk = [a for a in report.attempts if (a.outcome.source_id or "").startswith("junk")]
+    assert junk and all(isinstance(a.outcome, SourceUnreachable) and a.outcome.bytes_moved == 0 for a in junk)
+    assert {a.outcome.source_id for a in report.loaded_parts()} == {"honest"}
+
+
+@pytest.mark.parametrize("stripe", STRIPES)
+def test_two_revisions_of_one_model_are_never_spliced(stripe: int) -> None:
+    """Sources of two revisions with the same names, dtypes and shapes: the load reads every byte
+    from one content (the first source that answered); the other revision is a ManifestMismatch,
+    never STALE, and the bytes equal that one revision exactly."""
+
+    async def main() -> tuple[LoadReport, Target, SourceState | None]:
+        other = {"weights": lambda: weights(seed=12)}  # its own values, published with their checksums
+        async with fabric(("a", "arena"), ("rev-b", "arena", other), ("b", "arena"), ("c", "arena")) as f:
+            target = Target("arena")
+            report = await f.load(target, stripe=stripe, min_part_bytes=4096, rank_window=0.01)
+            return report, target, f.registry.state_of("rev-b")
+
+    report, target, state = run_on_virtual_time(main)
+    assert report.loaded
+    assert_equal_weights(target, seed=11)  # exactly revision A, no tensor of B
+    assert "rev-b" not in report.bytes_by_source()
+    assert state is SourceState.READY
+    refused = [a for a in report.attempts if a.outcome.source_id == "rev-b"]
+    if stripe > 1:  # with one reader, A served it all before rev-b's turn
+        assert refused and all(
+            isinstance(a.outcome, ManifestMismatch) and not a.marked_stale for a in refused
+        )
