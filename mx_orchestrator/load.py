@@ -49,7 +49,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .evaluation import Evaluator
 from .models import Candidate, ModelIdentity
-from .outcomes import Loaded, LocalFailure, Outcome, SourceBusy, Superseded, out_of_time
+from .outcomes import Corrupt, Loaded, LocalFailure, Outcome, SourceBusy, Superseded, out_of_time
 from .partreads import PartReads
 from .parts import Part, PartTimes
 from .peer import PartCapable, PartConnection
@@ -364,6 +364,11 @@ class LoadRun:
             if parts.done:
                 self.finish(reads)
                 return
+            agreed = reads.agrees(plan, strategy.name, sid)  # the load's content may have changed
+            if not isinstance(agreed, PullPlan):
+                await self.settle(attempt, agreed, Phases(), 0.0, ends_session=True)
+                return
+            reads.adopt(plan)
             if parts.stuck:
                 self.conclude(Done(False, f"part attempt limit {parts.max_attempts} reached"))
                 return
@@ -381,7 +386,9 @@ class LoadRun:
             ctx = self.context(numbered, now + budget, phases, whole=False)
             self.observe_start(strategy.name, sid)
             hops = attempt.candidate.record.hops
-            outcome = await reads.read(part, ctx, budget, strategy.name, plan, connection, hops)
+            outcome = await reads.read(part, ctx, budget, strategy.name, plan, connection, hops, now)
+            if isinstance(outcome, Corrupt):  # the content this load reads may be a liar's
+                self.planner.reconsider(reads.discredit(plan.source))
             wall = anyio.current_time() - now
             if self.progress is not None and isinstance(outcome, Loaded):
                 self.progress(parts.landed_bytes, parts.total_bytes)

@@ -39,7 +39,7 @@ __all__ = [
     "SourceState",
     "StoredManifest",
     "TensorSpec",
-    "content_difference",
+    "content_differences",
     "content_fingerprint",
     "dtype_name",
     "torch_dtype",
@@ -274,8 +274,8 @@ def content_fingerprint(tensors: Iterable[tuple[str, str, tuple[int, ...], str]]
     return f"mxc1-{h.hexdigest()}"
 
 
-def content_difference(a: Manifest, b: Manifest) -> str | None:
-    """A tensor whose published content differs between ``a`` and ``b`` (``None``: no evidence).
+def content_differences(a: Manifest, b: Manifest) -> list[str]:
+    """The tensors whose published content differs between ``a`` and ``b``, in ``a``'s order.
 
     For manifests of the same names, dtypes and shapes: two revisions of one
     model (a fine-tune, a roll-out in progress) look alike until their digests
@@ -288,19 +288,23 @@ def content_difference(a: Manifest, b: Manifest) -> str | None:
     algorithms_b = b.checksum_algorithm.split("+")
     shared = [(i, algorithms_b.index(n)) for i, n in enumerate(algorithms_a) if n in algorithms_b]
     theirs = b.by_name()
+    differing: list[str] = []
     for spec in a.tensors:
         other = theirs.get(spec.name)
         if other is None:
             continue
         if spec.digest is not None and other.digest is not None and spec.digest != other.digest:
-            return spec.name
+            differing.append(spec.name)
+            continue
         if spec.checksum is None or other.checksum is None or not shared:
             continue
         mine, yours = spec.checksum.split("+"), other.checksum.split("+")
-        for i, j in shared:
-            if i < len(mine) and j < len(yours) and mine[i] and yours[j] and mine[i] != yours[j]:
-                return spec.name
-    return None
+        if any(
+            i < len(mine) and j < len(yours) and mine[i] and yours[j] and mine[i] != yours[j]
+            for i, j in shared
+        ):
+            differing.append(spec.name)
+    return differing
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 
 from .buffers import Buffers
-from .models import Manifest, content_difference
+from .models import Manifest, content_differences
 from .outcomes import Corrupt, Loaded, ManifestMismatch, Outcome, Superseded, TimedOut, out_of_time
 from .parts import Part, PartPlanner, PartTimes
 from .peer import PartCapable, PartConnection, TargetRegistrations, allocate
@@ -46,8 +46,13 @@ class PartReads:
         self.registrations = TargetRegistrations(target)
         self.allocation = anyio.Lock()
         self.planner: PartPlanner | None = None
-        #: the manifest of the source whose content this load reads
+        #: the manifest of the source whose content this load reads; one that proved false; the
+        #: sources refused for another content meanwhile
         self.content: Manifest | None = None
+        self.discredited: Manifest | None = None
+        self.refused: set[str] = set()
+        #: id of a source manifest -> it, and the tensors it differs in from the content (reset with it)
+        self._differs: dict[int, tuple[Manifest, list[str]]] = {}
         self.scopes: dict[int, anyio.CancelScope] = {}
         self.finished: dict[int, anyio.Event] = {}
         self.won: set[int] = set()
@@ -60,15 +65,50 @@ class PartReads:
     # -- content and memory -----------------------------------------------------
 
     def agrees(self, plan: PullPlan, strategy: str, source_id: str | None) -> PullPlan | Outcome:
-        """``plan``, or a ``ManifestMismatch`` when its source's content differs from this load's."""
-        differs = content_difference(plan.source, self.content) if self.content is not None else None
-        if differs is None:
+        """``plan``, or a ``ManifestMismatch`` when its source's content differs from this load's.
+
+        While the load has no content (none allocated yet, or it was discredited) the plan's source
+        is adopted once the memory exists (:meth:`adopt`)."""
+        if self.content is None or plan.source is self.content:
             return plan
+        known = self._differs.get(id(plan.source))
+        if known is not None and known[0] is plan.source:
+            differs = known[1]
+        else:  # once per source manifest and content (90,000 tensors are compared)
+            differs = content_differences(plan.source, self.content)
+            self._differs[id(plan.source)] = (plan.source, differs)
+        if not differs:
+            return plan
+        if source_id is not None:
+            self.refused.add(source_id)
         return ManifestMismatch(
             strategy=strategy,
             source_id=source_id,
-            detail=f"other content than this load reads (tensor {differs!r} differs): never mixed in",
+            detail=f"other content than this load reads ({len(differs)} tensors differ, "
+            f"e.g. {differs[0]!r}): never mixed in",
         )
+
+    def adopt(self, plan: PullPlan) -> None:
+        """Make ``plan``'s source the load's content (none yet, or the last was discredited); landed
+        tensors it disagrees with were verified against a content that proved false: read again."""
+        if self.content is not None:
+            return
+        self.content = plan.source
+        self._differs.clear()
+        if self.discredited is not None and self.planner is not None:
+            index = {spec.name: i for i, spec in enumerate(plan.local_manifest.tensors)}
+            differing = content_differences(plan.source, self.discredited)
+            self.planner.unland([index[n] for n in differing if n in index])
+
+    def discredit(self, source: Manifest) -> set[str]:
+        """A source of the load's content served bytes that fail that content's checksums: the
+        content is not trusted any more (a liar may have defined it). The next source to read
+        decides it again; returns the sources refused for another content, to be tried again."""
+        if self.content is None or content_differences(source, self.content):
+            return set()
+        self.discredited, self.content = self.content, None
+        refused, self.refused = self.refused, set()
+        return refused
 
     async def allocate_for(
         self, plan: PullPlan, strategy: PartCapable, ctx: AttemptContext
@@ -90,19 +130,20 @@ class PartReads:
             if isinstance(agreed, PullPlan) and self.planner is None:
                 manifest = target.manifest
                 assert manifest is not None
-                self.content = plan.source
                 self.planner = PartPlanner(
                     [spec.nbytes for spec in manifest.tensors],
                     self.stripe,
                     min_part_bytes=self.min_part_bytes,
                     max_attempts=self.max_attempts,
                 )
+            if isinstance(agreed, PullPlan):
+                self.adopt(agreed)
             return agreed
 
     def forget(self, release: bool) -> None:
         """Drop the parts and registrations (a whole-model strategy reads everything next);
         ``release``: the load allocated the memory, so it is dropped too."""
-        self.planner, self.content = None, None
+        self.planner, self.content, self.discredited = None, None, None
         self.registrations.close()
         if release:
             self.target.release()
@@ -121,12 +162,13 @@ class PartReads:
         plan: PullPlan,
         connection: PartConnection,
         hops: int,
+        began: float,
     ) -> Outcome:
-        """Read ``part`` through ``connection`` within ``budget`` seconds: its outcome, a lost
-        hedge race included; the part planner is told what became of it."""
+        """Read ``part`` through ``connection`` within ``budget`` seconds from ``began`` (when its
+        deadline was set): its outcome, a lost hedge race included; the part planner is told what
+        became of it."""
         planner = self.planner
         assert planner is not None
-        began = anyio.current_time()
         if self.first_part_at is None:
             self.first_part_at = began
         scope = anyio.CancelScope()
@@ -156,7 +198,7 @@ class PartReads:
         if outcome is None:
             outcome = out_of_time(strategy, sid, wall, budget, part.nbytes, over=ctx.remaining <= 0)
         if isinstance(outcome, TimedOut):  # the part's own deadline, what stall evidence is judged on
-            outcome = replace(outcome, deadline=budget, planned_bytes=part.nbytes)
+            outcome = replace(outcome, seconds=wall, deadline=budget, planned_bytes=part.nbytes)
         if isinstance(outcome, Superseded):
             planner.superseded(part)
         elif isinstance(outcome, (Loaded, Corrupt)):

@@ -258,6 +258,14 @@ class PartPlanner:
         self._finish(part)
         self._twin.pop(part.index, None)
 
+    def unland(self, tensors: Collection[int]) -> None:
+        """Landed ``tensors`` are not trusted after all (they were verified against a content that
+        proved false): back to the pool, to be read again."""
+        for i in sorted(set(tensors)):
+            if 0 <= i < len(self._landed) and self._landed[i]:
+                self._landed[i] = False
+                self._requeue(i, i + 1)
+
     def _finish(self, part: Part) -> None:
         if self._in_flight.pop(part.index, None) is None:
             raise RuntimeError(f"part {part.index} is not in flight")

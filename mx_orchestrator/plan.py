@@ -30,7 +30,7 @@ arbitrary outcomes to pin that.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from .models import Candidate
@@ -240,6 +240,15 @@ class Planner:
     def attempts_counted(self) -> int:
         """Attempts that count toward ``max_attempts``: all but the refusals for capacity."""
         return self.attempts_total - self.refusals
+
+    def reconsider(self, sources: Collection[str]) -> None:
+        """``sources`` were refused for a reason that no longer holds (another content than one
+        that has since proved false): they may be tried again, by every strategy."""
+        for sid in sources:
+            self._forgotten.discard(sid)
+            self._tried = {(i, s) for i, s in self._tried if s != sid}
+            if sid in self._known and self._heap_index == self._index:
+                heapq.heappush(self._heap, (self._keys[sid], sid))
 
     def requeue(self) -> None:
         """Start a new round after a capacity wait: the full sources may be tried again, and the

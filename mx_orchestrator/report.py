@@ -175,7 +175,8 @@ class LoadReport:
         if self.striped and self.loaded:
             parts = [a.outcome for a in self.loaded_parts()]
             nbytes = sum(end - start for start, end in self.landed_ranges())
-            transfer = self.stripe_seconds
+            if len(parts) > 1:  # from the first part's start to the last one's landing
+                transfer = self.stripe_seconds
             strategy = "+".join(dict.fromkeys(o.strategy for o in parts))
             source = max(by_source, key=lambda sid: by_source[sid]) if by_source else None
             verified = all(getattr(o, "verified", False) for o in parts)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -215,3 +217,50 @@ async def publish_a_lie(registry_url: str, source_id: str, tensor: int) -> str:
         return specs[tensor].name
     finally:
         await registry.aclose()
+
+
+class Mxo:
+    """Runs the ``mxo`` command line in a child process (the shared CLI fixture's type);
+    ``quiet``: it logs warnings only."""
+
+    def __init__(self, *, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    def __call__(
+        self, *args: str, timeout: float = 180, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``mxo ARGS``: its exit code, stdout and stderr as text (undecodable bytes kept as escapes)."""
+        environment = dict(os.environ if env is None else env)
+        if self.quiet:
+            environment["MXO_LOG_LEVEL"] = "warning"
+        return subprocess.run(
+            [sys.executable, "-m", "mx_orchestrator", *args],
+            capture_output=True,
+            text=True,
+            errors="surrogateescape",
+            timeout=timeout,
+            env=environment,
+        )
+
+
+@pytest.fixture
+def mxo() -> Mxo:
+    """The ``mxo`` command line, run as a user would run it."""
+    return Mxo()
+
+
+#: fixtures that start real processes or servers: a test using one is in the slow lane
+_SLOW_FIXTURES = frozenset(
+    {"peers", "mxo", "redis_server", "redis_url", "secure_redis_server", "secure_redis_url"}
+)
+_SLOW_MARKERS = frozenset({"nixl", "hub", "redis", "cli"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that starts a process, a server or a real NIXL agent is ``slow``: ``-m "not slow"``
+    is the fast lane (the pure core, the fakes and the driver on virtual time)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        marked = {mark.name for mark in item.iter_markers()}
+        if fixtures & _SLOW_FIXTURES or marked & _SLOW_MARKERS:
+            item.add_marker(pytest.mark.slow)

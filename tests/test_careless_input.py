@@ -18,14 +18,9 @@ from mx_orchestrator.errors import CheckpointError
 from mx_orchestrator.source import load_weights
 from mx_orchestrator.testing import FakeStrategy, succeed
 from mx_orchestrator.testing.peers import MODEL_ID, Peers
+from tests.conftest import Mxo
 
 IDENTITY = ModelIdentity("acme/careless")
-
-
-def mxo(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mx_orchestrator", *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 def assert_one_line(out: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
@@ -68,7 +63,7 @@ def corpus() -> dict[str, bytes]:
 
 @pytest.mark.parametrize("case", sorted(corpus()))
 def test_a_malformed_checkpoint_is_one_line_naming_the_file_and_nothing_is_published(
-    case: str, tmp_path: Path
+    mxo: Mxo, case: str, tmp_path: Path
 ) -> None:
     weights = tmp_path / "weights"
     weights.mkdir()
@@ -87,7 +82,7 @@ def test_a_malformed_checkpoint_is_one_line_naming_the_file_and_nothing_is_publi
     ["{not json", '{"weight_map": 3}', '{"weight_map": {"w": 7}}', '{"weight_map": {"w": "../outside.safetensors"}}',
      '{"weight_map": {"w": "missing.safetensors"}}', '["a list"]', '{"weight_map": {}}'],
 )  # fmt: skip
-def test_a_broken_index_is_one_line_naming_it(index: str, tmp_path: Path) -> None:
+def test_a_broken_index_is_one_line_naming_it(mxo: Mxo, index: str, tmp_path: Path) -> None:
     weights = tmp_path / "weights"
     weights.mkdir()
     (weights / "model.safetensors.index.json").write_text(index)
@@ -133,14 +128,16 @@ def test_any_bad_header_is_a_checkpoint_error_never_another_exception(
      ("--attempt-timeout", "nan", "attempt_timeout"), ("--timeout", "nan", "load_timeout"),
      ("--timeout", "inf", "load_timeout"), ("--timeout", "soon", "not a number")],
 )  # fmt: skip
-def test_bad_numbers_on_pull_are_usage_errors(flag: str, value: str, needle: str, tmp_path: Path) -> None:
+def test_bad_numbers_on_pull_are_usage_errors(
+    mxo: Mxo, flag: str, value: str, needle: str, tmp_path: Path
+) -> None:
     out = mxo("pull", "--model-id", "a/b", "--registry", f"sqlite://{tmp_path}/r.db", flag, value)
     assert out.returncode == 2 and "Traceback" not in out.stderr and needle in out.stderr
     assert out.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "0.5"])
-def test_bad_ttls_on_serve_are_usage_errors(value: str, tmp_path: Path) -> None:
+def test_bad_ttls_on_serve_are_usage_errors(mxo: Mxo, value: str, tmp_path: Path) -> None:
     out = mxo("serve", "--model-id", "a/b", "--weights", str(tmp_path), "--ttl", value)
     assert out.returncode == 2 and "ttl" in out.stderr and "Traceback" not in out.stderr
 
@@ -155,7 +152,7 @@ def test_the_api_validates_the_same_numbers(kwargs: dict[str, object]) -> None:
         Orchestrator(None, [FakeStrategy("hub", {None: [succeed()]}, uses_peers=False)], **kwargs)  # type: ignore[arg-type]
 
 
-def test_an_unwritable_out_fails_before_any_attempt(tmp_path: Path) -> None:
+def test_an_unwritable_out_fails_before_any_attempt(mxo: Mxo, tmp_path: Path) -> None:
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
     read_only = tmp_path / "ro"
@@ -191,7 +188,7 @@ def test_an_unwritable_out_fails_before_any_attempt(tmp_path: Path) -> None:
 
 @pytest.mark.nixl
 def test_a_pull_that_times_out_by_its_own_short_deadline_leaves_the_healthy_source_ready(
-    peers: Peers, registry_url: str
+    mxo: Mxo, peers: Peers, registry_url: str
 ) -> None:
     """The shortest attempt deadline the CLI accepts, against a healthy source that is merely slow to answer
     (paused for the length of the pull): the target's own deadline strikes, which is no fault of the source.
@@ -216,7 +213,7 @@ def test_a_pull_that_times_out_by_its_own_short_deadline_leaves_the_healthy_sour
     assert row["effective_state"] == "READY" and row["times_ejected"] == 0
 
 
-def _readers(registry_url: str) -> int:
+def _readers(mxo: Mxo, registry_url: str) -> int:
     rows = json.loads(mxo("sources", "--registry", registry_url, "--json").stdout)
     return sum(r["load"] for r in rows)
 

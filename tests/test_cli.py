@@ -11,22 +11,17 @@ from pathlib import Path
 import pytest
 
 from mx_orchestrator.testing.peers import MODEL_ID, Peers, minilm_dir
+from tests.conftest import Mxo
 
 pytestmark = pytest.mark.nixl
 
 
-def mxo(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, MXO_LOG_LEVEL="warning")
-    return subprocess.run(
-        [sys.executable, "-m", "mx_orchestrator", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+@pytest.fixture
+def mxo() -> Mxo:
+    return Mxo(quiet=True)
 
 
-def test_demo_json_shows_mismatch_failure_and_verified_load() -> None:
+def test_demo_json_shows_mismatch_failure_and_verified_load(mxo: Mxo) -> None:
     result = mxo("demo", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout)  # stdout holds the JSON document and nothing else
@@ -40,7 +35,7 @@ def test_demo_json_shows_mismatch_failure_and_verified_load() -> None:
     assert data["bytes"] == 90_856_960
 
 
-def test_serve_then_pull_out_round_trips_the_file_byte_for_byte(tmp_path: Path) -> None:
+def test_serve_then_pull_out_round_trips_the_file_byte_for_byte(mxo: Mxo, tmp_path: Path) -> None:
     registry = f"sqlite://{tmp_path}/registry.db"
     with Peers(registry) as peers:
         peers.start(("cli-src", "tensor"))
@@ -55,7 +50,7 @@ def test_serve_then_pull_out_round_trips_the_file_byte_for_byte(tmp_path: Path) 
     ).read_bytes()
 
 
-def test_sources_lists_published_records_as_json(tmp_path: Path) -> None:
+def test_sources_lists_published_records_as_json(mxo: Mxo, tmp_path: Path) -> None:
     registry = f"sqlite://{tmp_path}/registry.db"
     with Peers(registry) as peers:
         peers.start(("listed", "arena"))
@@ -65,7 +60,7 @@ def test_sources_lists_published_records_as_json(tmp_path: Path) -> None:
     assert "transport" not in rows[0]
 
 
-def test_pull_with_no_source_fails_with_a_report_and_nonzero_exit(tmp_path: Path) -> None:
+def test_pull_with_no_source_fails_with_a_report_and_nonzero_exit(mxo: Mxo, tmp_path: Path) -> None:
     result = mxo(
         "pull",
         "--model-id",
@@ -93,7 +88,7 @@ def test_pull_with_no_source_fails_with_a_report_and_nonzero_exit(tmp_path: Path
         (["sources", "--registry", "nonsense"], "no scheme"),
     ],
 )
-def test_misuse_prints_one_error_line_and_no_traceback(args: list[str], needle: str) -> None:
+def test_misuse_prints_one_error_line_and_no_traceback(mxo: Mxo, args: list[str], needle: str) -> None:
     result = mxo(*args, timeout=60)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -101,7 +96,7 @@ def test_misuse_prints_one_error_line_and_no_traceback(args: list[str], needle: 
     assert len(lines) == 1 and needle in lines[0], result.stderr
 
 
-def test_demo_hub_fallback_ends_loaded_via_hf_download() -> None:
+def test_demo_hub_fallback_ends_loaded_via_hf_download(mxo: Mxo) -> None:
     result = mxo("demo", "--scenario", "hub-fallback", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout)

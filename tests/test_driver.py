@@ -18,8 +18,8 @@ import tenacity
 import torch
 
 from mx_orchestrator import ModelIdentity, Policy, SourceState
-from mx_orchestrator.parts import HEDGE_FACTOR, HEDGE_FLOOR
 from mx_orchestrator.outcomes import Loaded, ManifestMismatch, SourceFailed, SourceUnreachable, TimedOut
+from mx_orchestrator.parts import HEDGE_FACTOR, HEDGE_FLOOR
 from mx_orchestrator.report import LoadReport
 from mx_orchestrator.target import Target
 from mx_orchestrator.testing.clock import run_on_virtual_time, virtual_wall_clock

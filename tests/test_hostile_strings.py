@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,14 +13,11 @@ from mx_orchestrator import ManifestError, ModelIdentity
 from mx_orchestrator.models import SourceRecord, SourceState, TensorSpec
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.testing import make_manifest
+from tests.conftest import Mxo
 
 IDENTITY = ModelIdentity("acme/hostile")
 MARKUP = "[bold red]trusted-seed[/bold red]"
 ANSI = "\x1b[2J\x1b[31mall clear\x1b[0m"
-
-
-def mxo(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "mx_orchestrator", *args], capture_output=True, timeout=120)
 
 
 @pytest.fixture
@@ -58,25 +53,25 @@ def hostile_registry(tmp_path: Path) -> str:
     return url
 
 
-def test_sources_table_shows_markup_literally_and_no_escape_byte(hostile_registry: str) -> None:
+def test_sources_table_shows_markup_literally_and_no_escape_byte(mxo: Mxo, hostile_registry: str) -> None:
     out = mxo("sources", "--registry", hostile_registry)
     assert out.returncode == 0, out.stderr
-    assert b"\x1b" not in out.stdout and b"\x1b" not in out.stderr
-    text = out.stdout.decode()
+    assert "\x1b" not in out.stdout and "\x1b" not in out.stderr
+    text = out.stdout
     assert MARKUP in text  # shown as written, not rendered as a red "trusted-seed"
     assert "\\x1b[2J" in text  # the reason's escapes shown escaped
     rows = json.loads(mxo("sources", "--registry", hostile_registry, "--json").stdout)
     assert {r["source_id"] for r in rows} == {MARKUP, "stale-one"}
 
 
-def test_pull_table_json_and_logs_carry_no_escape_byte(hostile_registry: str) -> None:
+def test_pull_table_json_and_logs_carry_no_escape_byte(mxo: Mxo, hostile_registry: str) -> None:
     common = ("pull", "--model-id", IDENTITY.model_id, "--registry", hostile_registry, "--timeout", "20")
     table = mxo(*common, "--log-level", "info")
     as_json = mxo(*common, "--json", "--log-level", "info")
     for out in (table, as_json):
         assert out.returncode == 1  # the garbage record cannot be read from
-        assert b"\x1b" not in out.stdout and b"\x1b" not in out.stderr
-    assert MARKUP in table.stdout.decode()
+        assert "\x1b" not in out.stdout and "\x1b" not in out.stderr
+    assert MARKUP in table.stdout
     report = json.loads(as_json.stdout)
     assert report["attempts"][0]["source"] == MARKUP
 
@@ -101,7 +96,9 @@ def test_records_with_bad_numbers_or_control_characters_are_refused_on_read(
         SourceRecord.from_dict(data)
 
 
-def test_sqlite_registry_files_are_private_and_a_missing_directory_is_an_error(tmp_path: Path) -> None:
+def test_sqlite_registry_files_are_private_and_a_missing_directory_is_an_error(
+    mxo: Mxo, tmp_path: Path
+) -> None:
     import stat
 
     from mx_orchestrator import ConfigError
@@ -120,8 +117,8 @@ def test_sqlite_registry_files_are_private_and_a_missing_directory_is_an_error(t
     with pytest.raises(ConfigError, match="no/such/dir"):
         open_registry(f"sqlite://{tmp_path}/no/such/dir/x.db")
     out = mxo("sources", "--registry", f"sqlite://{tmp_path}/no/such/dir/x.db")
-    assert out.returncode == 2 and b"Traceback" not in out.stderr
-    assert out.stderr.decode().count("\n") == 1 and "does not exist" in out.stderr.decode()
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.count("\n") == 1 and "does not exist" in out.stderr
     assert not (tmp_path / "no").exists()  # nothing was created
 
 

@@ -11,7 +11,9 @@ import itertools
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -21,7 +23,7 @@ from safetensors.torch import load_file
 from mx_orchestrator import ModelIdentity, Orchestrator, Policy, SourceState
 from mx_orchestrator.checkpoint import save_checkpoint
 from mx_orchestrator.registry.sqlite import SqliteRegistry
-from mx_orchestrator.report import LoadReport
+from mx_orchestrator.report import AttemptRecord, LoadObserver, LoadReport
 from mx_orchestrator.target import Target
 from mx_orchestrator.testing.peers import MODEL_ID, Peers, minilm_dir
 from strategies.rdma_region import RdmaRegion
@@ -216,4 +218,114 @@ async def test_mixed_layouts_stripe_region_parts_and_tensor_parts_and_the_chunke
     for name, tensor in reference.items():
         assert torch.equal(target.tensors()[name].view(torch.uint8), tensor.view(torch.uint8)), name
     assert_parts_cover_once(report, target.nbytes)
+    await registry.aclose()
+
+
+class _KillAfterHalf(LoadObserver):
+    """SIGKILLs the source once parts holding at least half of the model landed from it."""
+
+    def __init__(self, victim: Any, total: int) -> None:
+        self.victim, self.total, self.landed = victim, total, 0
+
+    def attempt_done(self, record: AttemptRecord) -> None:
+        if record.outcome.source_id == "victim":
+            self.landed += sum(end - start for start, end in record.landed)
+            if self.landed * 2 >= self.total and self.victim.proc.poll() is None:
+                self.victim.kill()
+
+
+async def test_stripe_1_a_source_killed_after_half_the_model_landed_costs_only_the_rest(
+    peers: Peers, registry_url: str, checkpoint: Path
+) -> None:
+    """One reader, real processes: the model arrives in parts (half first); the source is SIGKILLed
+    once half landed, the next part fails, and the other source reads only what had not landed."""
+    victim, _b = peers.start(
+        ("victim", "arena"), ("b", "arena"), weights=checkpoint, model_id=SYNTHETIC, ttl=120.0
+    )
+    target = Target("arena")
+    killer = _KillAfterHalf(victim, TENSORS * TENSOR_BYTES)
+    report, registry = await striped_load(
+        registry_url, target, stripe=1, selection=ordered("victim", "b"), observers=[killer], load_timeout=120
+    )
+    assert report.loaded, report.reason
+    assert victim.proc.poll() is not None  # it was killed mid-load
+    from_victim = sum(
+        e - s for a in report.loaded_parts() if a.outcome.source_id == "victim" for s, e in a.landed
+    )
+    assert from_victim * 2 >= target.nbytes
+    failed = [a for a in report.attempts if a.outcome.name in ("SourceFailed", "SourceUnreachable")]
+    assert failed and all(a.outcome.source_id == "victim" for a in failed)
+    biggest_part = max(a.byte_range[1] - a.byte_range[0] for a in report.attempts if a.byte_range)
+    assert target.bytes_written <= target.nbytes + biggest_part
+    assert all(a.byte_range is not None for a in report.attempts if a.outcome.name == "Loaded")
+    assert_equal_to(target, checkpoint)
+    assert_parts_cover_once(report, target.nbytes)
+    await registry.aclose()
+
+
+async def test_junk_records_outnumbering_the_honest_source_do_not_stop_a_stripe_2_load(
+    peers: Peers, registry_url: str
+) -> None:
+    """Three records that publish the honest manifest relabelled (F32 -> I32) with garbage connection
+    metadata, ranked first: the striped load connects before it allocates, so none of them shapes the
+    target; the honest process delivers every byte."""
+    peers.start(("honest", "arena"), model_id=MODEL_ID)
+    registry = SqliteRegistry(registry_url.removeprefix("sqlite://"))
+    honest = await registry.get("honest")
+    assert honest is not None
+    manifest = await registry.get_manifest("honest", honest.generation)
+    assert manifest is not None
+    relabelled = replace(
+        manifest, tensors=tuple(replace(t, dtype="I32") if t.dtype == "F32" else t for t in manifest.tensors)
+    )
+    for i in range(3):
+        junk = replace(
+            honest,
+            source_id=f"junk-{i}",
+            generation=f"junk{i}",
+            transport={**honest.transport, "nixl_metadata": "Z2FyYmFnZQ=="},
+        )
+        await registry.publish(junk, relabelled)
+    await registry.aclose()
+    target = Target("arena")
+    report, registry = await striped_load(
+        registry_url,
+        target,
+        MODEL_ID,
+        stripe=2,
+        min_part_bytes=4 << 20,
+        selection=ordered("junk-0", "junk-1", "junk-2", "honest"),
+    )
+    assert report.loaded, report.reason
+    assert target.allocations == [target.nbytes]
+    assert {a.outcome.source_id for a in report.loaded_parts()} == {"honest"}
+    junk_attempts = [a for a in report.attempts if (a.outcome.source_id or "").startswith("junk")]
+    assert junk_attempts and all(
+        a.outcome.bytes_moved == 0 and a.outcome.name != "Loaded" for a in junk_attempts
+    )
+    reference = load_file(str(minilm_dir() / "model.safetensors"))
+    for name, tensor in reference.items():
+        assert torch.equal(target.tensors()[name].view(torch.uint8), tensor.view(torch.uint8)), name
+    await registry.aclose()
+
+
+async def test_a_striped_load_behind_a_full_source_waits_for_capacity_and_loads_from_the_peer(
+    peers: Peers, registry_url: str
+) -> None:
+    """The only source admits one reader, and another holds that slot for 3 s: ``stripe=2`` waits for
+    capacity (never falling back, never blaming) and then loads from the peer."""
+    peers.start(("only", "arena"), model_id=MODEL_ID, max_readers=1)
+    holder = SqliteRegistry(registry_url.removeprefix("sqlite://"))
+    record = await holder.get("only")
+    assert record is not None and await holder.lease_reader("only", record.generation, "someone-else", 3.0)
+    await holder.aclose()
+    target = Target("arena")
+    report, registry = await striped_load(
+        registry_url, target, MODEL_ID, stripe=2, min_part_bytes=4 << 20, load_timeout=60
+    )
+    assert report.loaded, report.reason
+    assert report.capacity_waits >= 1 and report.seconds >= 2.5
+    assert {a.outcome.source_id for a in report.loaded_parts()} == {"only"}
+    assert all(not a.marked_stale for a in report.attempts)
+    assert (await registry.get("only")).state is SourceState.READY  # type: ignore[union-attr]
     await registry.aclose()

@@ -137,16 +137,22 @@ async def test_a_source_dying_mid_read_is_source_failed_and_stale() -> None:
     assert report.final is not None and report.final.source_id == "ok"
 
 
-async def test_a_frozen_source_times_out_at_the_attempt_deadline_and_releases_everything() -> None:
+async def test_a_frozen_source_times_out_at_its_deadline_within_the_attempt_timeout_and_releases_everything() -> (
+    None
+):
     async with fabric(("frozen", "arena"), ("ok", "arena"), frozen={"frozen": True}) as f:
         began = anyio.current_time()
         # a policy that takes 0.2 s without progress as a stall (the default wants 5 s: a short
-        # deadline of the target's own never blames a source)
-        report = await f.load(Target("arena"), attempt_timeout=0.3, policy=Policy(stall_floor=0.2))
+        # deadline of the target's own never blames a source); the part's deadline is that stall
+        # evidence, within the attempt timeout. No hedge: the deadline, not another source, ends it
+        report = await f.load(
+            Target("arena"), attempt_timeout=0.3, policy=Policy(stall_floor=0.2), hedge=False
+        )
         elapsed = anyio.current_time() - began
     first = report.attempts[0]
     assert isinstance(first.outcome, TimedOut) and first.marked_stale
-    assert 0.25 <= first.outcome.seconds < 1.0 and elapsed < 2.0
+    assert 0.2 <= first.outcome.deadline <= 0.3
+    assert first.outcome.deadline <= first.outcome.seconds < 1.0 and elapsed < 2.0
     assert report.final is not None and report.final.source_id == "ok"
 
 

@@ -99,3 +99,74 @@ def test_unsatisfiable_ranges_are_416(header: str) -> None:
     assert (
         isinstance(reply, Reply) and reply.status == 416 and reply.headers["Content-Range"] == "bytes */100"
     )
+
+
+#: the modules a load runs through, each with one job (see ../shared/DESIGN.md)
+LOAD_PATH = (
+    "mx_orchestrator.pipeline",
+    "mx_orchestrator.load",
+    "mx_orchestrator.partreads",
+    "mx_orchestrator.evaluation",
+    "mx_orchestrator.sourcing",
+    "mx_orchestrator.settings",
+    "mx_orchestrator.plan",
+    "mx_orchestrator.parts",
+    "mx_orchestrator.policy",
+    "mx_orchestrator.outcomes",
+    "mx_orchestrator.pullplan",
+    "mx_orchestrator.peer",
+    "mx_orchestrator.target",
+    "mx_orchestrator._backends.pool",
+)
+#: "no module on the load path over ~400 lines"
+MAX_LOAD_PATH_LINES = 420
+
+
+def _source(module: str) -> str:
+    relative = Path(*module.split(".")).with_suffix(".py")
+    return (PACKAGE.parent / relative).read_text()
+
+
+def test_there_is_one_load_driver_and_one_attempt_loop() -> None:
+    """Only the driver makes a plan and asks it for steps; there is no second driver module."""
+    makers, steppers = set(), set()
+    for path in PACKAGE.rglob("*.py"):
+        if "testing" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = (
+                    node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                )
+                if name == "Planner":
+                    makers.add(_module_name(path))
+                if name == "next_step":
+                    steppers.add(_module_name(path))
+    assert makers == {"mx_orchestrator.load"} and steppers == {"mx_orchestrator.load"}
+    assert "mx_orchestrator.striping" not in MODULES
+
+
+def test_no_module_on_the_load_path_is_over_about_400_lines() -> None:
+    lengths = {m: len(_source(m).splitlines()) for m in LOAD_PATH}
+    assert all(n <= MAX_LOAD_PATH_LINES for n in lengths.values()), lengths
+
+
+def test_the_driver_s_parts_never_import_the_driver() -> None:
+    drivers = {"mx_orchestrator.load", "mx_orchestrator.pipeline"}
+    for module in LOAD_PATH:
+        if module in drivers:
+            continue
+        assert not MODULES[module] & drivers, module
+
+
+def test_strategies_are_told_apart_by_protocol_not_by_class() -> None:
+    """The driver asks whether a strategy reads parts (``PartCapable``), never which class it is."""
+    tree = ast.parse(_source("mx_orchestrator.load"))
+    checked = {
+        node.args[1].id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", "") == "isinstance"
+        and isinstance(node.args[1], ast.Name)
+    }
+    assert "PeerStrategy" not in checked and "PartCapable" in checked
