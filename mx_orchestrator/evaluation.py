@@ -4,31 +4,33 @@ One round lists the READY records of the model (through :func:`registry_call`:
 bounded in time, a failure logged and returned, never raised into the load)
 and probes each one at most ``probe_concurrency`` at a time, each within
 ``probe_timeout``. A record whose manifest this process parsed already is a
-candidate at once (no task, no I/O). Candidates are sent as they are found, so
-the first attempt can start while slower probes continue (happy eyeballs); a
-capacity wait starts another round. What every round found is kept in one
+candidate at once (no task, no I/O). Candidates are handed to the driver as
+they are found, so the first attempt can start while slower probes continue
+(happy eyeballs); a capacity wait starts another round. What every round found is kept in one
 :class:`Evaluation` for the report.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
 
 from .errors import ManifestError, RegistryError
 from .models import Candidate, ModelIdentity, SourceRecord, SourceState
+from .plan import EXHAUSTED
 from .report import ProbeRecord
 from .settings import EvaluationSettings
 from .strategy import ProbeFailure
 
-__all__ = ["REGISTRY_CALL_TIMEOUT", "Evaluation", "Evaluator", "registry_call"]
+__all__ = ["REGISTRY_CALL_TIMEOUT", "Evaluation", "Evaluator", "Found", "registry_call"]
 
 T = TypeVar("T")
+
+#: Takes one usable candidate as evaluation finds it.
+Found = Callable[[Candidate], None]
 
 #: How long one registry call may take; a registry outage must not stall (or
 #: crash) a load that already has its candidates.
@@ -64,6 +66,16 @@ class Evaluation:
     #: manifest fingerprint -> the candidates that published it (more than one key: they disagree)
     manifests: dict[str, list[str]] = field(default_factory=dict)
 
+    def explain(self, reason: str, *, tried: bool, key: str) -> str:
+        """A failed load's reason, told from what evaluation found when nothing was tried."""
+        if tried or reason != EXHAUSTED:
+            return reason
+        if self.registry_error is not None:
+            return f"the registry is unavailable: {self.registry_error}"
+        if not any(p.ok for p in self.probes.values()):
+            return f"no READY source of {key} was found"
+        return reason
+
 
 class Evaluator:
     """Runs evaluation rounds for one load of ``identity``, recording into ``evaluation``."""
@@ -74,43 +86,40 @@ class Evaluator:
         self.log = log
         self.evaluation = Evaluation()
 
-    async def round(self, send: MemoryObjectSendStream[Candidate]) -> None:
-        """List the sources and probe them, sending each usable candidate; closes ``send`` when done."""
+    async def round(self, found: Found) -> None:
+        """List the sources and probe them, handing each usable candidate to ``found``."""
         config = self.config
         registry = config.registry
-        async with send:
-            began = anyio.current_time()
-            records: list[SourceRecord] = []
-            if registry is not None:
-                listed = await registry_call(
-                    self.log,
-                    lambda: registry.list(self.identity.key, SourceState.READY),
-                    "evaluate.registry_unavailable",
-                )
-                if isinstance(listed, RegistryError):
-                    self.evaluation.registry_error = listed
-                else:
-                    records = listed
-            limiter = anyio.CapacityLimiter(config.probe_concurrency)
-            known = getattr(config.prober, "probe_known", None)
-            async with anyio.create_task_group() as tg:
-                for record in records:
-                    candidate = known(record) if known is not None else None
-                    if candidate is not None:  # its manifest is parsed already: no I/O, no task
-                        self.probed(record, candidate, 0.0, send)
-                    else:
-                        tg.start_soon(self.probe_one, record, limiter, send)
-            self.evaluation.finished_at = anyio.current_time()
-            self.log.info(
-                "evaluate.done",
-                candidates=len(records),
-                usable=sum(p.ok for p in self.evaluation.probes.values()),
-                seconds=round(self.evaluation.finished_at - began, 4),
+        began = anyio.current_time()
+        records: list[SourceRecord] = []
+        if registry is not None:
+            listed = await registry_call(
+                self.log,
+                lambda: registry.list(self.identity.key, SourceState.READY),
+                "evaluate.registry_unavailable",
             )
+            if isinstance(listed, RegistryError):
+                self.evaluation.registry_error = listed
+            else:
+                records = listed
+        limiter = anyio.CapacityLimiter(config.probe_concurrency)
+        known = getattr(config.prober, "probe_known", None)
+        async with anyio.create_task_group() as tg:
+            for record in records:
+                candidate = known(record) if known is not None else None
+                if candidate is not None:  # its manifest is parsed already: no I/O, no task
+                    self.probed(record, candidate, 0.0, found)
+                else:
+                    tg.start_soon(self.probe_one, record, limiter, found)
+        self.evaluation.finished_at = anyio.current_time()
+        self.log.info(
+            "evaluate.done",
+            candidates=len(records),
+            usable=sum(p.ok for p in self.evaluation.probes.values()),
+            seconds=round(self.evaluation.finished_at - began, 4),
+        )
 
-    async def probe_one(
-        self, record: SourceRecord, limiter: anyio.CapacityLimiter, send: MemoryObjectSendStream[Candidate]
-    ) -> None:
+    async def probe_one(self, record: SourceRecord, limiter: anyio.CapacityLimiter, found: Found) -> None:
         prober = self.config.prober
         assert prober is not None  # a peer strategy without a prober is refused at construction
         timeout = self.config.probe_timeout
@@ -132,14 +141,14 @@ class Evaluator:
             seconds = anyio.current_time() - began
             if result is None:
                 result = ProbeFailure(record.source_id, f"probe timed out after {timeout:.3g}s")
-            self.probed(record, result, seconds, send)
+            self.probed(record, result, seconds, found)
 
     def probed(
         self,
         record: SourceRecord,
         result: Candidate | ProbeFailure,
         seconds: float,
-        send: MemoryObjectSendStream[Candidate],
+        found: Found,
     ) -> None:
         """Record one probe's result and hand a candidate to the driver."""
         if isinstance(result, ProbeFailure):
@@ -158,5 +167,4 @@ class Evaluator:
                 seen = self.evaluation.manifests.setdefault(key, [])
                 if record.source_id not in seen:
                     seen.append(record.source_id)
-            with contextlib.suppress(anyio.BrokenResourceError):  # the load already ended
-                send.send_nowait(result)
+            found(result)

@@ -1,39 +1,31 @@
 """The load driver: the one loop that carries out what the pure core decides, for every load.
 
-Theory of operation. A load is a set of *parts* (runs of whole tensors; see
-:mod:`~mx_orchestrator.parts`). ``stripe`` workers, plus one more when hedging
-is on, each take a (strategy, source) pair from the pure
-:class:`~mx_orchestrator.plan.Planner` and carry it out as a *session*:
+Theory of operation. A load is a set of *parts* (runs of whole tensors, see
+:mod:`~mx_orchestrator.parts`). ``stripe`` workers (one more with hedging) take
+(strategy, source) *sessions* from the pure :class:`~mx_orchestrator.plan.Planner`:
 
 1. a part-capable strategy (:class:`~mx_orchestrator.peer.PartCapable`) is
-   checked (pure, 0 bytes), the source's reader lease is taken (a refusal is
-   ``SourceBusy``: capacity, never a fault), the source is connected, and only
-   then is the target allocated, for the manifest of the first source that
-   answered (or the pinned one: ``check`` refuses the rest), never for what a
-   count of records says. A source whose content differs from what this load
-   allocated is a ``ManifestMismatch`` before any byte moves: two revisions are
-   never spliced. The session then reads part after part from the
-   :class:`~mx_orchestrator.parts.PartPlanner` until the model is in or the
-   source is out of the load;
-2. a strategy that reads the whole model at once (the Hub, ``cuda_ipc``, a
-   third party's) is one attempt, run alone (the planner sees to it).
+   checked (pure, 0 bytes), leased (a refusal is ``SourceBusy``: capacity, never
+   a fault), connected, and only then is the target allocated, once per load,
+   for the first source that answered (or the pinned content); a source of
+   other content is a ``ManifestMismatch`` (:mod:`~mx_orchestrator.partreads`).
+   The session then reads part after part until the model is in or the source
+   is out of the load;
+2. a strategy that reads the whole model (the Hub, ``cuda_ipc``, a third
+   party's) is one attempt, run alone (the planner sees to it).
 
 ``--stripe 1`` is one worker: the model still arrives in parts (large ones
-first), so a source lost at 90 % costs only the part in flight. Every part
-runs under its own deadline (the expected time from the best observed rate,
-never under the policy's stall evidence, never over its even share of what is
-left of the load's deadline). An idle session hedges a part in flight for twice
-its expected time; the extra worker joins, on another source, only once a part
-has been in flight for the policy's stall evidence. The first copy to land
-wins; the other is cancelled and released before the winner is verified.
+first), so a source lost at 90 % costs only the part in flight. Each part has
+its own deadline (:class:`~mx_orchestrator.parts.PartTimes`, never over its even
+share of what is left of the load's). An idle session hedges a part in flight
+for twice its expected time; the extra worker joins, on another source, only
+once a part in flight is a stall by the policy's evidence.
 
 Every outcome goes through :meth:`LoadRun.settle`, the one place that asks the
-policy, carries out its registry action and builds the attempt record,
-complete, once. Time is anyio's clock throughout (``VirtualClockLoop`` tests
-run the driver on virtual time); the registry is called through
-:func:`~mx_orchestrator.evaluation.registry_call` only. When the caller
-cancels, every task is cancelled and awaited, and every lease, connection and
-registration released.
+policy, carries out its registry action and builds the attempt record, once.
+Time is anyio's clock throughout (``VirtualClockLoop`` tests run the driver on
+virtual time). When the caller cancels, every task is cancelled and awaited,
+and every lease, connection and registration released.
 """
 
 from __future__ import annotations
@@ -45,21 +37,20 @@ from typing import Any
 
 import anyio
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .evaluation import Evaluator
 from .models import Candidate, ModelIdentity
-from .outcomes import Corrupt, Loaded, LocalFailure, Outcome, SourceBusy, Superseded, out_of_time
+from .outcomes import Corrupt, Loaded, Outcome, SourceBusy, Superseded, out_of_time
 from .partreads import PartReads
-from .parts import Part, PartTimes
+from .parts import Part
 from .peer import PartCapable, PartConnection
-from .plan import EXHAUSTED, Attempt, Done, Planner, Requeue, StrategySlot, Wait, attempt_budget
+from .plan import Attempt, Done, Planner, Requeue, StrategySlot, Wait, attempt_budget
 from .policy import Action, ActionKind, DecisionState
 from .pullplan import PullPlan
 from .report import AttemptRecord, LoadReport
 from .settings import LoadSettings
 from .sourcing import SourceAccounting
-from .strategy import AttemptContext, Phases, ProgressCallback, Strategy
+from .strategy import AttemptContext, Phases, ProgressCallback, Strategy, attempt_safely
 from .target import Target
 
 __all__ = ["LoadRun"]
@@ -100,11 +91,7 @@ class LoadRun:
         self.whole_parts = 0
         self.whole_hops: int | None = None
         self.empty_before = isinstance(target, Target) and target.buffers is None
-        self.reads = (
-            PartReads(target, config.stripe, config.min_part_bytes, config.policy.max_attempts)
-            if isinstance(target, Target)
-            else None
-        )
+        self.reads = PartReads(target, config, progress) if isinstance(target, Target) else None
         self.registry: SourceAccounting
         self.workers: anyio.abc.TaskGroup
         self.tasks: anyio.abc.TaskGroup
@@ -132,17 +119,13 @@ class LoadRun:
     async def run(self) -> LoadReport:
         config = self.config
         self.log.info("load.start", strategies=[s.name for s in config.strategies], stripe=config.stripe)
-        send, receive = anyio.create_memory_object_stream[Candidate](math.inf)
         try:
             async with anyio.create_task_group() as tg:
                 self.tasks = tg
                 self.registry = SourceAccounting(config, f"{config.target_id}/{self.run_id}", self.log, tg)
                 if config.uses_peers:
-                    tg.start_soon(self.evaluator.round, send)
-                    tg.start_soon(self.collect, receive)
+                    tg.start_soon(self.evaluate)
                 else:
-                    send.close()
-                    receive.close()
                     self.planner.evaluation_finished()
                     self.evaluator.evaluation.finished_at = self.started
                 try:
@@ -157,13 +140,14 @@ class LoadRun:
         assert self.done is not None
         return self.report(self.done)
 
-    async def collect(self, receive: MemoryObjectReceiveStream[Candidate]) -> None:
-        """Hand one evaluation round's candidates to the planner as they are found."""
-        with receive:
-            async for candidate in receive:
-                self.planner.add_candidate(candidate)
-                self.notify()
+    async def evaluate(self) -> None:
+        """One evaluation round; its candidates go to the planner as they are found."""
+        await self.evaluator.round(self.found)
         self.planner.evaluation_finished()
+        self.notify()
+
+    def found(self, candidate: Candidate) -> None:
+        self.planner.add_candidate(candidate)
         self.notify()
 
     async def drive(self) -> None:
@@ -194,10 +178,7 @@ class LoadRun:
                 self.conclude(Done(False, "the load's overall deadline passed" if self.attempts else waiting))
                 return
             if self.sessions >= self.config.stripe:
-                planner = self.reads.planner if self.reads is not None else None
-                due = (
-                    planner.next_hedge_time("", self.times().stall_after) if planner is not None else math.inf
-                )
+                due = self.reads.stall_due() if self.reads is not None else math.inf
                 if due > now:
                     await self.wait_for_change(due)
                     continue
@@ -216,37 +197,28 @@ class LoadRun:
         republished meanwhile are found too)."""
         self.log.info("load.capacity_wait", seconds=round(step.delay, 4), wait=step.wait_number)
         await anyio.sleep(min(step.delay, self.remaining()))
-        send, receive = anyio.create_memory_object_stream[Candidate](math.inf)
         self.planner.requeue()
-        self.tasks.start_soon(self.evaluator.round, send)
-        self.tasks.start_soon(self.collect, receive)
+        self.tasks.start_soon(self.evaluate)
 
     # -- sessions -------------------------------------------------------------------------
 
     def context(self, attempt: Attempt, deadline: float, phases: Phases, *, whole: bool) -> AttemptContext:
         return AttemptContext(
-            identity=self.identity,
-            target=self.target,
-            candidate=attempt.candidate,
-            deadline=min(deadline, self.deadline),
-            attempt_number=attempt.attempt_number,
-            run_id=self.run_id,
-            registry=self.config.registry,
-            progress=self.progress if whole else None,
-            phases=phases,
-            expect=self.config.expect,
+            self.identity,
+            self.target,
+            attempt.candidate,
+            min(deadline, self.deadline),
+            attempt.attempt_number,
+            self.run_id,
+            self.config.registry,
+            self.progress if whole else None,
+            phases,
+            self.config.expect,
         )
 
     def budget(self) -> float:
         """Seconds for the next attempt: its timeout, or its even share of the load's deadline."""
         return attempt_budget(self.remaining(), self.planner.attempts_left(), self.config.attempt_timeout)
-
-    def times(self) -> PartTimes:
-        assert self.reads is not None
-        policy = self.policy
-        return self.reads.times(
-            self.config.learned.part_rate, policy.stall_rate, policy.stall_seconds, self.config.hedge
-        )
 
     async def session(self, attempt: Attempt) -> None:
         strategy = self.config.strategies[attempt.strategy_index]
@@ -277,10 +249,10 @@ class LoadRun:
         try:
             async with self.registry.lease(attempt) as leased:
                 if leased is False:
-                    outcome = self.busy(strategy.name, attempt)
+                    outcome = self.registry.refusal(strategy.name, attempt)
                 else:
                     with anyio.move_on_after(ctx.deadline - began):
-                        outcome = await self.attempt_within(strategy, ctx, attempt)
+                        outcome = await attempt_safely(strategy, ctx, self.log)
         finally:
             if empty_before and not isinstance(outcome, Loaded):
                 target.release()
@@ -299,52 +271,38 @@ class LoadRun:
             self.whole_hops = attempt.candidate.record.hops if attempt.candidate is not None else None
         await self.settle(attempt, outcome, phases, wall, part, landed, ends_session=True)
 
-    async def attempt_within(self, strategy: Strategy, ctx: AttemptContext, attempt: Attempt) -> Outcome:
-        began = anyio.current_time()
-        try:
-            return await strategy.attempt(ctx)
-        except Exception as exc:  # a buggy strategy must not take the load down
-            self.log.exception("attempt.strategy_raised", strategy=strategy.name)
-            return LocalFailure(
-                strategy=strategy.name,
-                source_id=attempt.source_id,
-                seconds=anyio.current_time() - began,
-                detail=f"strategy raised {type(exc).__name__}: {exc}",
-            )
-
     async def read_from(self, attempt: Attempt, strategy: PartCapable, reads: PartReads) -> None:
-        """A session on one source: check, lease, connect, then (once per load) allocate, then parts."""
+        """A session on one source; an outcome before its parts (a refusal, a failed connect) ends it."""
         began = anyio.current_time()
-        budget = self.budget()
         phases = Phases()
-        ctx = self.context(attempt, began + budget, phases, whole=False)
-        checked = strategy.check_for(ctx)
-        plan = (
-            reads.agrees(checked, strategy.name, attempt.source_id)
-            if isinstance(checked, PullPlan)
-            else checked
-        )
+        ctx = self.context(attempt, began + self.budget(), phases, whole=False)
+        outcome = await self.open_and_read(attempt, strategy, reads, ctx)
+        if outcome is not None:
+            await self.settle(attempt, outcome, phases, anyio.current_time() - began, ends_session=True)
+
+    async def open_and_read(
+        self, attempt: Attempt, strategy: PartCapable, reads: PartReads, ctx: AttemptContext
+    ) -> Outcome | None:
+        """Check, lease, connect, then (once per load) allocate, then read parts."""
+        plan = reads.check(strategy, ctx)
         if not isinstance(plan, PullPlan):
-            await self.settle(attempt, plan, phases, anyio.current_time() - began, ends_session=True)
-            return
+            return plan
         async with self.registry.lease(attempt) as leased:
             if leased is False:
-                await self.settle(attempt, self.busy(strategy.name, attempt), phases, 0.0, ends_session=True)
-                return
+                return self.registry.refusal(strategy.name, attempt)
+            began = anyio.current_time()
             opened: PartConnection | Outcome | None = None
             with anyio.move_on_after(ctx.deadline - began):
                 opened = await strategy.open(plan, ctx, reads.registrations)
             if not isinstance(opened, PartConnection):
                 wall = anyio.current_time() - began
-                outcome = opened or out_of_time(strategy.name, attempt.source_id, wall, budget, 0, over=False)
-                await self.settle(attempt, outcome, phases, wall, ends_session=True)
-                return
+                return opened or out_of_time(strategy.name, attempt.source_id, wall, wall, 0, over=False)
             try:
                 ready = await reads.allocate_for(plan, strategy, ctx)
                 if not isinstance(ready, PullPlan):
-                    await self.settle(attempt, ready, phases, anyio.current_time() - began, ends_session=True)
-                    return
+                    return ready
                 await self.read_parts(attempt, strategy, ready, opened, reads)
+                return None
             finally:
                 opened.close()
 
@@ -362,7 +320,8 @@ class LoadRun:
         sid, number, hedging = attempt.candidate.source_id, attempt.attempt_number, self.config.hedge
         while self.done is None:
             if parts.done:
-                self.finish(reads)
+                reads.teach(self.config.learned)
+                self.conclude(Done(True, "loaded"))
                 return
             agreed = reads.agrees(plan, strategy.name, sid)  # the load's content may have changed
             if not isinstance(agreed, PullPlan):
@@ -372,7 +331,7 @@ class LoadRun:
             if parts.stuck:
                 self.conclude(Done(False, f"part attempt limit {parts.max_attempts} reached"))
                 return
-            now, times = anyio.current_time(), self.times()
+            now, times = anyio.current_time(), reads.times()
             part = parts.take(sid, now) or (parts.hedge(sid, now, times.hedge_after) if hedging else None)
             if part is None:
                 await self.wait_for_change(
@@ -390,8 +349,6 @@ class LoadRun:
             if isinstance(outcome, Corrupt):  # the content this load reads may be a liar's
                 self.planner.reconsider(reads.discredit(plan.source))
             wall = anyio.current_time() - now
-            if self.progress is not None and isinstance(outcome, Loaded):
-                self.progress(parts.landed_bytes, parts.total_bytes)
             landed = reads.landed(part, outcome, plan)
             action = await self.settle(numbered, outcome, phases, wall, part, landed, ends_session=None)
             if action.kind is ActionKind.FINISH:
@@ -402,19 +359,7 @@ class LoadRun:
             else:
                 return
 
-    def finish(self, reads: PartReads) -> None:
-        if reads.rates:
-            learned = self.config.learned
-            learned.part_rate = max(max(reads.rates), learned.part_rate or 0.0)
-        self.conclude(Done(True, "loaded"))
-
     # -- outcomes -------------------------------------------------------------------------
-
-    def busy(self, strategy: str, attempt: Attempt) -> SourceBusy:
-        cap = attempt.candidate.record.max_readers if attempt.candidate is not None else 0
-        return SourceBusy(
-            strategy=strategy, source_id=attempt.source_id, detail=f"at its cap of {cap} readers"
-        )
 
     def observe_start(self, strategy: str, source_id: str | None) -> None:
         self.log.debug("attempt.start", strategy=strategy, source=source_id)
@@ -457,18 +402,7 @@ class LoadRun:
             landed,
         )
         self.attempts.append(record)
-        self.log.info(
-            "attempt.done",
-            strategy=outcome.strategy,
-            source=attempt.source_id,
-            part=record.part,
-            outcome=outcome.name,
-            bytes=outcome.bytes_moved,
-            seconds=round(wall, 4),
-            action=action.label,
-            marked_stale=marked,
-            detail=outcome.detail,
-        )
+        self.log.info("attempt.done", **record.log_fields())
         for observer in self.config.observers:
             observer.attempt_done(record)
         if ends_session is None:
@@ -485,18 +419,11 @@ class LoadRun:
     def report(self, done: Done) -> LoadReport:
         finished = anyio.current_time()
         evaluation = self.evaluator.evaluation
-        if not done.loaded and not self.attempts and done.reason == EXHAUSTED:
-            if evaluation.registry_error is not None:
-                done = Done(False, f"the registry is unavailable: {evaluation.registry_error}")
-            elif not any(p.ok for p in evaluation.probes.values()):
-                done = Done(False, f"no READY source of {self.identity.key} was found")
-        reads, spread, hops = self.reads, 0.0, self.whole_hops
-        if done.loaded and reads is not None and reads.planner is not None:
-            first, last = reads.first_part_at, reads.last_landing_at
-            spread = last - first if first is not None and last is not None else 0.0
-            hops = max(reads.hops, default=None)
-        elif done.loaded:  # a whole-model attempt delivered it
+        reason = evaluation.explain(done.reason, tried=bool(self.attempts), key=self.identity.key)
+        spread, hops = self.reads.delivery() if self.reads is not None else (None, None)
+        if done.loaded and spread is None:  # a whole-model attempt delivered it
             spread = next(a.wall_seconds for a in reversed(self.attempts) if isinstance(a.outcome, Loaded))
+            hops = self.whole_hops
         report = LoadReport(
             run_id=self.run_id,
             identity=self.identity,
@@ -505,21 +432,19 @@ class LoadRun:
             evaluation_seconds=(evaluation.finished_at or finished) - self.started,
             attempts=self.attempts,
             probes=list(evaluation.probes.values()),
-            reason=done.reason,
+            reason=reason,
             registry_error=str(evaluation.registry_error) if evaluation.registry_error is not None else None,
             manifest_disagreement=dict(evaluation.manifests) if len(evaluation.manifests) > 1 else {},
-            source_hops=hops,
+            source_hops=hops if done.loaded else None,
             stripe=self.config.stripe,
-            stripe_seconds=spread,
+            stripe_seconds=(spread or 0.0) if done.loaded else 0.0,
             capacity_waits=self.planner.capacity_waits_made,
         )
         if report.manifest_disagreement:
             # not evidence of who is right (anyone who can write the registry can publish many
             # records): only a pin, the Hub or verified bytes decide; the operator should know
             self.log.warning("evaluate.manifests_disagree", manifests=report.manifest_disagreement)
-        self.log.info(
-            "load.done", outcome=report.outcome, reason=done.reason, seconds=round(report.seconds, 4)
-        )
+        self.log.info("load.done", outcome=report.outcome, reason=reason, seconds=round(report.seconds, 4))
         for observer in self.config.observers:
             observer.load_done(report)
         return report

@@ -18,8 +18,8 @@ this module is the state those reads share and the read of one part:
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
-from typing import Any
 
 import anyio
 
@@ -29,7 +29,8 @@ from .outcomes import Corrupt, Loaded, ManifestMismatch, Outcome, Superseded, Ti
 from .parts import Part, PartPlanner, PartTimes
 from .peer import PartCapable, PartConnection, TargetRegistrations, allocate
 from .pullplan import PullPlan
-from .strategy import AttemptContext
+from .settings import Learned, LoadSettings
+from .strategy import AttemptContext, ProgressCallback
 from .target import Target
 
 __all__ = ["PartReads"]
@@ -38,11 +39,12 @@ __all__ = ["PartReads"]
 class PartReads:
     """The part reads of one load into ``target`` (see the module docstring)."""
 
-    def __init__(self, target: Target, stripe: int, min_part_bytes: int, max_attempts: int) -> None:
+    def __init__(
+        self, target: Target, config: LoadSettings, progress: ProgressCallback | None = None
+    ) -> None:
         self.target = target
-        self.stripe = stripe
-        self.min_part_bytes = min_part_bytes
-        self.max_attempts = max_attempts
+        self.config = config
+        self.progress = progress
         self.registrations = TargetRegistrations(target)
         self.allocation = anyio.Lock()
         self.planner: PartPlanner | None = None
@@ -110,6 +112,13 @@ class PartReads:
         refused, self.refused = self.refused, set()
         return refused
 
+    def check(self, strategy: PartCapable, ctx: AttemptContext) -> PullPlan | Outcome:
+        """The strategy's pure check of the session's source, and this load's content rule."""
+        checked = strategy.check_for(ctx)
+        return (
+            self.agrees(checked, strategy.name, ctx.source_id) if isinstance(checked, PullPlan) else checked
+        )
+
     async def allocate_for(
         self, plan: PullPlan, strategy: PartCapable, ctx: AttemptContext
     ) -> PullPlan | Outcome:
@@ -132,9 +141,9 @@ class PartReads:
                 assert manifest is not None
                 self.planner = PartPlanner(
                     [spec.nbytes for spec in manifest.tensors],
-                    self.stripe,
-                    min_part_bytes=self.min_part_bytes,
-                    max_attempts=self.max_attempts,
+                    self.config.stripe,
+                    min_part_bytes=self.config.min_part_bytes,
+                    max_attempts=self.config.policy.max_attempts,
                 )
             if isinstance(agreed, PullPlan):
                 self.adopt(agreed)
@@ -211,6 +220,8 @@ class PartReads:
                 self.hops.append(hops)
                 if transfer > 0:
                     self.rates.append(part.nbytes / transfer)
+                if self.progress is not None:
+                    self.progress(planner.landed_bytes, planner.total_bytes)
         else:
             planner.failed(part)
         return outcome
@@ -242,10 +253,25 @@ class PartReads:
             tensors = []
         return tuple(self.planner.byte_runs(tensors))
 
-    def times(
-        self, learned_rate: float | None, stall_rate: float, stall_seconds: Any, hedging: bool
-    ) -> PartTimes:
+    def delivery(self) -> tuple[float | None, int | None]:
+        """Seconds from the first part's start to the last landing, and the farthest hops a landed
+        part came from (``None``, ``None``: no part landed)."""
+        if self.first_part_at is None or self.last_landing_at is None or self.planner is None:
+            return None, None
+        return self.last_landing_at - self.first_part_at, max(self.hops, default=None)
+
+    def teach(self, learned: Learned) -> None:
+        """The load is in: the next loads expect parts at the best rate this one saw."""
+        if self.rates:
+            learned.part_rate = max(max(self.rates), learned.part_rate or 0.0)
+
+    def times(self) -> PartTimes:
         """How long parts should take: at the best rate of this load, else of earlier ones, else
         the policy's stall rate."""
-        rate = max(self.rates) if self.rates else learned_rate or stall_rate
-        return PartTimes(rate, stall_seconds, hedging)
+        policy = self.config.policy
+        rate = max(self.rates) if self.rates else self.config.learned.part_rate or policy.stall_rate
+        return PartTimes(rate, policy.stall_seconds, self.config.hedge)
+
+    def stall_due(self) -> float:
+        """When a part in flight becomes a stall (``inf``: none can), so another source may join."""
+        return self.planner.next_hedge_time("", self.times().stall_after) if self.planner else math.inf

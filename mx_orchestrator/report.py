@@ -53,6 +53,21 @@ class AttemptRecord:
         """The transfer phase when the strategy timed it, else the outcome's own figure."""
         return self.phases.get("transfer") or self.outcome.seconds
 
+    def log_fields(self) -> dict[str, Any]:
+        """What the ``attempt.done`` event says."""
+        o = self.outcome
+        return {
+            "strategy": o.strategy,
+            "source": o.source_id,
+            "part": self.part,
+            "outcome": o.name,
+            "bytes": o.bytes_moved,
+            "seconds": round(self.wall_seconds, 4),
+            "action": self.action.label,
+            "marked_stale": self.marked_stale,
+            "detail": o.detail,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         o = self.outcome
         data: dict[str, Any] = {

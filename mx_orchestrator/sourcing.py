@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from .evaluation import registry_call
-from .outcomes import Outcome
+from .outcomes import Outcome, SourceBusy
 from .plan import Attempt
 from .policy import Action
 from .settings import LoadSettings
@@ -54,6 +54,13 @@ class SourceAccounting:
             if leased:
                 with anyio.CancelScope(shield=True):
                     await self._lease(attempt, None)
+
+    def refusal(self, strategy: str, attempt: Attempt) -> SourceBusy:
+        """What a refused lease is: ``SourceBusy``, capacity, never the source's fault."""
+        cap = attempt.candidate.record.max_readers if attempt.candidate is not None else 0
+        return SourceBusy(
+            strategy=strategy, source_id=attempt.source_id, detail=f"at its cap of {cap} readers"
+        )
 
     async def _lease(self, attempt: Attempt, seconds: float | None) -> bool | None:
         registry = self.config.registry

@@ -29,7 +29,7 @@ import anyio
 from .errors import ConfigError
 from .manifests import PROCESS_MANIFESTS, ManifestCache
 from .models import Candidate, ModelIdentity, SourceRecord
-from .outcomes import Outcome
+from .outcomes import LocalFailure, Outcome
 from .registry.base import SourceRegistry
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "RegistryProber",
     "Strategy",
     "StrategyOptions",
+    "attempt_safely",
     "available_strategies",
     "load_strategy",
 ]
@@ -116,6 +117,22 @@ class Strategy(Protocol):
     uses_peers: bool
 
     async def attempt(self, ctx: AttemptContext) -> Outcome: ...
+
+
+async def attempt_safely(strategy: Strategy, ctx: AttemptContext, log: Any) -> Outcome:
+    """``strategy.attempt(ctx)``; a strategy that raises is a bug, logged with its traceback, and a
+    ``LocalFailure`` (never the source's fault): a buggy plugin must not take a load down."""
+    began = anyio.current_time()
+    try:
+        return await strategy.attempt(ctx)
+    except Exception as exc:
+        log.exception("attempt.strategy_raised", strategy=strategy.name)
+        return LocalFailure(
+            strategy=strategy.name,
+            source_id=ctx.source_id,
+            seconds=anyio.current_time() - began,
+            detail=f"strategy raised {type(exc).__name__}: {exc}",
+        )
 
 
 @dataclass(frozen=True)
