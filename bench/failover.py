@@ -65,26 +65,6 @@ class KillAfterHalf(LoadObserver):
                 self.killed_at = time.perf_counter()
 
 
-async def pull_synthetic(
-    db: Path, first: str, observers: list[LoadObserver]
-) -> tuple[LoadReport, Target, float]:
-    registry = SqliteRegistry(db)
-    try:
-        target = Target("arena", verify=True)
-        began = time.perf_counter()
-        report = await Orchestrator(
-            registry,
-            [RdmaRegion()],
-            rank_window=5.0,
-            attempt_timeout=60,
-            observers=observers,
-            selection=lambda _t: lambda c: (0.0 if c.source_id == first else 1.0,),
-        ).load(SYNTHETIC, target)
-        return report, target, time.perf_counter() - began
-    finally:
-        await registry.aclose()
-
-
 def kill_at_half(repeat: int) -> dict[str, Any]:
     import torch
 
@@ -100,14 +80,14 @@ def kill_at_half(repeat: int) -> dict[str, Any]:
         with Peers(f"sqlite://{db}") as peers:
             peers.start(("spare", "arena"), weights=weights, model_id=SYNTHETIC.model_id, ttl=120.0)
             for i in range(repeat):
-                report, target, seconds = anyio.run(pull_synthetic, db, "spare", [])
+                report, target, seconds = anyio.run(pull, db, SYNTHETIC, "spare", [])
                 assert report.loaded and target.bytes_written == target.nbytes
                 undisturbed.append(seconds)
                 (victim,) = peers.start(
                     (f"victim-{i}", "arena"), weights=weights, model_id=SYNTHETIC.model_id, ttl=120.0
                 )
                 killer = KillAfterHalf(victim, TENSORS * TENSOR_BYTES)
-                report, target, seconds = anyio.run(pull_synthetic, db, victim.source_id, [killer])
+                report, target, seconds = anyio.run(pull, db, SYNTHETIC, victim.source_id, [killer])
                 assert report.loaded and killer.killed_at is not None, report.to_json()
                 assert all(a.outcome.name != "Corrupt" for a in report.attempts)
                 extra.append((target.bytes_written - target.nbytes) / target.nbytes)
@@ -139,7 +119,10 @@ class Clock(LoadObserver):
             self.next_started_at = time.perf_counter()
 
 
-async def pull(db: Path, first: str | None, observers: list[LoadObserver]) -> tuple[LoadReport, float]:
+async def pull(
+    db: Path, identity: ModelIdentity, first: str | None, observers: list[LoadObserver]
+) -> tuple[LoadReport, Target, float]:
+    """One verified load of ``identity``, ``first`` ranked first; the report, target and seconds."""
     registry = SqliteRegistry(db)
     rank = {first: 0.0} if first else {}
     try:
@@ -149,11 +132,11 @@ async def pull(db: Path, first: str | None, observers: list[LoadObserver]) -> tu
             registry,
             [RdmaRegion()],
             rank_window=5.0,
-            attempt_timeout=20,
+            attempt_timeout=60,
             observers=observers,
             selection=lambda _t: lambda c: (rank.get(c.source_id, 1.0),),
-        ).load(IDENTITY, target)
-        return report, time.perf_counter() - began
+        ).load(identity, target)
+        return report, target, time.perf_counter() - began
     finally:
         await registry.aclose()
 
@@ -171,13 +154,13 @@ def main() -> None:
         with Peers(f"sqlite://{db}") as peers:
             peers.start(("spare", "arena"))
             for i in range(args.repeat):
-                report, seconds = anyio.run(pull, db, None, [])
+                report, _, seconds = anyio.run(pull, db, IDENTITY, None, [])
                 assert report.loaded
                 undisturbed.append(seconds)
                 (victim,) = peers.start((f"victim-{i}", "arena"))
                 victim.signal(signal.SIGSTOP)
                 clock = Clock(victim)
-                report, seconds = anyio.run(pull, db, victim.source_id, [clock])
+                report, _, seconds = anyio.run(pull, db, IDENTITY, victim.source_id, [clock])
                 done = time.perf_counter()
                 assert report.loaded and report.attempts[0].outcome.name == "SourceFailed", report.to_json()
                 assert clock.killed_at is not None and clock.next_started_at is not None

@@ -244,11 +244,14 @@ class Planner:
     def reconsider(self, sources: Collection[str]) -> None:
         """``sources`` were refused for a reason that no longer holds (another content than one
         that has since proved false): they may be tried again, by every strategy."""
+        if not sources:
+            return
         for sid in sources:
             self._forgotten.discard(sid)
             self._tried = {(i, s) for i, s in self._tried if s != sid}
-            if sid in self._known and self._heap_index == self._index:
-                heapq.heappush(self._heap, (self._keys[sid], sid))
+        # from the first strategy again: every pair tried before stays tried
+        self._index = 0
+        self._heap_index = -1
 
     def requeue(self) -> None:
         """Start a new round after a capacity wait: the full sources may be tried again, and the

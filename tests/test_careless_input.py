@@ -232,7 +232,7 @@ def _wait_for(predicate: object, seconds: float) -> bool:
 @pytest.mark.nixl
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGKILL"])
 def test_a_pull_ended_mid_transfer_gives_its_reader_lease_back_within_the_lease(
-    peers: Peers, registry_url: str, signum: str
+    mxo: Mxo, peers: Peers, registry_url: str, signum: str
 ) -> None:
     import os
     import signal
@@ -246,16 +246,16 @@ def test_a_pull_ended_mid_transfer_gives_its_reader_lease_back_within_the_lease(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert _wait_for(lambda: _readers(registry_url) == 1, 30), "the pull never became a reader"
+        assert _wait_for(lambda: _readers(mxo, registry_url) == 1, 30), "the pull never became a reader"
         pull.send_signal(getattr(signal, signum))
         code = pull.wait(timeout=30)
         if signum == "SIGTERM":
             assert code == 128 + signal.SIGTERM and "interrupted by SIGTERM" in (
                 pull.stderr.read() if pull.stderr else ""
             )
-            assert _readers(registry_url) == 0  # given back on the way out
+            assert _readers(mxo, registry_url) == 0  # given back on the way out
         else:
-            assert _wait_for(lambda: _readers(registry_url) == 0, 3), (
+            assert _wait_for(lambda: _readers(mxo, registry_url) == 0, 3), (
                 "the killed pull's lease did not run out"
             )
     finally:

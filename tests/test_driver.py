@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import tenacity
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mx_orchestrator import ModelIdentity, Policy, SourceState
 from mx_orchestrator.outcomes import Loaded, ManifestMismatch, SourceFailed, SourceUnreachable, TimedOut
@@ -191,3 +193,71 @@ def test_two_revisions_of_one_model_are_never_spliced(stripe: int) -> None:
         assert refused and all(
             isinstance(a.outcome, ManifestMismatch) and not a.marked_stale for a in refused
         )
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    revisions=st.lists(st.sampled_from([11, 12]), min_size=2, max_size=4),
+    stripe=st.integers(1, 3),
+    min_part=st.sampled_from([4096, 32768, 1 << 30]),
+)
+def test_a_verified_load_is_exactly_one_published_content_whatever_the_sources_serve(
+    revisions: list[int], stripe: int, min_part: int
+) -> None:
+    """Property: sources serving either of two revisions (same names, dtypes, shapes), ranked in
+    any order, any stripe: a loaded, verified target holds exactly one revision, never a splice."""
+    specs = [
+        (f"s{i}", "arena", {"weights": lambda seed=seed: weights(seed)}) for i, seed in enumerate(revisions)
+    ]
+
+    async def main() -> tuple[LoadReport, Target]:
+        async with fabric(*specs) as f:
+            target = Target("arena")
+            return await f.load(target, stripe=stripe, min_part_bytes=min_part, rank_window=0.01), target
+
+    report, target = run_on_virtual_time(main)
+    assert report.loaded and report.to_dict()["verified"]
+    loaded = target.tensors()
+    matches = [seed for seed in (11, 12) if all(torch.equal(loaded[n], t) for n, t in weights(seed).items())]
+    assert len(matches) == 1, "the bytes are a splice of two revisions"
+    served = {f"s{i}": seed for i, seed in enumerate(revisions)}
+    assert {served[sid] for sid in report.bytes_by_source()} == set(matches)
+    assert all(not a.marked_stale for a in report.attempts)  # another revision is nobody's fault
+
+
+@pytest.mark.parametrize("stripe", [2, 3])
+def test_the_report_blames_the_liar_and_only_the_liar_and_observers_see_every_record(stripe: int) -> None:
+    """A liar among honest sources, striped: the liar's Corrupt part carries the STALE mark, no honest
+    part does, and every attempt record reached the observers exactly as it is in the report."""
+    from mx_orchestrator import LoadObserver
+    from mx_orchestrator.outcomes import Corrupt
+    from mx_orchestrator.report import AttemptRecord
+
+    class Seen(LoadObserver):
+        def __init__(self) -> None:
+            self.records: list[AttemptRecord] = []
+
+        def attempt_done(self, record: AttemptRecord) -> None:
+            self.records.append(record)
+
+    seen = Seen()
+
+    async def main() -> tuple[LoadReport, Target, SourceState | None]:
+        async with fabric(("a", "arena"), ("liar", "arena"), ("c", "arena")) as f:
+            _, served = f.sources["liar"]
+            for tensor in served.tensors.values():  # every tensor differs from the published checksums
+                tensor.view(torch.uint8)[0] ^= 0xFF
+            target = Target("arena")
+            orchestrator = f.orchestrator(
+                stripe=stripe, min_part_bytes=4096, rank_window=0.01, observers=[seen]
+            )
+            return await orchestrator.load(IDENTITY, target), target, f.registry.state_of("liar")
+
+    report, target, state = run_on_virtual_time(main)
+    assert report.loaded
+    assert_equal_weights(target)
+    assert state is SourceState.STALE
+    stale = [a for a in report.attempts if a.marked_stale]
+    assert stale and all(a.outcome.source_id == "liar" and isinstance(a.outcome, Corrupt) for a in stale)
+    assert all(not a.marked_stale for a in report.attempts if a.outcome.source_id != "liar")
+    assert seen.records == report.attempts

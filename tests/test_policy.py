@@ -376,3 +376,28 @@ def test_a_full_source_is_never_stale_nor_reported_nor_ejected_whatever_the_rule
         make(SourceBusy), DecisionState(attempt_number, total)
     )
     assert not action.mark_stale and not action.report_unreachable
+
+
+def test_sources_reconsidered_after_the_plan_moved_past_every_strategy_are_tried_again(
+    identity: ModelIdentity,
+) -> None:
+    """A source refused for another content is tried again once that content proved false, even
+    when the plan had moved past every strategy meanwhile; pairs tried before stay tried."""
+    from mx_orchestrator.outcomes import ManifestMismatch
+
+    planner = Planner(
+        [StrategySlot("rdma_region", parts=True), StrategySlot("rdma_tensor", parts=True)], rendezvous("t")
+    )
+    for sid in ("liar", "honest"):
+        planner.add_candidate(Candidate(make_record(identity, sid)))
+    planner.evaluation_finished()
+    first, second = planner.next_step(), planner.next_step()
+    assert isinstance(first, Attempt) and isinstance(second, Attempt)
+    liar, honest = (first, second) if first.source_id == "liar" else (second, first)
+    planner.record(DEFAULT_POLICY.decide(make(ManifestMismatch, "honest"), DecisionState()), honest)
+    assert isinstance(planner.next_step(), Wait)  # only the liar's session is left, in flight
+    planner.reconsider({"honest"})
+    planner.record(DEFAULT_POLICY.decide(make(SourceFailed, "liar"), DecisionState()), liar)
+    again = planner.next_step()
+    assert isinstance(again, Attempt) and again.source_id == "honest"
+    assert isinstance(planner.next_step(), Wait)
