@@ -68,7 +68,7 @@ class KillAfterHalf(LoadObserver):
 def kill_at_half(repeat: int) -> dict[str, Any]:
     import torch
 
-    extra, disturbed, undisturbed = [], [], []
+    extra, in_flight, disturbed, undisturbed = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights"
         base = torch.arange(TENSOR_BYTES // 4, dtype=torch.int32)
@@ -91,10 +91,14 @@ def kill_at_half(repeat: int) -> dict[str, Any]:
                 assert report.loaded and killer.killed_at is not None, report.to_json()
                 assert all(a.outcome.name != "Corrupt" for a in report.attempts)
                 extra.append((target.bytes_written - target.nbytes) / target.nbytes)
+                # the part in flight when the source died: its bytes moved (in part) and were dropped
+                failed = [a for a in report.attempts if a.byte_range and a.outcome.name != "Loaded"]
+                in_flight.append(sum(a.byte_range[1] - a.byte_range[0] for a in failed) / target.nbytes)
                 disturbed.append(seconds)
     return {
         "model_bytes": TENSORS * TENSOR_BYTES,
         "extra_read_fraction_of_a_full_re_read": round(statistics.median(extra), 4),
+        "in_flight_at_death_fraction_of_a_full_re_read": round(statistics.median(in_flight), 4),
         "target_extra_read_fraction": 0.6,
         "undisturbed_load_s": round(statistics.median(undisturbed), 4),
         "killed_at_half_load_s": round(statistics.median(disturbed), 4),

@@ -40,7 +40,7 @@ import structlog
 
 from .evaluation import Evaluator
 from .models import Candidate, ModelIdentity
-from .outcomes import Corrupt, Loaded, Outcome, SourceBusy, Superseded, out_of_time
+from .outcomes import Corrupt, Loaded, LocalFailure, Outcome, SourceBusy, Superseded, out_of_time
 from .partreads import PartReads
 from .parts import Part
 from .peer import PartCapable, PartConnection
@@ -84,9 +84,8 @@ class LoadRun:
         self.attempts: list[AttemptRecord] = []
         self.done: Done | None = None
         self.changed = anyio.Event()
-        self.sessions = 0
-        #: attempts counted toward the policy's bound: all but landed parts and capacity refusals
-        self.counted = 0
+        #: sessions in progress; attempts toward the policy's bound (not landed parts nor refusals)
+        self.sessions = self.counted = 0
         #: whole-model attempts that landed (their part indices), and the hops of the last one's source
         self.whole_parts = 0
         self.whole_hops: int | None = None
@@ -256,19 +255,22 @@ class LoadRun:
         finally:
             if empty_before and not isinstance(outcome, Loaded):
                 target.release()
-        wall = anyio.current_time() - began
-        if outcome is None:
-            over = anyio.current_time() >= self.deadline
-            outcome = out_of_time(
-                strategy.name, attempt.source_id, wall, budget, phases.planned_bytes, over=over
-            )
-        part: Part | None = None
-        landed: tuple[tuple[int, int], ...] = ()
+        wall, over = anyio.current_time() - began, anyio.current_time() >= self.deadline
+        outcome = outcome or out_of_time(
+            strategy.name, attempt.source_id, wall, budget, phases.planned_bytes, over=over
+        )
+        part = None
         if isinstance(outcome, Loaded):  # the whole model as one part
-            nbytes = target.nbytes if isinstance(target, Target) else outcome.bytes_moved
-            part, landed = Part(self.whole_parts, 0, 0, 0, nbytes), ((0, nbytes),)
+            part = Part(
+                self.whole_parts,
+                0,
+                0,
+                0,
+                target.nbytes if isinstance(target, Target) else outcome.bytes_moved,
+            )
             self.whole_parts += 1
             self.whole_hops = attempt.candidate.record.hops if attempt.candidate is not None else None
+        landed = ((0, part.end),) if part is not None else ()
         await self.settle(attempt, outcome, phases, wall, part, landed, ends_session=True)
 
     async def read_from(self, attempt: Attempt, strategy: PartCapable, reads: PartReads) -> None:
@@ -276,7 +278,13 @@ class LoadRun:
         began = anyio.current_time()
         phases = Phases()
         ctx = self.context(attempt, began + self.budget(), phases, whole=False)
-        outcome = await self.open_and_read(attempt, strategy, reads, ctx)
+        try:
+            outcome = await self.open_and_read(attempt, strategy, reads, ctx)
+        except Exception as exc:  # a buggy part-capable strategy must not take the load down
+            self.log.exception("attempt.strategy_raised", strategy=strategy.name)
+            outcome = LocalFailure(
+                strategy=strategy.name, source_id=attempt.source_id, detail=f"raised {exc!r}"
+            )
         if outcome is not None:
             await self.settle(attempt, outcome, phases, anyio.current_time() - began, ends_session=True)
 
@@ -390,16 +398,8 @@ class LoadRun:
         if not (progress or isinstance(outcome, SourceBusy)):
             self.counted += 1
         marked = await self.registry.carry_out(action, attempt, outcome)
-        record = AttemptRecord(
-            outcome,
-            action,
-            marked,
-            attempt.attempt_number,
-            wall,
-            phases.as_dict(),
-            part.index if part is not None else None,
-            (part.start, part.end) if part is not None else None,
-            landed,
+        record = AttemptRecord.of_part(
+            outcome, action, marked, attempt.attempt_number, wall, phases, part, landed
         )
         self.attempts.append(record)
         self.log.info("attempt.done", **record.log_fields())

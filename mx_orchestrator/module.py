@@ -251,7 +251,10 @@ class ModuleTarget(Target):
         )
         if not tensors:
             raise TargetMismatch("no checkpoint tensor matches a module tensor")
-        buffers = wrap(self.identity, tensors)
+        try:
+            buffers = wrap(self.identity, tensors)
+        except ConfigError as exc:  # e.g. a non-contiguous parameter: it cannot be filled in place
+            raise TargetMismatch(f"the module cannot take this checkpoint in place: {exc}") from None
         key = buffers.manifest.manifest_fingerprint
         if self._buffers is not None:
             if self._buffers.manifest.manifest_fingerprint != key:

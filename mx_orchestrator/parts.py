@@ -13,7 +13,9 @@ Sizing is guided self-scheduling: each :meth:`PartPlanner.take` hands out about
 less than one tensor), so parts start large and shrink towards the end. A
 source that delivers fast comes back sooner and ends up with more of the
 model; a slow one holds only a small part when the others run dry. None of
-this needs a rate estimate, so it is right from the first part.
+this needs a rate estimate, so it is right from the first part. One worker
+sizes as two would (a quarter first, not a half): a source lost mid-part then
+costs at most a quarter of the model.
 
 Failover: a part whose attempt failed goes back to the pool whole (a READ that
 did not complete proves nothing about which of its bytes landed); one that
@@ -173,7 +175,7 @@ class PartPlanner:
         if self.exhausted or not self._pending:
             return None
         unassigned = sum(self._offsets[stop] - self._offsets[first] for first, stop in self._pending)
-        want = max(self.min_part_bytes, math.ceil(unassigned / (2 * self.workers)))
+        want = max(self.min_part_bytes, math.ceil(unassigned / (2 * max(2, self.workers))))
         first, stop = self._pending[0]
         # the first tensor always; then more while the part stays within what we want
         cut = first + 1

@@ -13,8 +13,9 @@ from typing import Any
 
 from .models import ModelIdentity
 from .outcomes import Loaded, Outcome
+from .parts import Part
 from .policy import Action
-from .strategy import PHASES
+from .strategy import PHASES, Phases
 
 __all__ = ["AttemptRecord", "LoadObserver", "LoadReport", "ProbeRecord", "gbps"]
 
@@ -43,6 +44,31 @@ class AttemptRecord:
     #: striped loads: the byte ranges of the part that landed verified (the whole range when
     #: ``Loaded``, the good tensors of a ``Corrupt`` part, nothing otherwise)
     landed: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def of_part(
+        cls,
+        outcome: Outcome,
+        action: Action,
+        marked_stale: bool,
+        attempt_number: int,
+        seconds: float,
+        phases: Phases,
+        part: Part | None,
+        landed: tuple[tuple[int, int], ...],
+    ) -> AttemptRecord:
+        """The record of one attempt on ``part`` (``None``: it ended before reading any part)."""
+        return cls(
+            outcome,
+            action,
+            marked_stale,
+            attempt_number,
+            seconds,
+            phases.as_dict(),
+            part.index if part is not None else None,
+            (part.start, part.end) if part is not None else None,
+            landed,
+        )
 
     @property
     def wall_seconds(self) -> float:
