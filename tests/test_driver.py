@@ -261,3 +261,69 @@ def test_the_report_blames_the_liar_and_only_the_liar_and_observers_see_every_re
     assert stale and all(a.outcome.source_id == "liar" and isinstance(a.outcome, Corrupt) for a in stale)
     assert all(not a.marked_stale for a in report.attempts if a.outcome.source_id != "liar")
     assert seen.records == report.attempts
+
+
+@pytest.mark.parametrize("stripe", STRIPES)
+def test_every_fault_at_once_costs_only_what_it_must_in_every_mode(stripe: int) -> None:
+    """A chunked source (layout mismatch: read by tensor instead), a record with a malformed advert
+    (unreachable, counted toward ejection), a source that dies mid-read (STALE), one whose bytes fail
+    their checksums (Corrupt, STALE) and an honest one: the load completes from what is sound, the
+    mismatch is never STALE, and every byte range lands exactly once."""
+
+    async def main() -> tuple[LoadReport, Target, dict[str, SourceState | None]]:
+        async with fabric(
+            ("chunked", "chunked:4096"), ("dies", "arena"), ("liar", "arena"), ("honest", "arena"),
+            dies={"die_mid_read": True},
+        ) as f:  # fmt: skip
+            _, served = f.sources["liar"]
+            for tensor in served.tensors.values():
+                tensor.view(torch.uint8)[0] ^= 0xFF
+            honest = await f.registry.get("honest")
+            assert honest is not None
+            broken = replace(honest, source_id="broken", generation="b1", transport={"nixl_regions": "[[1,2"})
+            await f.registry.publish(broken, await f.registry.get_manifest("honest", honest.generation))
+            orchestrator = f.orchestrator(stripe=stripe, min_part_bytes=4096, rank_window=0.01)
+            order = {"broken": 0.0, "dies": 1.0, "liar": 2.0, "chunked": 3.0, "honest": 4.0}
+            orchestrator.selection = lambda _t: lambda c: (order.get(c.source_id, 9.0),)
+            target = Target("arena")
+            report = await orchestrator.load(IDENTITY, target)
+            states = {sid: f.registry.state_of(sid) for sid in order}
+            return report, target, states
+
+    report, target, states = run_on_virtual_time(main)
+    assert report.loaded, report.reason
+    assert_equal_weights(target)
+    assert_parts_cover_once(report, target.nbytes)
+    by_source = {sid: [a for a in report.attempts if a.outcome.source_id == sid] for sid in states}
+    assert [a.outcome.name for a in by_source["broken"]] == ["SourceUnreachable"]
+    assert by_source["broken"][0].outcome.bytes_moved == 0 and not by_source["broken"][0].marked_stale
+    assert states["dies"] is SourceState.STALE and states["liar"] is SourceState.STALE
+    assert states["chunked"] is SourceState.READY and states["honest"] is SourceState.READY
+    assert all(not a.marked_stale for a in by_source["chunked"] + by_source["honest"])
+    assert not any(a.outcome.name == "Loaded" for a in by_source["dies"] + by_source["liar"])
+
+
+def test_a_source_that_keeps_losing_hedges_is_reported_slow_never_stale_on_one_load_and_ejected_across_loads() -> (
+    None
+):
+    """A slow source (not stalled) loses the hedge race on each load: each loss is a slow report,
+    never a STALE mark; the third load's report ejects it (the registry's threshold), Envoy-style."""
+    policy = Policy(stall_floor=30.0)  # nothing here is long enough to be a stall
+
+    async def main() -> list[SourceState | None]:
+        states = []
+        async with fabric(("slow", "arena"), ("fast", "arena"), slow={"read_delay": 5.0}) as f:
+            for load in range(3):
+                target = Target("arena")
+                orchestrator = f.orchestrator(stripe=2, min_part_bytes=1 << 30, rank_window=0, policy=policy)
+                orchestrator.target_id = f"target-{load}"
+                report = await orchestrator.load(IDENTITY, target)
+                assert report.loaded
+                lost = [a for a in report.attempts if a.outcome.source_id == "slow"]
+                assert len(lost) == 1 and isinstance(lost[0].outcome, TimedOut) and lost[0].outcome.slow
+                assert lost[0].action.report_unreachable and not lost[0].action.mark_stale
+                assert lost[0].marked_stale == (load == 2)  # the report that ejected it says so
+                states.append(f.registry.state_of("slow"))
+        return states
+
+    assert run_on_virtual_time(main) == [SourceState.READY, SourceState.READY, SourceState.STALE]

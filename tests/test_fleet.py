@@ -268,3 +268,24 @@ def test_every_wake_up_of_the_fabric_makes_progress_even_with_floating_point_cru
         assert fabric.wakeups <= 4 * 300
 
     on_virtual_time(main)
+
+
+def test_a_backoff_sleep_inside_an_accounted_call_waits_on_virtual_time() -> None:
+    """A registry that backs off (``anyio.sleep``) inside a call, as Redis does on a WATCH conflict:
+    virtual time moves to the sleep's end (it waits for nothing real), and the call returns."""
+
+    class BacksOff:
+        async def call(self) -> float:
+            began = anyio.current_time()
+            await anyio.sleep(2.5)
+            return anyio.current_time() - began
+
+    async def main() -> None:
+        began_real = time.perf_counter()
+        with anyio.fail_after(60):  # virtual: a deadlock would end here instead of hanging
+            assert await accounted(BacksOff()).call() == 2.5
+        assert time.perf_counter() - began_real < 5
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, VirtualClockLoop) and loop.real_io_in_flight == 0
+
+    on_virtual_time(main)

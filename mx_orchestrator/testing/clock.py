@@ -11,7 +11,9 @@ whose ``time()`` is virtual and whose waiting follows one rule:
   :meth:`VirtualClockLoop.account_worker_threads` anything running in anyio's
   worker threads: allocations, verifications), the loop waits for it in real
   time and virtual time stands still;
-* otherwise, when nothing is ready, virtual time jumps to the next timer.
+* otherwise, when nothing is ready, virtual time jumps to the next timer;
+* a sleep *inside* an accounted call (a registry's retry backoff) waits on
+  virtual time: while it sleeps, that call is not counted as real I/O.
 
 So a transfer of 16 GB that the model says takes 5 s costs no real time, while
 every registry call is a real call to a real server, taking zero virtual time.
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
+import heapq
 import inspect
 import selectors
 import time
@@ -67,6 +71,36 @@ class _VirtualSelector:
         return getattr(self._selector, name)
 
 
+#: set inside an accounted call (in its task's context): sleeps there wait on virtual time
+_in_accounted_call: contextvars.ContextVar[bool] = contextvars.ContextVar("mxo_accounted", default=False)
+
+
+class _SleepInsideRealIo(asyncio.TimerHandle):
+    """A sleep inside an accounted call (a registry's retry backoff): while it waits, the call is
+    not waiting for anything real, so virtual time may move to it (else nothing would wake it)."""
+
+    def __init__(
+        self, when: float, callback: Any, args: tuple[Any, ...], loop: VirtualClockLoop, context: Any
+    ) -> None:
+        super().__init__(when, self._fire, (callback, *args), loop, context)
+        self._virtual_loop = loop
+        self._waiting = True
+        loop.real_io_in_flight -= 1
+
+    def _resume(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self._virtual_loop.real_io_in_flight += 1
+
+    def _fire(self, callback: Any, *args: Any) -> None:
+        self._resume()
+        callback(*args)
+
+    def cancel(self) -> None:
+        self._resume()
+        super().cancel()
+
+
 class VirtualClockLoop(asyncio.SelectorEventLoop):
     """An asyncio loop on virtual time; see the module docstring for the waiting rule."""
 
@@ -86,6 +120,17 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
 
     def advance(self, seconds: float) -> None:
         self._now += max(0.0, seconds)
+
+    def call_at(  # type: ignore[override]
+        self, when: float, callback: Any, *args: Any, context: Any = None
+    ) -> asyncio.TimerHandle:
+        # asyncio.sleep's own callback: a sleep, not a timeout guarding real I/O
+        if _in_accounted_call.get() and getattr(callback, "__name__", "") == "_set_result_unless_cancelled":
+            timer = _SleepInsideRealIo(when, callback, args, self, context)
+            heapq.heappush(self._scheduled, timer)  # type: ignore[attr-defined]
+            timer._scheduled = True  # type: ignore[attr-defined]
+            return timer
+        return super().call_at(when, callback, *args, context=context)
 
     def account_worker_threads(self) -> None:
         """From now on, work in anyio's worker threads (allocations, verifications, SQLite calls)
@@ -137,8 +182,12 @@ class _Accounted:
             loop = _running_virtual_loop()
             if loop is None:
                 return await attribute(*args, **kwargs)
-            with loop.real_io():
-                return await attribute(*args, **kwargs)
+            token = _in_accounted_call.set(True)
+            try:
+                with loop.real_io():
+                    return await attribute(*args, **kwargs)
+            finally:
+                _in_accounted_call.reset(token)
 
         return call
 
