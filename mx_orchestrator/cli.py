@@ -21,7 +21,7 @@ from typing import Any, NoReturn, TypeVar
 import anyio
 
 from . import __version__
-from .config import check_count, check_port, check_seconds
+from .config import check_count, check_port, check_seconds, check_source_id
 from .errors import ConfigError, MxoError
 from .logs import configure_logging
 from .models import ModelIdentity, SourceRecord
@@ -64,6 +64,7 @@ def _seconds(name: str) -> Callable[[str], float]:
 
 
 _port = _checked(int, lambda v: check_port("port", v), "a port")
+_source_id = _checked(str, check_source_id, "a source id")
 _readers = _checked(int, lambda v: check_count("max_readers", v, minimum=0), "a whole number")
 _stripe = _checked(int, lambda v: check_count("stripe", v, maximum=64), "a whole number from 1 to 64")
 
@@ -113,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--weights", required=True, type=Path, help="directory of *.safetensors")
     serve.add_argument("--layout", default="arena", help="arena | tensor | chunked:SIZE (default arena)")
     serve.add_argument("--device", default="cpu", help="cpu or cuda:N")
-    serve.add_argument("--source-id", default=None, help="stable id for this source (default host-pid)")
+    serve.add_argument(
+        "--source-id", type=_source_id, default=None, help="stable id for this source (default host-pid)"
+    )
     serve.add_argument(
         "--ttl",
         type=_seconds("ttl"),
@@ -135,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_readers,
         default=8,
         help="targets reading at once; one more is refused before any byte moves (0: no cap)",
+    )
+    serve.add_argument(
+        "--max-lease",
+        type=_seconds("max_lease"),
+        default=60.0,
+        help="the longest reader lease granted (s): a reader that died holds a slot this long at most",
     )
     serve.add_argument(
         "--interface",
@@ -212,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="after loading, serve the weights as a new source until SIGINT/SIGTERM (fan-out)",
     )
-    pull.add_argument("--source-id", default=None, help="source id when republishing (default host-pid)")
+    pull.add_argument(
+        "--source-id", type=_source_id, default=None, help="source id when republishing (default host-pid)"
+    )
     _common(pull)
     pull.set_defaults(run=_pull)
 
@@ -307,6 +318,7 @@ def _serve(args: argparse.Namespace) -> int:
             metrics=metrics,
             interfaces=args.interface,
             max_readers=args.max_readers,
+            max_lease=args.max_lease,
         )
 
         def announce(record: SourceRecord) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["FLOORS", "check_count", "check_port", "check_seconds"]
+__all__ = ["FLOORS", "check_count", "check_port", "check_seconds", "check_source_id"]
 
 #: The least each duration may be, in seconds, and why.
 FLOORS = {
@@ -24,6 +24,7 @@ FLOORS = {
     "rank_window": (0.0, "it is a wait"),
     "ttl": (1.0, "a source heartbeats every ttl/3"),
     "reader_lease": (0.5, "a target renews its lease every lease/3"),
+    "max_lease": (1.5, "a target renews its lease every lease/3 (at least 0.5 s)"),
     "drain_timeout": (0.0, "it is a wait"),
     "poll_interval": (1e-4, "it is a pause between polls"),
     "reader_watch": (1e-3, "it is a pause between samples of the registry"),
@@ -52,3 +53,13 @@ def check_count(name: str, value: Any, *, minimum: int = 1, maximum: int = 1 << 
 
 def check_port(name: str, value: Any) -> int:
     return check_count(name, value, minimum=1, maximum=65535)
+
+
+def check_source_id(value: Any) -> str:
+    """A source id as registries store it: 1..512 printable characters, no white space (the same
+    rule a record is held to when read, checked before any work is done)."""
+    if not (isinstance(value, str) and 0 < len(value) <= 512 and value.isprintable()) or any(
+        c.isspace() for c in value
+    ):
+        raise ConfigError(f"a source id is 1..512 printable characters without spaces, got {value!r:.80}")
+    return value

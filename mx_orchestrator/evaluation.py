@@ -63,7 +63,8 @@ class Evaluation:
     probes: dict[str, ProbeRecord] = field(default_factory=dict)
     registry_error: RegistryError | None = None
     finished_at: float | None = None
-    #: manifest fingerprint -> the candidates that published it (more than one key: they disagree)
+    #: content key (names, dtypes, shapes, digests, checksums) -> the candidates that published it
+    #: (more than one key: they disagree, another model or another revision)
     manifests: dict[str, list[str]] = field(default_factory=dict)
 
     def explain(self, reason: str, *, tried: bool, key: str) -> str:
@@ -163,7 +164,7 @@ class Evaluator:
             observer.probe_done(probe)
         if isinstance(result, Candidate):
             if result.manifest is not None:
-                key = result.manifest.manifest_fingerprint
+                key = result.manifest.content_key
                 seen = self.evaluation.manifests.setdefault(key, [])
                 if record.source_id not in seen:
                     seen.append(record.source_id)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DTYPES",
+    "DEFAULT_MAX_LEASE",
     "DTYPE_SIZES",
     "MAX_MANIFEST_BYTES",
     "MAX_REGIONS",
@@ -396,6 +397,21 @@ class Manifest:
         )
 
     @cached_property
+    def content_key(self) -> str:
+        """Hash of what the weights are *and hold*, as published: names, dtypes, shapes, digests and
+        checksums (their algorithms named). Two revisions with the same shapes differ here, which
+        :attr:`manifest_fingerprint` cannot tell; sources that publish other checksum algorithms
+        for the same bytes differ here too (what a load reads is decided by
+        :func:`content_differences`, which compares only what both publish)."""
+        return (
+            _digest(
+                f"{s.name}|{s.dtype}|{','.join(map(str, s.shape))}|{s.digest or ''}|{s.checksum or ''}"
+                for s in sorted(self.tensors, key=lambda s: s.name)
+            )
+            + _digest([self.checksum_algorithm])[:8]
+        )
+
+    @cached_property
     def layout_fingerprint(self) -> str:
         """Hash of *where* they are: region count, sizes and which tensor sits where."""
         parts = [f"regions={len(self.regions)}"]
@@ -559,6 +575,10 @@ class SourceState(enum.Enum):
     DRAINING = "DRAINING"
 
 
+#: the longest reader lease a source grants unless it says otherwise (seconds)
+DEFAULT_MAX_LEASE = 60.0
+
+
 @dataclass(frozen=True)
 class SourceRecord:
     """A serving process as the registry knows it.
@@ -591,6 +611,15 @@ class SourceRecord:
     hops: int = 0
     #: the stored manifest this source serves (:attr:`Manifest.stored`), set by the registry on publish
     manifest_key: str = ""
+    #: the longest reader lease the source grants (seconds): a longer one is cut to it where it is
+    #: written, so a reader that asked for years and died holds a slot for this long at most
+    max_lease: float = DEFAULT_MAX_LEASE
+
+    def lease_until(self, now: float, seconds: float) -> float:
+        """When a lease asked for ``seconds`` at ``now`` ends: never later than :attr:`max_lease`
+        from now; a nonsensical ask (negative, NaN) ends at once."""
+        granted = seconds if 0.0 <= seconds <= self.max_lease else (self.max_lease if seconds > 0 else 0.0)
+        return now + granted
 
     def at_capacity(self, now: float) -> bool:
         return self.max_readers > 0 and self.live_readers(now) >= self.max_readers
@@ -626,6 +655,7 @@ class SourceRecord:
             ("heartbeat_at", 0.0, 1e11),
             ("ejected_until", 0.0, 1e11),
             ("ttl", 1e-3, 86400.0),
+            ("max_lease", 1e-3, 86400.0),
         ):
             value = getattr(self, name)
             if not (
@@ -674,6 +704,7 @@ class SourceRecord:
             "max_readers": self.max_readers,
             "hops": self.hops,
             "manifest_key": self.manifest_key,
+            "max_lease": self.max_lease,
         }
 
     @classmethod
@@ -703,6 +734,7 @@ class SourceRecord:
                 max_readers=int(data.get("max_readers", 0)),
                 hops=int(data.get("hops", 0)),
                 manifest_key=str(data.get("manifest_key", "")),
+                max_lease=float(data.get("max_lease", DEFAULT_MAX_LEASE)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ManifestError):

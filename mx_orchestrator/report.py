@@ -143,7 +143,8 @@ class LoadReport:
     reason: str = ""
     #: why the registry could not be listed, when it could not (the load may still reach the Hub)
     registry_error: str | None = None
-    #: when candidates published different manifests: fingerprint -> their source ids
+    #: when candidates published different content (another model, or another revision of the same
+    #: shapes): content key -> their source ids
     manifest_disagreement: dict[str, list[str]] = field(default_factory=dict)
     #: fan-out distance of the source that delivered (``None``: not a peer); a republish is one more
     source_hops: int | None = None

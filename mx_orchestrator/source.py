@@ -29,12 +29,12 @@ from ._backends import EdgeFailure
 from ._backends.rdma import RdmaAgent
 from .buffers import Buffers, allocate
 from .checkpoint import read_tensors, safetensors_files
-from .config import check_count, check_seconds
+from .config import check_count, check_seconds, check_source_id
 from .errors import ConfigError
 from .layout import LayoutSpec, parse_layout, plan_layout
-from .models import ModelIdentity, SourceRecord, dtype_name
+from .models import DEFAULT_MAX_LEASE, ModelIdentity, SourceRecord, dtype_name
 from .pullplan import encode_advert
-from .registry.base import SourceRegistry
+from .registry.base import SourceRegistry, is_expired
 
 if TYPE_CHECKING:
     import torch
@@ -99,6 +99,7 @@ class WeightSource:
         drain_timeout: float = 5.0,
         interfaces: Sequence[str] = (),
         max_readers: int = DEFAULT_MAX_READERS,
+        max_lease: float = DEFAULT_MAX_LEASE,
         hops: int = 0,
         reader_watch: float = 0.05,
     ) -> None:
@@ -107,7 +108,9 @@ class WeightSource:
         check_seconds("poll_interval", poll_interval)
         self.registry = registry
         self.weights = weights
-        self.source_id = source_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.source_id = check_source_id(
+            f"{socket.gethostname()}-{os.getpid()}" if source_id is None else source_id
+        )
         self.generation = uuid.uuid4().hex
         self.ttl = ttl
         self.labels = dict(labels or {"host": socket.gethostname()})
@@ -118,6 +121,10 @@ class WeightSource:
         self.interfaces = tuple(interfaces)
         #: targets reading at once; a new one beyond it is refused before any byte moves (0: no cap)
         self.max_readers = check_count("max_readers", max_readers, minimum=0)
+        #: the longest reader lease this source grants (a crashed reader holds a slot this long at most)
+        self.max_lease = check_seconds("max_lease", max_lease)
+        if self.max_lease > 86400:
+            raise ConfigError(f"max_lease must be at most a day (86400 s), got {max_lease:g}")
         #: 0 for a seed; a republished target is one more than the source it loaded from
         self.hops = check_count("hops", hops, minimum=0, maximum=1 << 16)
         #: with metrics, how often the source samples its readers' leases
@@ -135,6 +142,7 @@ class WeightSource:
             ttl=self.ttl,
             labels=self.labels,
             max_readers=self.max_readers,
+            max_lease=self.max_lease,
             hops=self.hops,
             transport={
                 **encode_advert(agent.name, agent.metadata(), w.mem_type, w.spans, w.device_id),
@@ -230,16 +238,33 @@ class WeightSource:
                 with anyio.fail_after(max(1.0, self.ttl / 3)):
                     alive = await self.registry.heartbeat(self.source_id, self.generation)
                     if alive is None and self.record is not None:
-                        # the registry lost us (restarted, or our record expired
-                        # during an outage): publish again
-                        await self.registry.publish(self.record, self.weights.manifest)
-                        log.info("source.republished")
+                        await self._republish(log)
                 if self._metrics is not None:
                     self._metrics.heartbeats.labels(ok="true").inc()
+            except ConfigError:  # another live process serves under our id: stop
+                raise
             except Exception as exc:  # an outage must not kill the source; keep trying
                 log.warning("source.heartbeat_failed", error=str(exc))
                 if self._metrics is not None:
                     self._metrics.heartbeats.labels(ok="false").inc()
+
+    async def _republish(self, log: Any) -> None:
+        """The registry lost our record (it restarted, or the record expired during an outage):
+        publish again, unless another live process now serves under our id (two processes given
+        one id would overwrite each other's record every heartbeat): then we stop, loudly."""
+        current = await self.registry.get(self.source_id)
+        if (
+            current is not None
+            and current.generation != self.generation
+            and not is_expired(current, time.time())
+        ):
+            raise ConfigError(
+                f"source id {self.source_id!r} was taken over by another live process (its record "
+                f"{current.endpoint!r}): this one stops serving; give each process its own --source-id"
+            )
+        assert self.record is not None
+        await self.registry.publish(self.record, self.weights.manifest)
+        log.info("source.republished")
 
     async def _watch_readers(self) -> None:
         """With metrics: the live reader leases on our record, sampled every ``reader_watch`` seconds

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -311,3 +312,53 @@ async def test_a_broken_index_on_the_hub_is_a_typed_source_failure(tmp_path: Pat
     (attempt,) = report.attempts
     assert attempt.outcome.name == "SourceFailed" and "index.json" in attempt.outcome.detail
     assert not any(e["event"] == "attempt.strategy_raised" for e in events)  # typed, not a crash
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["serve", "--source-id", "", "--weights", "."],
+        ["serve", "--source-id", "two words", "--weights", "."],
+        ["pull", "--republish", "--source-id", "a\x1bb", "--model-id", "acme/none"],
+        ["pull", "--republish", "--source-id", "x" * 600, "--model-id", "acme/none"],
+    ],
+)
+def test_a_bad_source_id_is_refused_before_any_work(mxo: Mxo, args: list[str]) -> None:
+    """Empty, spaced, control-character or oversized ids: one line, exit 2, before any load."""
+    import time
+
+    began = time.monotonic()
+    out = mxo(*args, timeout=60)
+    assert_one_line(out, 2, "source id")
+    assert time.monotonic() - began < 30  # no load was attempted (a pull would wait for sources)
+
+
+def test_two_live_processes_given_one_source_id_do_not_flip_the_record(
+    peers: Peers, registry_url: str
+) -> None:
+    """The second ``mxo serve --source-id dup`` takes the id over; the first notices at its next
+    heartbeat, says so on one line and stops serving, instead of re-publishing every heartbeat."""
+    import time
+
+    from mx_orchestrator.registry import open_registry
+
+    (first,) = peers.start(("dup", "arena"), ttl=1.5)
+    (second,) = peers.start(("dup", "arena"), ttl=1.5)
+    assert first.proc.wait(timeout=30) != 0
+    err = first.proc.stderr.read().decode(errors="replace") if first.proc.stderr else ""
+    assert "taken over by another live process" in err and "Traceback" not in err
+
+    async def generation() -> str:
+        registry = open_registry(registry_url)
+        try:
+            record = await registry.get("dup")
+            assert record is not None
+            return record.generation
+        finally:
+            await registry.aclose()
+
+    seen = {anyio.run(generation)}
+    time.sleep(2.0)  # a few heartbeats later the record is still the second's
+    seen.add(anyio.run(generation))
+    assert seen == {second.generation}
+    assert second.proc.poll() is None

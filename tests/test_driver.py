@@ -187,6 +187,7 @@ def test_two_revisions_of_one_model_are_never_spliced(stripe: int) -> None:
     assert report.loaded
     assert_equal_weights(target, seed=11)  # exactly revision A, no tensor of B
     assert "rev-b" not in report.bytes_by_source()
+    assert sorted(map(sorted, report.manifest_disagreement.values())) == [["a", "b", "c"], ["rev-b"]]
     assert state is SourceState.READY
     refused = [a for a in report.attempts if a.outcome.source_id == "rev-b"]
     if stripe > 1:  # with one reader, A served it all before rev-b's turn

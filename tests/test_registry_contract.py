@@ -178,6 +178,29 @@ async def test_reader_leases_count_as_load_and_run_out_unless_renewed(
 
 
 @pytest.mark.faults
+async def test_a_lease_is_bounded_by_the_source_and_an_expired_one_never_blocks_it(
+    registry: SourceRegistry, identity: ModelIdentity, clock: Clock
+) -> None:
+    """A reader asking for 31 years (then dying) holds a ``max_readers=1`` source's slot for the
+    source's own ``max_lease`` at most; NaN or negative asks end at once; once a lease ran out the
+    listing shows the slot free with no write in between (a crashed reader never blocks a source)."""
+    a = replace(rec(identity, "a", clock, ttl=120.0), max_readers=1, max_lease=30.0)
+    await registry.publish(a)
+    assert await registry.lease_reader("a", a.generation, "greedy/run", 1e9)
+    (listed,) = await registry.list(identity.key)
+    assert listed.load == 1 and listed.readers["greedy/run"] <= clock.now + 30.0
+    assert not await registry.lease_reader("a", a.generation, "next/run", 10)  # full: refused
+    clock.now += 30.5  # the greedy reader died: its lease ran out at the source's bound
+    (listed,) = await registry.list(identity.key)
+    assert listed.load == 0 and not listed.listed_full  # the listing alone shows it free
+    assert await registry.lease_reader("a", a.generation, "next/run", 10)
+    for nonsense in (float("nan"), -5.0, float("-inf")):
+        assert await registry.lease_reader("a", a.generation, "next/run", None)
+        assert await registry.lease_reader("a", a.generation, f"odd-{nonsense}", nonsense)
+        assert (await registry.list(identity.key))[0].load == 0
+
+
+@pytest.mark.faults
 async def test_garbage_records_are_skipped_not_fatal(
     stored_registry: SourceRegistry, identity: ModelIdentity, clock: Clock
 ) -> None:

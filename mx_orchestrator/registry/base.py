@@ -316,11 +316,12 @@ class RecordTransitions:
 
     async def lease_reader(self, source_id: str, generation: str, reader: str, seconds: float | None) -> bool:
         now = self._clock()
-        expires = None if seconds is None else now + seconds
         admitted = True
 
         def transition(record: SourceRecord) -> SourceRecord:
             nonlocal admitted
+            # the source's own bound on a lease, enforced here where it is written
+            expires = None if seconds is None else record.lease_until(now, seconds)
             # a new reader at the cap is refused (a renewal or a give-back never is): checked and
             # written in one atomic change, so racing targets cannot all squeeze in
             live = {r for r, e in record.readers.items() if e > now}
