@@ -81,6 +81,9 @@ def safetensors_files(directory: Path) -> list[Path]:
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"no *.safetensors files in {str(directory)!r}")
+    for path in files:  # a FIFO or a device would block the reader, or never end
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not a regular file")
     return files
 
 
@@ -163,4 +166,6 @@ def fingerprint_directory(directory: Path) -> tuple[str, dict[str, dict[str, obj
         dtype, shape, digest = dtype_name(tensor.dtype), tuple(tensor.shape), tensor_digest(tensor)
         rows[name] = {"dtype": dtype, "shape": list(shape), "sha256": digest}
         pinned.append((name, dtype, shape, digest))
+    if not pinned:  # nothing a source could serve (serve refuses it too): no pin of nothing
+        raise CheckpointError(f"{directory}: the checkpoint holds no tensors")
     return content_fingerprint(pinned), rows

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -21,7 +22,7 @@ from typing import Any, NoReturn, TypeVar
 import anyio
 
 from . import __version__
-from .config import check_count, check_port, check_seconds, check_source_id
+from .config import check_count, check_device, check_port, check_seconds, check_source_id
 from .errors import ConfigError, MxoError
 from .logs import configure_logging
 from .models import ModelIdentity, SourceRecord
@@ -65,6 +66,7 @@ def _seconds(name: str) -> Callable[[str], float]:
 
 _port = _checked(int, lambda v: check_port("port", v), "a port")
 _source_id = _checked(str, check_source_id, "a source id")
+_device = _checked(str, check_device, "a device")
 _readers = _checked(int, lambda v: check_count("max_readers", v, minimum=0), "a whole number")
 _stripe = _checked(int, lambda v: check_count("stripe", v, maximum=64), "a whole number from 1 to 64")
 
@@ -84,6 +86,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="registry URL: sqlite:///PATH (default), redis://HOST:PORT/DB, memory://",
     )
+    _diagnostics(p)
+
+
+def _diagnostics(p: argparse.ArgumentParser) -> None:
+    """What every command takes: log level and format, and ``--debug``."""
     p.add_argument("--log-level", default=None, help="debug, info, warning (default; or $MXO_LOG_LEVEL)")
     p.add_argument("--log-format", choices=("console", "json"), default="console")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (or $MXO_DEBUG=1)")
@@ -113,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _identity_args(serve)
     serve.add_argument("--weights", required=True, type=Path, help="directory of *.safetensors")
     serve.add_argument("--layout", default="arena", help="arena | tensor | chunked:SIZE (default arena)")
-    serve.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    serve.add_argument("--device", type=_device, default="cpu", help="cpu or cuda:N")
     serve.add_argument(
         "--source-id", type=_source_id, default=None, help="stable id for this source (default host-pid)"
     )
@@ -158,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="load a model from the best source and report how")
     _identity_args(pull)
     pull.add_argument("--layout", default="arena", help="target layout: arena | tensor | chunked:SIZE")
-    pull.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    pull.add_argument("--device", type=_device, default="cpu", help="cpu or cuda:N")
     pull.add_argument(
         "--strategies",
         default=None,
@@ -244,8 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     fingerprint.add_argument(
         "--json", action="store_true", help="also every tensor's dtype, shape and SHA-256"
     )
-    fingerprint.add_argument("--log-level", default=None)
-    fingerprint.add_argument("--log-format", choices=("console", "json"), default="console")
+    _diagnostics(fingerprint)
     fingerprint.set_defaults(run=_fingerprint)
 
     sources = sub.add_parser("sources", help="list the sources a registry knows")
@@ -257,8 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole story on this machine: real sources, a kill, a pull")
     demo.add_argument("--json", action="store_true")
     demo.add_argument("--scenario", choices=("mixed", "hub-fallback"), default="mixed")
-    demo.add_argument("--log-level", default=None)
-    demo.add_argument("--log-format", choices=("console", "json"), default="console")
+    _diagnostics(demo)
     demo.set_defaults(run=_demo)
 
     return parser
@@ -451,14 +456,19 @@ async def _until_signal(work: Awaitable[T]) -> T:
 
 
 def _check_out(out: Path) -> None:
-    """``--out``: a directory that exists or can be made, and writable; checked before any byte moves."""
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a directory")
-    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: {existing or out} is not a writable directory")
-    if (out / "model.safetensors").is_dir():
-        raise ConfigError(f"--out {out}: {out / 'model.safetensors'} is a directory")
+    """``--out``: made (or found) now and proved writable with a probe file, before any byte moves;
+    ``model.safetensors`` in it, if there, is a regular file to replace."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not out.is_dir():
+            raise ConfigError(f"--out {out}: exists and is not a directory")
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".mxo-probe-"):
+            pass
+    except OSError as exc:  # a dangling link, /proc, a read-only file system, no permission
+        raise ConfigError(f"--out {out}: {exc.strerror or exc}") from None
+    written = out / "model.safetensors"
+    if written.is_symlink() or (written.exists() and not written.is_file()):
+        raise ConfigError(f"--out {out}: {written} exists and is not a regular file")
 
 
 def _republish(args: argparse.Namespace, target: Any, *, hops: int) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["FLOORS", "check_count", "check_port", "check_seconds", "check_source_id"]
+__all__ = ["FLOORS", "check_count", "check_device", "check_port", "check_seconds", "check_source_id"]
 
 #: The least each duration may be, in seconds, and why.
 FLOORS = {
@@ -63,3 +63,13 @@ def check_source_id(value: Any) -> str:
     ):
         raise ConfigError(f"a source id is 1..512 printable characters without spaces, got {value!r:.80}")
     return value
+
+
+def check_device(value: Any) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``: the devices targets and sources live on (another accelerator
+    is not supported: say so, not that CUDA is missing)."""
+    if isinstance(value, str) and (
+        value in ("cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit() and len(value) < 12)
+    ):
+        return value
+    raise ConfigError(f"a device is cpu or cuda:N (other accelerators are not supported), got {value!r:.40}")

@@ -362,3 +362,58 @@ def test_two_live_processes_given_one_source_id_do_not_flip_the_record(
     seen.add(anyio.run(generation))
     assert seen == {second.generation}
     assert second.proc.poll() is None
+
+
+@pytest.mark.parametrize("where", ["dangling-link", "proc"])
+def test_an_out_that_cannot_be_written_is_refused_before_the_pull(
+    mxo: Mxo, tmp_path: Path, where: str
+) -> None:
+    """A dangling symlink or a path under /proc: one line, exit 2, and no load was started."""
+    if where == "dangling-link":
+        out = tmp_path / "out"
+        out.symlink_to(tmp_path / "nowhere" / "at-all")
+    else:
+        out = Path("/proc/mxo-out-test")
+    result = mxo(
+        "pull", "--model-id", "acme/none", "--registry", f"sqlite://{tmp_path}/r.db", "--out", str(out), "--json",
+        timeout=60,
+    )  # fmt: skip
+    assert_one_line(result, 2, "--out")
+    assert result.stdout == ""  # refused before any report: nothing was loaded
+
+
+def test_a_fifo_named_like_a_checkpoint_is_refused_not_read(mxo: Mxo, tmp_path: Path) -> None:
+    """``fingerprint`` and ``serve`` read regular files only: a FIFO would block them forever."""
+    import os
+
+    os.mkfifo(tmp_path / "model.safetensors")
+    for args in (
+        ["fingerprint", "--weights", str(tmp_path)],
+        [
+            "serve",
+            "--model-id",
+            "acme/fifo",
+            "--weights",
+            str(tmp_path),
+            "--registry",
+            f"sqlite://{tmp_path}/r.db",
+        ],
+    ):
+        assert_one_line(mxo(*args, timeout=60), 2, "not a regular file")
+
+
+def test_a_checkpoint_with_no_tensors_has_no_pin(mxo: Mxo, tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(safetensors_bytes({}))
+    assert_one_line(mxo("fingerprint", "--weights", str(tmp_path), timeout=60), 2, "no tensors")
+
+
+def test_every_command_takes_debug_and_a_foreign_device_is_named_as_such(mxo: Mxo, tmp_path: Path) -> None:
+    from mx_orchestrator.testing.peers import minilm_dir
+
+    assert mxo("fingerprint", "--weights", str(minilm_dir()), "--debug", timeout=120).returncode == 0
+    demo = mxo("demo", "--debug", "--scenario", "no-such-scenario", timeout=60)
+    assert demo.returncode == 2 and "--debug" not in demo.stderr and "scenario" in demo.stderr
+    for command in (["pull", "--model-id", "acme/none"], ["serve", "--weights", str(tmp_path)]):
+        out = mxo(*command, "--device", "tpu", timeout=60)
+        assert out.returncode == 2 and "other accelerators are not supported" in out.stderr
+        assert "CUDA is not available" not in out.stderr

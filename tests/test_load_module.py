@@ -117,21 +117,41 @@ async def test_a_parameter_of_another_shape_or_dtype_is_a_manifest_mismatch_nami
     await registry.aclose()
 
 
+@pytest.mark.parametrize("stripe", [1, 2])
 async def test_a_module_missing_a_checkpoint_tensor_loads_and_says_so_and_strict_refuses_missing_parameters(
-    peers: Peers, registry_url: str
+    peers: Peers, registry_url: str, stripe: int
 ) -> None:
     peers.start(("minilm", "arena"))
     model = empty_bert(add_pooling_layer=True)
     del model.pooler  # the checkpoint has the pooler; this module does not
-    report = await load_module(model, MODEL_ID, registry=registry_url, rank_window=2.0)
+    report = await load_module(model, MODEL_ID, registry=registry_url, rank_window=2.0, stripe=stripe)
     assert report.loaded and "pooler.dense.weight" in report.module["checkpoint_only"]  # type: ignore[index]
     extra = empty_bert(add_pooling_layer=False)
     extra.register_parameter("adapter", torch.nn.Parameter(torch.empty(4)))
-    refused = await load_module(extra, MODEL_ID, registry=registry_url, rank_window=2.0)
+    refused = await load_module(extra, MODEL_ID, registry=registry_url, rank_window=2.0, stripe=stripe)
     assert not refused.loaded and "adapter" in refused.attempts[0].outcome.detail
+    assert {a.outcome.name for a in refused.attempts} == {"ManifestMismatch"}
     assert all(a.outcome.bytes_moved == 0 for a in refused.attempts)
-    lenient = await load_module(extra, MODEL_ID, registry=registry_url, rank_window=2.0, strict=False)
+    lenient = await load_module(
+        extra, MODEL_ID, registry=registry_url, rank_window=2.0, strict=False, stripe=stripe
+    )
     assert lenient.loaded and "adapter" in lenient.module["module_only"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("stripe", [1, 2])
+async def test_a_non_contiguous_parameter_is_a_manifest_mismatch_naming_it_in_every_mode(
+    peers: Peers, registry_url: str, stripe: int
+) -> None:
+    """It cannot be filled in place: a typed outcome naming it, 0 bytes moved, the source READY."""
+    peers.start(("minilm", "arena"))
+    model = empty_bert(add_pooling_layer=False)
+    layer = model.encoder.layer[0].attention.self.query
+    layer.weight = torch.nn.Parameter(torch.empty(384, 384).t())  # a transposed view: not contiguous
+    report = await load_module(model, MODEL_ID, registry=registry_url, rank_window=2.0, stripe=stripe)
+    assert not report.loaded
+    assert {a.outcome.name for a in report.attempts} == {"ManifestMismatch"}
+    assert "not contiguous" in report.attempts[0].outcome.detail
+    assert all(a.outcome.bytes_moved == 0 and not a.marked_stale for a in report.attempts)
 
 
 # -- the pure binding -------------------------------------------------------------------
