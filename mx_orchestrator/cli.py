@@ -458,10 +458,10 @@ async def _until_signal(work: Awaitable[T]) -> T:
 def _check_out(out: Path) -> None:
     """``--out``: made (or found) now and proved writable with a probe file, before any byte moves;
     ``model.safetensors`` in it, if there, is a regular file to replace."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if not out.is_dir():
-            raise ConfigError(f"--out {out}: exists and is not a directory")
         with tempfile.NamedTemporaryFile(dir=out, prefix=".mxo-probe-"):
             pass
     except OSError as exc:  # a dangling link, /proc, a read-only file system, no permission

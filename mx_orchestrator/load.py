@@ -40,7 +40,7 @@ import structlog
 
 from .evaluation import Evaluator
 from .models import Candidate, ModelIdentity
-from .outcomes import Corrupt, Loaded, LocalFailure, Outcome, SourceBusy, Superseded, out_of_time
+from .outcomes import Corrupt, Loaded, LocalFailure, Outcome, Superseded, out_of_time
 from .partreads import PartReads
 from .parts import Part
 from .peer import PartCapable, PartConnection
@@ -275,8 +275,7 @@ class LoadRun:
 
     async def read_from(self, attempt: Attempt, strategy: PartCapable, reads: PartReads) -> None:
         """A session on one source; an outcome before its parts (a refusal, a failed connect) ends it."""
-        began = anyio.current_time()
-        phases = Phases()
+        began, phases = anyio.current_time(), Phases()
         ctx = self.context(attempt, began + self.budget(), phases, whole=False)
         try:
             outcome = await self.open_and_read(attempt, strategy, reads, ctx)
@@ -295,24 +294,24 @@ class LoadRun:
         plan = reads.check(strategy, ctx)
         if not isinstance(plan, PullPlan):
             return plan
-        async with self.registry.lease(attempt) as leased:
-            if leased is False:
-                return self.registry.refusal(strategy.name, attempt)
-            began = anyio.current_time()
-            opened: PartConnection | Outcome | None = None
-            with anyio.move_on_after(ctx.deadline - began):
-                opened = await strategy.open(plan, ctx, reads.registrations)
-            if not isinstance(opened, PartConnection):
-                wall = anyio.current_time() - began
-                return opened or out_of_time(strategy.name, attempt.source_id, wall, wall, 0, over=False)
-            try:
+        began = anyio.current_time()
+        opened: PartConnection | Outcome | None = None
+        with anyio.move_on_after(ctx.deadline - began):  # local and cheap: before any registry write
+            opened = await strategy.open(plan, ctx, reads.registrations)
+        if not isinstance(opened, PartConnection):
+            wall = anyio.current_time() - began
+            return opened or out_of_time(strategy.name, attempt.source_id, wall, wall, 0, over=False)
+        try:
+            async with self.registry.lease(attempt) as leased:
+                if leased is False:
+                    return self.registry.refusal(strategy.name, attempt)
                 ready = await reads.allocate_for(plan, strategy, ctx)
                 if not isinstance(ready, PullPlan):
                     return ready
                 await self.read_parts(attempt, strategy, ready, opened, reads)
                 return None
-            finally:
-                opened.close()
+        finally:
+            opened.close()
 
     async def read_parts(
         self,
@@ -395,7 +394,7 @@ class LoadRun:
         )
         action = self.policy.decide(outcome, state)
         progress = isinstance(outcome, Loaded) or (part is not None and isinstance(outcome, Superseded))
-        if not (progress or isinstance(outcome, SourceBusy)):
+        if action.counted and not progress:
             self.counted += 1
         marked = await self.registry.carry_out(action, attempt, outcome)
         record = AttemptRecord.of_part(
@@ -439,6 +438,7 @@ class LoadRun:
             stripe=self.config.stripe,
             stripe_seconds=(spread or 0.0) if done.loaded else 0.0,
             capacity_waits=self.planner.capacity_waits_made,
+            reports={"written": self.registry.reports_written, "skipped": self.registry.reports_skipped},
         )
         if report.manifest_disagreement:
             # not evidence of who is right (anyone who can write the registry can publish many

@@ -71,7 +71,7 @@ DTYPE_SIZES: Mapping[str, int] = {name: size for name, (size, _) in DTYPES.items
 # a few thousand tensors per shard) and small enough that a hostile peer cannot
 # make a target allocate or hash without limit.
 MAX_TENSORS = 262_144
-MAX_REGIONS = 65_536
+MAX_REGIONS = MAX_TENSORS  # a tensor layout has one region per tensor: the limits agree
 MAX_DIMS = 16
 MAX_NAME_LENGTH = 1024
 MAX_TOTAL_BYTES = 1 << 50  # 1 PiB

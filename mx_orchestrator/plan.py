@@ -21,8 +21,10 @@ After the wait the driver lists the sources again and calls :meth:`Planner.reque
 
 Termination: every recorded action either finishes, marks a new
 (strategy, source) pair as tried, advances the strategy, or is a retry; retries
-and everything else are capped by ``max_attempts``; refusals for capacity are
-not counted there but each round has finitely many candidates, and rounds are
+and everything else are capped by ``max_attempts``; refusals for capacity and
+connects refused by a source the load then forgets are not counted there (ten
+thousand junk records must not spend a load's budget), but each round has
+finitely many candidates, each such pair happens once a round, and rounds are
 capped by ``capacity_waits``. The property tests drive this class with
 arbitrary outcomes to pin that.
 """
@@ -127,7 +129,8 @@ class Planner:
         self._first_wait_at: float | None = None
         self._requeue_asked = False
         self._now = 0.0
-        #: refusals for capacity: attempts in the report, not counted toward ``max_attempts``
+        #: attempts in the report not counted toward ``max_attempts``: capacity refusals, and connects
+        #: refused before any byte moved by sources the load then forgets (junk records)
         self.refusals = 0
         self._index = 0
         self._known: dict[str, Candidate] = {}
@@ -222,8 +225,9 @@ class Planner:
         self._tried.add((attempt.strategy_index, sid))
         if action.forget_source and sid is not None:
             self._forgotten.add(sid)
-        if action.full and sid is not None and action.kind is ActionKind.NEXT_CANDIDATE:
+        if not action.counted and sid is not None and action.kind is ActionKind.NEXT_CANDIDATE:
             self.refusals += 1
+        if action.full and sid is not None and action.kind is ActionKind.NEXT_CANDIDATE:
             self._mark_full(sid, attempt.strategy_index)
         TRANSITIONS[action.kind](self, attempt, action)
         if self._done is None and self.attempts_counted >= self._max_attempts:

@@ -85,6 +85,10 @@ class Action:
     delay: float = 0.0
     reason: str = ""
     full: bool = False
+    #: whether the attempt counts toward ``max_attempts``: not a capacity refusal, nor a connect
+    #: refused before any byte moved by a source the load then forgets (each source costs that
+    #: once per round, so junk records cannot spend a load's attempt budget)
+    counted: bool = True
 
     @property
     def label(self) -> str:
@@ -125,7 +129,12 @@ def finish() -> Rule:
 
 
 def next_candidate(
-    *, mark_stale: bool = False, forget: bool = False, report_unreachable: bool = False, full: bool = False
+    *,
+    mark_stale: bool = False,
+    forget: bool = False,
+    report_unreachable: bool = False,
+    full: bool = False,
+    counted: bool = True,
 ) -> Rule:
     """Move on to the next candidate of the same strategy.
 
@@ -135,13 +144,16 @@ def next_candidate(
     """
 
     def rule(outcome: Outcome, state: DecisionState) -> Action:
+        is_full = full and not (mark_stale or report_unreachable or forget)
+        forgets = forget or mark_stale or report_unreachable
         return Action(
             ActionKind.NEXT_CANDIDATE,
             mark_stale=mark_stale,
-            forget_source=forget or mark_stale or report_unreachable,
+            forget_source=forgets,
             report_unreachable=report_unreachable,
             reason=outcome.name,
-            full=full and not (mark_stale or report_unreachable or forget),
+            full=is_full,
+            counted=not is_full and (counted or not forgets or outcome.bytes_moved > 0),
         )
 
     return rule
@@ -213,7 +225,7 @@ DEFAULT_RULES: Mapping[type[Outcome], Rule] = MappingProxyType(
         LayoutMismatch: next_candidate(),
         ManifestMismatch: next_candidate(forget=True),
         NotApplicable: next_strategy_or_candidate(),
-        SourceUnreachable: next_candidate(report_unreachable=True),
+        SourceUnreachable: next_candidate(report_unreachable=True, counted=False),
         SourceBusy: next_candidate(full=True),
         SourceFailed: next_candidate(mark_stale=True),
         TimedOut: next_candidate(mark_stale=True),

@@ -24,6 +24,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .errors import ManifestError
 from .layout import Descriptors
 from .models import Candidate, Manifest
 from .outcomes import LayoutMismatch, ManifestMismatch, NotApplicable, Outcome, SourceUnreachable
@@ -191,6 +192,8 @@ def check(
         local_manifest = target.plan_for(source)
     except TargetMismatch as exc:
         return ManifestMismatch(strategy=strategy, source_id=sid, detail=str(exc))
+    except ManifestError as exc:  # it cannot be laid out in this target: a property of the pair
+        return ManifestMismatch(strategy=strategy, source_id=sid, detail=f"cannot be laid out here: {exc}")
     virtual = [(i << _REGION_SHIFT, r.nbytes) for i, r in enumerate(local_manifest.regions)]
     planned = planner(source, advert.spans, local_manifest, virtual)
     if isinstance(planned, str):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any, TextIO
 
@@ -43,6 +44,10 @@ def _console(out: TextIO) -> Any:
     return Console(file=out, highlight=False, width=None if out.isatty() else 200)
 
 
+#: attempts printed one per row; a registry flood's thousands are summed up in one more
+_MAX_ROWS = 200
+
+
 def print_report(report: LoadReport, *, file: TextIO | None = None) -> None:
     from rich.table import Table
 
@@ -64,7 +69,9 @@ def print_report(report: LoadReport, *, file: TextIO | None = None) -> None:
     )
     for column in columns:
         table.add_column(column, overflow="fold")
-    for i, a in enumerate(data["attempts"], 1):
+    attempts = data["attempts"]
+    shown = attempts if len(attempts) <= _MAX_ROWS else attempts[: _MAX_ROWS - 1]
+    for i, a in enumerate(shown, 1):
         table.add_row(
             str(i),
             _plain(a["strategy"]),
@@ -78,6 +85,10 @@ def print_report(report: LoadReport, *, file: TextIO | None = None) -> None:
             "yes" if a["marked_stale"] else "",
             _plain(a["detail"][:120]),
         )
+    if len(shown) < len(attempts):
+        rest = Counter(a["outcome"] for a in attempts[len(shown) :])
+        summary = ", ".join(f"{n} {outcome}" for outcome, n in rest.most_common())
+        table.add_row("...", "", "", f"{len(attempts) - len(shown)} more", "", "", "", "", "", "", summary)
     console.print(table)
     from rich.text import Text
 

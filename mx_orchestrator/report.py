@@ -156,6 +156,8 @@ class LoadReport:
     module: dict[str, Any] | None = None
     #: how often every usable source was at its reader cap, so the load waited and listed again
     capacity_waits: int = 0
+    #: unreachable and slow reports this load wrote to the registry, and skipped (bounded per load)
+    reports: dict[str, int] = field(default_factory=dict)
 
     @property
     def striped(self) -> bool:
@@ -183,6 +185,17 @@ class LoadReport:
             elif isinstance(o, Loaded):
                 totals[o.source_id] = totals.get(o.source_id, 0) + o.bytes_moved
         return totals
+
+    def junk(self) -> dict[str, Any]:
+        """What records no source stood behind cost: refused connects (not counted toward the
+        attempt limit), their seconds, and the registry reports written and skipped."""
+        refused = [a for a in self.attempts if a.outcome.name == "SourceUnreachable"]
+        return {
+            "refused_connects": len(refused),
+            "seconds": round(sum(a.wall_seconds for a in refused), 6),
+            "reports_written": self.reports.get("written", 0),
+            "reports_skipped": self.reports.get("skipped", 0),
+        }
 
     @property
     def final(self) -> Loaded | None:
@@ -249,6 +262,7 @@ class LoadReport:
             "manifest_disagreement": self.manifest_disagreement,
             "source_hops": self.source_hops,
             "capacity_waits": self.capacity_waits,
+            "junk": self.junk(),
             "module": self.module,
         }
 

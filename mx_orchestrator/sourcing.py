@@ -23,10 +23,13 @@ from .plan import Attempt
 from .policy import Action
 from .settings import LoadSettings
 
-__all__ = ["SourceAccounting"]
+__all__ = ["REPORTS_PER_LOAD", "SourceAccounting"]
 
 #: leases are bookkeeping: a slow registry must not hold a read back for long
 _READER_ACCOUNTING_TIMEOUT = 0.5
+#: unreachable (and slow) reports one load writes at most: a registry flooded with junk records
+#: must not make every load a write storm (STALE marks, evidence of a real fault, are not bounded)
+REPORTS_PER_LOAD = 8
 
 
 class SourceAccounting:
@@ -37,6 +40,8 @@ class SourceAccounting:
         self.reader = reader
         self.log = log
         self.tasks = tasks
+        self.reports_written = 0
+        self.reports_skipped = 0
 
     @contextlib.asynccontextmanager
     async def lease(self, attempt: Attempt) -> AsyncIterator[bool | None]:
@@ -92,6 +97,11 @@ class SourceAccounting:
             or registry is None
         ):
             return False
+        if not action.mark_stale and self.reports_written >= REPORTS_PER_LOAD:
+            self.reports_skipped += 1
+            return False
+        if not action.mark_stale:
+            self.reports_written += 1
         record = attempt.candidate.record
         reason = f"{outcome.name}: {outcome.detail}"[:500]
         reporter = self.config.target_id
