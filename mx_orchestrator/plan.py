@@ -41,6 +41,7 @@ from .selection import RankKey
 
 __all__ = [
     "EXHAUSTED",
+    "SHARES",
     "TRANSITIONS",
     "Attempt",
     "Done",
@@ -53,6 +54,8 @@ __all__ = [
 
 #: The reason a plan ends when nothing is left to try.
 EXHAUSTED = "every strategy and candidate was tried"
+#: At most this many attempts share what is left of a load's deadline (see ``attempts_left``).
+SHARES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,25 +184,29 @@ class Planner:
         """How many attempts are handed out and not recorded yet."""
         return len(self._in_flight)
 
-    def attempts_left(self) -> int:
-        """How many attempts, one after another, the load could still make, a pending one included.
+    def attempts_left(self, cap: int = SHARES) -> int:
+        """How many attempts, one after another, the load could still make, a pending one included,
+        counted up to ``cap``: what a load's remaining budget is shared among.
 
         One for an attempt in flight (attempts in flight at once share no time),
         the untried, unforgotten, idle candidates of the current peer strategy,
-        plus one for every peerless strategy (the Hub) after it: what a load's
-        remaining budget is shared among.
+        plus one for every peerless strategy (the Hub) after it. The cap keeps a
+        registry flooded with records from cutting every attempt to nothing: each
+        attempt may take 1/``cap`` of what is left, so a run of hanging sources
+        still leaves (1 - 1/cap)^k of the deadline after k of them.
         """
         index = self._index
-        left = 1 if self._in_flight else 0
-        busy = self._busy_sources()
+        left = (1 if self._in_flight else 0) + sum(
+            1 for slot in self._strategies[index + 1 :] if not slot.uses_peers
+        )
         if index < len(self._strategies) and self._strategies[index].uses_peers:
-            left += sum(
-                1
-                for sid in self._known
-                if sid not in self._forgotten and (index, sid) not in self._tried and sid not in busy
-            )
-        left += sum(1 for slot in self._strategies[index + 1 :] if not slot.uses_peers)
-        return max(1, left)
+            busy = self._busy_sources()
+            for sid in self._known:
+                if left >= cap:
+                    break
+                if sid not in self._forgotten and (index, sid) not in self._tried and sid not in busy:
+                    left += 1
+        return max(1, min(left, cap))
 
     @property
     def candidates_known(self) -> int:

@@ -53,6 +53,8 @@ class Target(OnDevice):
         self.allocations: list[int] = []
         #: bytes of every READ that completed into this target (a re-read counts again)
         self.bytes_written = 0
+        #: id of a source manifest -> it and the manifest this target would have for it
+        self._planned_for: dict[int, tuple[Manifest, Manifest]] = {}
         if verify and device != "cpu":
             warm_device_checksum(device)  # compiled while the load discovers and allocates
 
@@ -103,7 +105,15 @@ class Target(OnDevice):
             if mine.manifest_fingerprint != source.manifest_fingerprint:
                 raise TargetMismatch(describe_manifest_difference(source, mine))
             return mine
-        return plan_layout(source.identity, source.tensors, self.layout, source.checksum_algorithm)
+        # many records serve one (cached, shared) manifest: its layout here is planned once
+        cached = self._planned_for.get(id(source))
+        if cached is not None and cached[0] is source:
+            return cached[1]
+        planned = plan_layout(source.identity, source.tensors, self.layout, source.checksum_algorithm)
+        if len(self._planned_for) >= 8:
+            self._planned_for.clear()
+        self._planned_for[id(source)] = (source, planned)
+        return planned
 
     def prepare(self, planned: Manifest) -> Buffers:
         """Make the memory for ``planned`` (from :meth:`plan_for`) exist; allocates on first use.

@@ -328,3 +328,72 @@ def test_a_source_that_keeps_losing_hedges_is_reported_slow_never_stale_on_one_l
         return states
 
     assert run_on_virtual_time(main) == [SourceState.READY, SourceState.READY, SourceState.STALE]
+
+
+@pytest.mark.parametrize("stripe", STRIPES)
+def test_a_flood_of_junk_records_never_spends_the_attempt_budget_nor_floods_the_registry(stripe: int) -> None:
+    """300 records publishing the honest manifest with garbage connection metadata, all ranked before
+    the honest source, against an attempt limit of 16: each costs one refused connect (not counted
+    toward the limit), at most a few registry reports are written, and the honest source loads."""
+    from mx_orchestrator.sourcing import REPORTS_PER_LOAD
+
+    async def main() -> tuple[LoadReport, Target, int]:
+        async with fabric(("honest", "arena")) as f:
+            honest = await f.registry.get("honest")
+            assert honest is not None
+            manifest = await f.registry.get_manifest("honest", honest.generation)
+            junk = {**honest.transport, "nixl_metadata": "Z2FyYmFnZQ=="}
+            for i in range(300):
+                record = replace(honest, source_id=f"junk-{i:03d}", generation=f"g{i}", transport=junk)
+                await f.registry.publish(record, manifest)
+            orchestrator = f.orchestrator(
+                stripe=stripe, min_part_bytes=4096, rank_window=0.01, policy=Policy(max_attempts=16)
+            )
+            orchestrator.selection = lambda _t: (
+                lambda c: (1.0 if c.source_id == "honest" else 0.0, c.source_id)
+            )
+            target = Target("arena")
+            before = len(f.registry.calls)
+            report = await orchestrator.load(IDENTITY, target)
+            reports = sum(1 for op, _ in f.registry.calls[before:] if op == "report_unreachable")
+            return report, target, reports
+
+    report, target, reports = run_on_virtual_time(main)
+    assert report.loaded, report.reason
+    assert_equal_weights(target)
+    junk = report.to_dict()["junk"]
+    assert junk["refused_connects"] == 300 and junk["reports_written"] == reports <= REPORTS_PER_LOAD
+    assert junk["reports_skipped"] == 300 - reports
+    assert {a.outcome.source_id for a in report.loaded_parts()} == {"honest"}
+
+
+def test_a_junk_record_whose_manifest_cannot_land_here_is_its_own_problem_not_the_load_s() -> None:
+    """A record publishing 70,000 tensors beside the honest source, into a ``tensor`` target (one
+    region per tensor): the limits agree, nothing ends the load as a local failure, the honest
+    source loads; a checkpoint that size can be laid out in every layout."""
+    from mx_orchestrator.testing import make_manifest
+
+    huge = make_manifest(IDENTITY, [(f"t.{i}", "F32", (1,)) for i in range(70_000)])
+    for layout in ("tensor", "chunked:4096", "arena"):
+        assert len(Target(layout).plan_for(huge).tensors) == 70_000
+
+    async def main() -> tuple[LoadReport, Target]:
+        async with fabric(("honest", "tensor")) as f:
+            honest = await f.registry.get("honest")
+            assert honest is not None
+            junk = replace(
+                honest,
+                source_id="huge",
+                generation="h",
+                transport={**honest.transport, "nixl_metadata": "eA=="},
+            )
+            await f.registry.publish(junk, huge)
+            orchestrator = f.orchestrator(min_part_bytes=4096, rank_window=0.05)
+            orchestrator.selection = lambda _t: lambda c: (0.0 if c.source_id == "huge" else 1.0,)
+            target = Target("tensor")
+            return await orchestrator.load(IDENTITY, target), target
+
+    report, target = run_on_virtual_time(main)
+    assert report.loaded, report.reason
+    assert_equal_weights(target)
+    assert not any(a.outcome.name == "LocalFailure" for a in report.attempts)
