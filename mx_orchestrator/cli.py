@@ -465,7 +465,7 @@ def _check_out(out: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".mxo-probe-"):
             pass
     except OSError as exc:  # a dangling link, /proc, a read-only file system, no permission
-        raise ConfigError(f"--out {out}: {exc.strerror or exc}") from None
+        raise ConfigError(f"--out {out}: not a writable directory ({exc.strerror or exc})") from None
     written = out / "model.safetensors"
     if written.is_symlink() or (written.exists() and not written.is_file()):
         raise ConfigError(f"--out {out}: {written} exists and is not a regular file")

@@ -179,17 +179,21 @@ async def test_a_source_killed_mid_load_costs_only_its_part(
     await registry.aclose()
 
 
+@pytest.mark.parametrize("stripe", [2, 3])
 async def test_a_corrupt_tensor_under_stripe_2_is_read_again_alone_from_the_other_source(
-    peers: Peers, registry_url: str, checkpoint: Path
+    peers: Peers, registry_url: str, checkpoint: Path, stripe: int
 ) -> None:
     peers.start(("liar", "arena"), ("honest", "arena"), weights=checkpoint, model_id=SYNTHETIC)
     # the liar's manifest promises other bytes than it serves for its first tensor
     victim = await publish_a_lie(registry_url, "liar", 0)
     target = Target("arena")
-    report, registry = await striped_load(registry_url, target, stripe=2, selection=ordered("liar", "honest"))
+    report, registry = await striped_load(
+        registry_url, target, stripe=stripe, selection=ordered("liar", "honest")
+    )
     assert report.loaded, report.reason
     corrupt = [a for a in report.attempts if a.outcome.name == "Corrupt"]
-    assert len(corrupt) == 1 and corrupt[0].marked_stale
+    assert len(corrupt) == 1 and corrupt[0].marked_stale and corrupt[0].outcome.source_id == "liar"
+    assert not any(a.marked_stale for a in report.attempts if a.outcome.source_id == "honest")
     assert corrupt[0].outcome.bad_tensors == (victim,)  # type: ignore[union-attr]
     assert (await registry.get("liar")).state is SourceState.STALE  # type: ignore[union-attr]
     reread = [a for a in report.loaded_parts() if a.byte_range == (0, TENSOR_BYTES)]
@@ -328,4 +332,41 @@ async def test_a_striped_load_behind_a_full_source_waits_for_capacity_and_loads_
     assert {a.outcome.source_id for a in report.loaded_parts()} == {"only"}
     assert all(not a.marked_stale for a in report.attempts)
     assert (await registry.get("only")).state is SourceState.READY  # type: ignore[union-attr]
+    await registry.aclose()
+
+
+@pytest.mark.parametrize("stripe", [1, 3])
+async def test_two_revisions_served_by_real_processes_are_never_spliced(
+    peers: Peers, registry_url: str, tmp_path: Path, stripe: int
+) -> None:
+    """Two processes serve revision A, one revision B of the same model id, names, dtypes and shapes
+    (a fine-tune rolling out): the load's bytes are exactly one revision, verified, and the other
+    revision's source is a ManifestMismatch (never STALE) listed in ``manifest_disagreement``."""
+    revisions = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        directory = tmp_path / name
+        g = torch.Generator().manual_seed(seed)
+        save_checkpoint(
+            {f"w.{i}": torch.randn(1 << 18, generator=g) for i in range(8)}, directory / "model.safetensors"
+        )
+        revisions[name] = directory
+    model = "acme/rolling"
+    peers.start(("a1", "arena"), ("a2", "arena"), weights=revisions["a"], model_id=model)
+    peers.start(("b1", "arena"), weights=revisions["b"], model_id=model)
+    target = Target("arena")
+    report, registry = await striped_load(
+        registry_url,
+        target,
+        model,
+        stripe=stripe,
+        min_part_bytes=1 << 20,
+        selection=ordered("a1", "b1", "a2"),
+    )
+    assert report.loaded and report.to_dict()["verified"], report.reason
+    assert_equal_to(target, revisions["a"])  # a1 answered first: revision A, every byte of it
+    assert "b1" not in report.bytes_by_source()
+    refused = [a for a in report.attempts if a.outcome.source_id == "b1"]
+    assert all(a.outcome.name == "ManifestMismatch" and not a.marked_stale for a in refused)
+    assert sorted(map(sorted, report.manifest_disagreement.values())) == [["a1", "a2"], ["b1"]]
+    assert (await registry.get("b1")).state is SourceState.READY  # type: ignore[union-attr]
     await registry.aclose()

@@ -56,6 +56,10 @@ CREATE TABLE IF NOT EXISTS manifest_blobs (
 _MIGRATIONS = (("manifest_key", "ALTER TABLE sources ADD COLUMN manifest_key TEXT NOT NULL DEFAULT ''"),)
 
 
+def _columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute("PRAGMA table_info(sources)")}
+
+
 def default_registry_path() -> Path:
     from platformdirs import user_cache_path
 
@@ -121,10 +125,14 @@ class SqliteRegistry(RecordTransitions):
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(sources)")}
             for column, statement in _MIGRATIONS:
-                if column not in columns:
-                    conn.execute(statement)
+                if column not in _columns(conn):
+                    try:
+                        conn.execute(statement)
+                    except sqlite3.OperationalError:
+                        # another process opening the same new file migrated it first: fine
+                        if column not in _columns(conn):
+                            raise
             conn.execute("CREATE INDEX IF NOT EXISTS sources_by_manifest ON sources(manifest_key)")
             self._conn = conn
         return self._conn
