@@ -178,8 +178,6 @@ class PartReads:
         became of it."""
         planner = self.planner
         assert planner is not None
-        if self.first_part_at is None:
-            self.first_part_at = began
         scope = anyio.CancelScope()
         self.scopes[part.index] = scope
         self.finished[part.index] = anyio.Event()
@@ -216,7 +214,8 @@ class PartReads:
             planner.landed(part, bad)
             self.last_landing_at = anyio.current_time()
             transfer = ctx.phases.seconds.get("transfer", 0.0)
-            if isinstance(outcome, Loaded):
+            if isinstance(outcome, Loaded):  # the data plane's time runs from the first part that landed
+                self.first_part_at = began if self.first_part_at is None else min(self.first_part_at, began)
                 self.hops.append(hops)
                 if transfer > 0:
                     self.rates.append(part.nbytes / transfer)

@@ -150,7 +150,7 @@ class LoadReport:
     source_hops: int | None = None
     #: striped loads: how many sources could read at once (1: one source delivers everything)
     stripe: int = 1
-    #: striped loads: seconds from the first part's start to the last part's landing
+    #: seconds from the start of the first part that landed to the last landing (the data plane's time)
     stripe_seconds: float = 0.0
     #: :func:`~mx_orchestrator.module.load_module`: what was filled, tied and left over
     module: dict[str, Any] | None = None
