@@ -20,7 +20,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from mx_orchestrator._backends.nixl import get_agent  # noqa: E402
 from mx_orchestrator.logs import configure_logging  # noqa: E402
 from mx_orchestrator.registry.sqlite import SqliteRegistry  # noqa: E402
 from mx_orchestrator.target import Target  # noqa: E402
+from mx_orchestrator.testing import publish_junk  # noqa: E402
 from mx_orchestrator.testing.peers import MODEL_ID, Peers  # noqa: E402
 from strategies.rdma_region import RdmaRegion  # noqa: E402
 from strategies.rdma_tensor import RdmaTensor  # noqa: E402
@@ -45,13 +45,7 @@ IDENTITY = ModelIdentity(MODEL_ID)
 async def flood(db: Path, junk: int) -> None:
     registry = SqliteRegistry(db)
     try:
-        honest = await registry.get("honest")
-        assert honest is not None
-        manifest = await registry.get_manifest("honest", honest.generation)
-        garbage = {**honest.transport, "nixl_metadata": "Z2FyYmFnZSBtZXRhZGF0YQ=="}
-        for i in range(junk):
-            record = replace(honest, source_id=f"junk-{i:05d}", generation=f"junk{i}", transport=garbage)
-            await registry.publish(record, manifest)
+        await publish_junk(registry, "honest", junk, metadata="Z2FyYmFnZSBtZXRhZGF0YQ==")
     finally:
         await registry.aclose()
 

@@ -24,6 +24,7 @@ from mx_orchestrator.outcomes import Loaded, ManifestMismatch, SourceFailed, Sou
 from mx_orchestrator.parts import HEDGE_FACTOR, HEDGE_FLOOR
 from mx_orchestrator.report import LoadReport
 from mx_orchestrator.target import Target
+from mx_orchestrator.testing import publish_junk
 from mx_orchestrator.testing.clock import run_on_virtual_time, virtual_wall_clock
 from tests.fabric import fabric as shared_fabric
 
@@ -152,10 +153,7 @@ def test_junk_records_that_outnumber_the_honest_source_never_shape_the_target(st
             manifest = await f.registry.get_manifest("honest", honest.generation)  # type: ignore[union-attr]
             assert honest is not None and manifest is not None
             relabelled = replace(manifest, tensors=tuple(replace(t, dtype="I32") for t in manifest.tensors))
-            junk = {**honest.transport, "nixl_metadata": "Z2FyYmFnZQ=="}
-            for i in range(5):
-                record = replace(honest, source_id=f"junk-{i}", generation=f"g{i}", transport=junk)
-                await f.registry.publish(record, relabelled)
+            await publish_junk(f.registry, "honest", 5, manifest=relabelled)
             orchestrator = f.orchestrator(stripe=stripe, min_part_bytes=4096, rank_window=0.01)
             orchestrator.selection = lambda _t: lambda c: (0.0 if c.source_id.startswith("junk") else 1.0,)
             target = Target("arena")
@@ -339,13 +337,7 @@ def test_a_flood_of_junk_records_never_spends_the_attempt_budget_nor_floods_the_
 
     async def main() -> tuple[LoadReport, Target, int]:
         async with fabric(("honest", "arena")) as f:
-            honest = await f.registry.get("honest")
-            assert honest is not None
-            manifest = await f.registry.get_manifest("honest", honest.generation)
-            junk = {**honest.transport, "nixl_metadata": "Z2FyYmFnZQ=="}
-            for i in range(300):
-                record = replace(honest, source_id=f"junk-{i:03d}", generation=f"g{i}", transport=junk)
-                await f.registry.publish(record, manifest)
+            await publish_junk(f.registry, "honest", 300)
             orchestrator = f.orchestrator(
                 stripe=stripe, min_part_bytes=4096, rank_window=0.01, policy=Policy(max_attempts=16)
             )
@@ -379,17 +371,9 @@ def test_a_junk_record_whose_manifest_cannot_land_here_is_its_own_problem_not_th
 
     async def main() -> tuple[LoadReport, Target]:
         async with fabric(("honest", "tensor")) as f:
-            honest = await f.registry.get("honest")
-            assert honest is not None
-            junk = replace(
-                honest,
-                source_id="huge",
-                generation="h",
-                transport={**honest.transport, "nixl_metadata": "eA=="},
-            )
-            await f.registry.publish(junk, huge)
+            await publish_junk(f.registry, "honest", 1, manifest=huge, prefix="huge")
             orchestrator = f.orchestrator(min_part_bytes=4096, rank_window=0.05)
-            orchestrator.selection = lambda _t: lambda c: (0.0 if c.source_id == "huge" else 1.0,)
+            orchestrator.selection = lambda _t: lambda c: (0.0 if c.source_id.startswith("huge") else 1.0,)
             target = Target("tensor")
             return await orchestrator.load(IDENTITY, target), target
 

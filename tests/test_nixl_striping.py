@@ -25,6 +25,7 @@ from mx_orchestrator.checkpoint import save_checkpoint
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.report import AttemptRecord, LoadObserver, LoadReport
 from mx_orchestrator.target import Target
+from mx_orchestrator.testing import publish_junk
 from mx_orchestrator.testing.peers import MODEL_ID, Peers, minilm_dir
 from strategies.rdma_region import RdmaRegion
 from strategies.rdma_tensor import RdmaTensor
@@ -282,14 +283,7 @@ async def test_junk_records_outnumbering_the_honest_source_do_not_stop_a_stripe_
     relabelled = replace(
         manifest, tensors=tuple(replace(t, dtype="I32") if t.dtype == "F32" else t for t in manifest.tensors)
     )
-    for i in range(3):
-        junk = replace(
-            honest,
-            source_id=f"junk-{i}",
-            generation=f"junk{i}",
-            transport={**honest.transport, "nixl_metadata": "Z2FyYmFnZQ=="},
-        )
-        await registry.publish(junk, relabelled)
+    junk = await publish_junk(registry, "honest", 3, manifest=relabelled)
     await registry.aclose()
     target = Target("arena")
     report, registry = await striped_load(
@@ -298,7 +292,7 @@ async def test_junk_records_outnumbering_the_honest_source_do_not_stop_a_stripe_
         MODEL_ID,
         stripe=2,
         min_part_bytes=4 << 20,
-        selection=ordered("junk-0", "junk-1", "junk-2", "honest"),
+        selection=ordered(*junk, "honest"),
     )
     assert report.loaded, report.reason
     assert target.allocations == [target.nbytes]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -49,6 +49,7 @@ __all__ = [
     "fail",
     "make_manifest",
     "make_record",
+    "publish_junk",
     "scenario",
     "succeed",
     "wedge",
@@ -262,6 +263,31 @@ def make_record(
         # ``load`` readers, each holding a lease for an hour
         readers={f"reader-{i}": time.time() + 3600.0 for i in range(load)},
     )
+
+
+async def publish_junk(
+    registry: Any,
+    like: str,
+    count: int,
+    *,
+    manifest: Manifest | None = None,
+    prefix: str = "junk",
+    metadata: str = "Z2FyYmFnZQ==",
+) -> list[str]:
+    """Publish ``count`` records no source stands behind, as anyone who can write the registry can:
+    ``like``'s record and manifest (or ``manifest``: a relabelled one, another size) with garbage
+    connection metadata (well-formed base64, refused at connect). Returns their ids, in order."""
+    honest = await registry.get(like)
+    if honest is None:
+        raise ValueError(f"no record {like!r} to copy")
+    published = manifest if manifest is not None else await registry.get_manifest(like, honest.generation)
+    transport = {**honest.transport, "nixl_metadata": metadata}
+    ids = [f"{prefix}-{i:05d}" for i in range(count)]
+    for i, sid in enumerate(ids):
+        await registry.publish(
+            replace(honest, source_id=sid, generation=f"{prefix}{i}", transport=transport), published
+        )
+    return ids
 
 
 async def scenario(
