@@ -56,6 +56,21 @@ CREATE TABLE IF NOT EXISTS manifest_blobs (
 _MIGRATIONS = (("manifest_key", "ALTER TABLE sources ADD COLUMN manifest_key TEXT NOT NULL DEFAULT ''"),)
 
 
+def _prepare(conn: sqlite3.Connection) -> None:
+    """WAL, the schema and its migrations: each step idempotent, so it may run again after a race."""
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(_SCHEMA)
+    for column, statement in _MIGRATIONS:
+        if column not in _columns(conn):
+            try:
+                conn.execute(statement)
+            except sqlite3.OperationalError:
+                if column not in _columns(conn):  # not another process migrating it first
+                    raise
+    conn.execute("CREATE INDEX IF NOT EXISTS sources_by_manifest ON sources(manifest_key)")
+
+
 def _columns(conn: sqlite3.Connection) -> set[str]:
     return {row[1] for row in conn.execute("PRAGMA table_info(sources)")}
 
@@ -122,18 +137,19 @@ class SqliteRegistry(RecordTransitions):
             conn = sqlite3.connect(
                 self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-            for column, statement in _MIGRATIONS:
-                if column not in _columns(conn):
-                    try:
-                        conn.execute(statement)
-                    except sqlite3.OperationalError:
-                        # another process opening the same new file migrated it first: fine
-                        if column not in _columns(conn):
-                            raise
-            conn.execute("CREATE INDEX IF NOT EXISTS sources_by_manifest ON sources(manifest_key)")
+            # processes opening one new file at once race to switch it to WAL and to create the
+            # schema; the switch does not wait on SQLite's busy handler: every step is idempotent,
+            # so a step that found the file busy is tried again, within the busy timeout
+            deadline = time.monotonic() + self._busy_timeout
+            while True:
+                try:
+                    _prepare(conn)
+                    break
+                except sqlite3.OperationalError:
+                    if time.monotonic() >= deadline:
+                        conn.close()
+                        raise
+                    time.sleep(0.02)
             self._conn = conn
         return self._conn
 
