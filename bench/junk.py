@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,6 +74,36 @@ async def load(db: Path) -> dict[str, Any]:
         await registry.aclose()
 
 
+def pull_cli(db: Path) -> dict[str, Any]:
+    """The same load as a user runs it: ``mxo pull --json``; the report's own evaluation and load
+    seconds (the process's start-up, torch and the NIXL agent, come on top)."""
+    began = time.perf_counter()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mx_orchestrator",
+            "pull",
+            "--model-id",
+            MODEL_ID,
+            "--registry",
+            f"sqlite://{db}",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    data = json.loads(out.stdout)
+    assert out.returncode == 0 and data["sources"] == ["honest"], out.stderr[-2000:]
+    return {
+        "load_seconds": data["seconds"],
+        "evaluation_seconds": data["evaluation_seconds"],
+        "process_seconds": round(time.perf_counter() - began, 3),
+        "refused_connects": data["junk"]["refused_connects"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--junk", type=int, default=10_000)
@@ -87,6 +118,7 @@ def main() -> None:
             peers.start(("honest", "arena"), ttl=600.0)
             anyio.run(flood, db, args.junk)
             runs = [anyio.run(load, db) for _ in range(args.repeat)]
+            cli = pull_cli(db)
     print(
         json.dumps(
             {
@@ -94,6 +126,7 @@ def main() -> None:
                 "date": time.strftime("%Y-%m-%d"),
                 "junk_records": args.junk,
                 "median_seconds": statistics.median(r["seconds"] for r in runs),
+                "mxo_pull": cli,
                 "target_seconds": 5.0,
                 "runs": runs,
             },
