@@ -86,8 +86,7 @@ class LoadRun:
         self.changed = anyio.Event()
         #: sessions in progress; attempts toward the policy's bound (not landed parts nor refusals)
         self.sessions = self.counted = 0
-        #: whole-model attempts that landed (their part indices), and the hops of the last one's source
-        self.whole_parts = 0
+        #: the hops of the source a whole-model attempt loaded from
         self.whole_hops: int | None = None
         self.empty_before = isinstance(target, Target) and target.buffers is None
         self.reads = PartReads(target, config, progress) if isinstance(target, Target) else None
@@ -261,14 +260,7 @@ class LoadRun:
         )
         part = None
         if isinstance(outcome, Loaded):  # the whole model as one part
-            part = Part(
-                self.whole_parts,
-                0,
-                0,
-                0,
-                target.nbytes if isinstance(target, Target) else outcome.bytes_moved,
-            )
-            self.whole_parts += 1
+            part = Part(0, 0, 0, 0, target.nbytes if isinstance(target, Target) else outcome.bytes_moved)
             self.whole_hops = attempt.candidate.record.hops if attempt.candidate is not None else None
         landed = ((0, part.end),) if part is not None else ()
         await self.settle(attempt, outcome, phases, wall, part, landed, ends_session=True)

@@ -179,11 +179,6 @@ class Planner:
         """The plan's end once it is decided (``None`` while attempts may still be handed out)."""
         return self._done
 
-    @property
-    def in_flight(self) -> int:
-        """How many attempts are handed out and not recorded yet."""
-        return len(self._in_flight)
-
     def attempts_left(self, cap: int = SHARES) -> int:
         """How many attempts, one after another, the load could still make, a pending one included,
         counted up to ``cap``: what a load's remaining budget is shared among.

@@ -42,6 +42,11 @@ def fabric(*specs: Any, **faults: Any) -> Any:
     return shared_fabric(IDENTITY, weights, *specs, clock=virtual_wall_clock, **faults)
 
 
+def ranked_first(prefix: str) -> Any:
+    """A selection policy ranking the sources whose id starts with ``prefix`` first, by id."""
+    return lambda _target: lambda c: (0.0 if c.source_id.startswith(prefix) else 1.0, c.source_id)
+
+
 def assert_equal_weights(target: Target, seed: int = 11) -> None:
     for name, tensor in weights(seed).items():
         assert torch.equal(target.tensors()[name], tensor), name
@@ -155,7 +160,7 @@ def test_junk_records_that_outnumber_the_honest_source_never_shape_the_target(st
             relabelled = replace(manifest, tensors=tuple(replace(t, dtype="I32") for t in manifest.tensors))
             await publish_junk(f.registry, "honest", 5, manifest=relabelled)
             orchestrator = f.orchestrator(stripe=stripe, min_part_bytes=4096, rank_window=0.01)
-            orchestrator.selection = lambda _t: lambda c: (0.0 if c.source_id.startswith("junk") else 1.0,)
+            orchestrator.selection = ranked_first("junk")
             target = Target("arena")
             return await orchestrator.load(IDENTITY, target), target
 
@@ -341,9 +346,7 @@ def test_a_flood_of_junk_records_never_spends_the_attempt_budget_nor_floods_the_
             orchestrator = f.orchestrator(
                 stripe=stripe, min_part_bytes=4096, rank_window=0.01, policy=Policy(max_attempts=16)
             )
-            orchestrator.selection = lambda _t: (
-                lambda c: (1.0 if c.source_id == "honest" else 0.0, c.source_id)
-            )
+            orchestrator.selection = ranked_first("junk")
             target = Target("arena")
             before = len(f.registry.calls)
             report = await orchestrator.load(IDENTITY, target)
@@ -373,7 +376,7 @@ def test_a_junk_record_whose_manifest_cannot_land_here_is_its_own_problem_not_th
         async with fabric(("honest", "tensor")) as f:
             await publish_junk(f.registry, "honest", 1, manifest=huge, prefix="huge")
             orchestrator = f.orchestrator(min_part_bytes=4096, rank_window=0.05)
-            orchestrator.selection = lambda _t: lambda c: (0.0 if c.source_id.startswith("huge") else 1.0,)
+            orchestrator.selection = ranked_first("huge")
             target = Target("tensor")
             return await orchestrator.load(IDENTITY, target), target
 
