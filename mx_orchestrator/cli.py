@@ -22,7 +22,7 @@ from typing import Any, NoReturn, TypeVar
 import anyio
 
 from . import __version__
-from .config import check_count, check_device, check_port, check_seconds, check_source_id
+from .config import check_count, check_device, check_max_lease, check_port, check_seconds, check_source_id
 from .errors import ConfigError, MxoError
 from .logs import configure_logging
 from .models import ModelIdentity, SourceRecord
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-lease",
-        type=_seconds("max_lease"),
+        type=_checked(float, check_max_lease, "a number"),
         default=60.0,
         help="the longest reader lease granted (s): a reader that died holds a slot this long at most",
     )

@@ -14,7 +14,15 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["FLOORS", "check_count", "check_device", "check_port", "check_seconds", "check_source_id"]
+__all__ = [
+    "FLOORS",
+    "check_count",
+    "check_device",
+    "check_max_lease",
+    "check_port",
+    "check_seconds",
+    "check_source_id",
+]
 
 #: The least each duration may be, in seconds, and why.
 FLOORS = {
@@ -73,3 +81,12 @@ def check_device(value: Any) -> str:
     ):
         return value
     raise ConfigError(f"a device is cpu or cuda:N (other accelerators are not supported), got {value!r:.40}")
+
+
+def check_max_lease(value: Any) -> float:
+    """The longest reader lease a source grants: seconds, from the floor to a day (the bound a
+    source record is held to when read)."""
+    seconds = check_seconds("max_lease", value)
+    if seconds > 86400:
+        raise ConfigError(f"max_lease must be at most a day (86400 s), got {seconds:g}")
+    return seconds

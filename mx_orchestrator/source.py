@@ -29,7 +29,7 @@ from ._backends import EdgeFailure
 from ._backends.rdma import RdmaAgent
 from .buffers import Buffers, allocate
 from .checkpoint import read_tensors, safetensors_files
-from .config import check_count, check_seconds, check_source_id
+from .config import check_count, check_max_lease, check_seconds, check_source_id
 from .errors import ConfigError
 from .layout import LayoutSpec, parse_layout, plan_layout
 from .models import DEFAULT_MAX_LEASE, ModelIdentity, SourceRecord, dtype_name
@@ -122,9 +122,7 @@ class WeightSource:
         #: targets reading at once; a new one beyond it is refused before any byte moves (0: no cap)
         self.max_readers = check_count("max_readers", max_readers, minimum=0)
         #: the longest reader lease this source grants (a crashed reader holds a slot this long at most)
-        self.max_lease = check_seconds("max_lease", max_lease)
-        if self.max_lease > 86400:
-            raise ConfigError(f"max_lease must be at most a day (86400 s), got {max_lease:g}")
+        self.max_lease = check_max_lease(max_lease)
         #: 0 for a seed; a republished target is one more than the source it loaded from
         self.hops = check_count("hops", hops, minimum=0, maximum=1 << 16)
         #: with metrics, how often the source samples its readers' leases

@@ -143,6 +143,14 @@ def test_bad_ttls_on_serve_are_usage_errors(mxo: Mxo, value: str, tmp_path: Path
     assert out.returncode == 2 and "ttl" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("value", ["1e9", "nan", "1", "-5", "86401"])
+def test_a_bad_max_lease_on_serve_is_a_usage_error_before_the_weights_are_read(
+    mxo: Mxo, value: str, tmp_path: Path
+) -> None:
+    out = mxo("serve", "--model-id", "a/b", "--weights", str(tmp_path), "--max-lease", value)
+    assert_one_line(out, 2, "max_lease")
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"attempt_timeout": 0}, {"attempt_timeout": float("nan")}, {"load_timeout": -5}, {"probe_timeout": float("inf")},
