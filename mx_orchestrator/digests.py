@@ -18,20 +18,32 @@ on every host core (hashlib releases the GIL over large buffers), in bounded
 memory, over any buffer (bytes, a memoryview, a numpy array, a CPU tensor's
 bytes). The property tests pin that they agree, for any size and alignment.
 
-This module is the first piece of content pinning at device speed (issue 23):
-a GPU kernel that hashes one chunk per thread must equal this reference bit
-for bit. Nothing here performs I/O.
+The device kernel (``_kernels/digests.cu``, one GPU thread per chunk) hands
+back the leaves; :func:`tree_roots` finishes them; the bench checks it equals
+the reference bit for bit. Content pins (``mxc2-``) commit to these digests.
+Nothing here performs I/O.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["CHUNK_BYTES", "TREE_ALGORITHM", "tree_digest", "tree_digest_reference", "tree_root"]
+__all__ = [
+    "CHUNK_BYTES",
+    "TREE_ALGORITHM",
+    "chunk_count",
+    "host_pool",
+    "tree_digest",
+    "tree_digest_reference",
+    "tree_digests",
+    "tree_root",
+    "tree_roots",
+]
 
 #: the chunk every leaf hashes (16-64 KiB chunks measured 765-777 GB/s on one H200, NOTES.md)
 CHUNK_BYTES = 1 << 16
@@ -46,7 +58,7 @@ _CHUNKS_PER_TASK = 64
 def tree_root(nbytes: int, leaves: bytes) -> str:
     """The digest from the concatenated SHA-256 of every chunk, in order (what any implementation,
     host or device, hands back to finish the digest)."""
-    if nbytes < 0 or len(leaves) != 32 * _chunk_count(nbytes):
+    if nbytes < 0 or len(leaves) != 32 * chunk_count(nbytes):
         raise ValueError(f"{len(leaves)} bytes of leaves for {nbytes} bytes of data")
     root = hashlib.sha256(_DOMAIN + nbytes.to_bytes(8, "little") + CHUNK_BYTES.to_bytes(4, "little"))
     root.update(leaves)
@@ -62,24 +74,64 @@ def tree_digest_reference(data: bytes) -> str:
     return tree_root(len(data), leaves)
 
 
-def tree_digest(buffer: Any, *, threads: int | None = None, pool: ThreadPoolExecutor | None = None) -> str:
+def tree_digest(buffer: Any, *, threads: int | None = None) -> str:
     """The tree digest of ``buffer`` (anything exposing the buffer protocol, any alignment), its
-    chunks hashed on ``threads`` host threads (default: every core), or on ``pool``'s.
+    chunks hashed on every core (``threads=1``: on this one)."""
+    return tree_digests([buffer], threads=threads)[0]
 
-    Memory stays bounded: the leaves are 32 bytes a chunk (0.05 % of the data), and the data is
-    hashed where it lies, never copied.
+
+def tree_digests(buffers: Sequence[Any], *, threads: int | None = None) -> list[str]:
+    """The tree digests of many buffers, every 4 MiB of every buffer a task for the host's cores.
+
+    Memory stays bounded: the leaves are 32 bytes a chunk (0.05 % of the data), and
+    the data is hashed where it lies (a tensor's memory, a memory-mapped file), never
+    copied. ``threads=1`` hashes on the calling thread.
     """
-    view = memoryview(buffer).cast("B")
-    nbytes = view.nbytes
-    count = _chunk_count(nbytes)
-    if count <= _CHUNKS_PER_TASK or threads == 1:
-        return tree_root(nbytes, _hash_chunks(view, 0, count))
-    tasks = [(first, min(first + _CHUNKS_PER_TASK, count)) for first in range(0, count, _CHUNKS_PER_TASK)]
-    if pool is not None:
-        return tree_root(nbytes, b"".join(pool.map(lambda t: _hash_chunks(view, *t), tasks)))
-    workers = max(1, min(threads or os.cpu_count() or 1, len(tasks)))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mxo-digest") as own:
-        return tree_root(nbytes, b"".join(own.map(lambda t: _hash_chunks(view, *t), tasks)))
+    views = [memoryview(b).cast("B") for b in buffers]
+    tasks = [
+        (i, first, min(first + _CHUNKS_PER_TASK, chunk_count(v.nbytes)))
+        for i, v in enumerate(views)
+        for first in range(0, chunk_count(v.nbytes), _CHUNKS_PER_TASK)
+    ]
+    if threads == 1 or len(tasks) <= 1:
+        hashed = [_hash_chunks(views[i], first, stop) for i, first, stop in tasks]
+    else:
+        hashed = list(host_pool().map(lambda t: _hash_chunks(views[t[0]], t[1], t[2]), tasks))
+    leaves: list[list[bytes]] = [[] for _ in views]
+    for (i, _, _), part in zip(tasks, hashed, strict=True):
+        leaves[i].append(part)
+    return [tree_root(v.nbytes, b"".join(parts)) for v, parts in zip(views, leaves, strict=True)]
+
+
+def tree_roots(sizes: Sequence[int], leaves: bytes) -> list[str]:
+    """The digests of buffers of ``sizes`` bytes from all their chunks' SHA-256, concatenated in
+    order (what a device kernel hands back): the roots hashed on the host's cores when many."""
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + 32 * chunk_count(size))
+    if bounds[-1] != len(leaves):
+        raise ValueError(f"{len(leaves)} bytes of leaves for {len(sizes)} buffers needing {bounds[-1]}")
+    view = memoryview(leaves)
+
+    def root(i: int) -> str:
+        return tree_root(sizes[i], view[bounds[i] : bounds[i + 1]].tobytes())
+
+    if len(leaves) < 1 << 20:
+        return [root(i) for i in range(len(sizes))]
+    return list(host_pool().map(root, range(len(sizes))))
+
+
+def host_pool() -> ThreadPoolExecutor:
+    """The process's hashing threads, one per core, made on first use and reused (hashlib releases
+    the GIL over large buffers, so they run in parallel); idle threads cost nothing."""
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="mxo-digest"))
+        return _POOL[0]
+
+
+_POOL: list[ThreadPoolExecutor] = []
+_POOL_LOCK = threading.Lock()
 
 
 def _hash_chunks(view: memoryview, first: int, stop: int) -> bytes:
@@ -91,5 +143,6 @@ def _chunks(view: memoryview, first: int, stop: int) -> Iterator[memoryview]:
         yield view[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES]
 
 
-def _chunk_count(nbytes: int) -> int:
+def chunk_count(nbytes: int) -> int:
+    """How many leaves a buffer of ``nbytes`` has (none for an empty one)."""
     return -(-nbytes // CHUNK_BYTES)

@@ -23,20 +23,26 @@ lists what each tensor's ``checksum`` carries, ``+``-separated in that order):
 Checksums come from the source, computed over its own bytes: they catch faults
 in transit and in memory, not a source that serves the wrong weights (that
 needs a pinned digest).
+
+Digests (what a content pin commits to) are tree digests
+(:mod:`~mx_orchestrator.digests`), computed where the tensors live: by the
+shipped kernel on a GPU (:mod:`~mx_orchestrator.kernels`), on every core on
+the host. ``mxsum1`` on a GPU runs the shipped kernel too (torch's
+reductions where it cannot); nothing on a load's path compiles.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import threading
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from .digests import TREE_ALGORITHM, tree_digests
+from .kernels import device_mxsum_terms, device_tree_digests, flat_bytes
 from .models import Manifest, TensorSpec
 
 if TYPE_CHECKING:
@@ -58,6 +64,7 @@ __all__ = [
     "pin_of",
     "serving_algorithms",
     "tensor_digest",
+    "tensor_digests",
 ]
 
 HOST_CHECKSUM = "xxh3_64"
@@ -77,15 +84,9 @@ def checksum_tensor(tensor: torch.Tensor) -> str:
     return xxhash.xxh3_64_hexdigest(_host_bytes(tensor))
 
 
-def _bytes(tensor: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    return tensor.detach().reshape(-1).view(torch.uint8)
-
-
 def _host_bytes(tensor: torch.Tensor) -> memoryview:
     """A tensor's bytes in host memory, for the host-only hashes (a GPU tensor is copied off)."""
-    flat = _bytes(tensor)
+    flat = flat_bytes(tensor)
     if flat.device.type != "cpu":
         flat = flat.cpu()
     return flat.numpy().data
@@ -99,7 +100,7 @@ def _host_terms(tensor: torch.Tensor) -> list[int]:
     """
     import numpy as np
 
-    data = _bytes(tensor).numpy()
+    data = flat_bytes(tensor).numpy()
     n = data.size
     full = n // _BLOCK
     main = data[: full * _BLOCK]
@@ -143,13 +144,9 @@ def _host_terms(tensor: torch.Tensor) -> list[int]:
         ]
 
 
-def _device_terms(tensor: torch.Tensor) -> torch.Tensor:
-    """The five wrapped int64 sums of :func:`mxsum` for one tensor, on its own device."""
-    return _device_terms_many([tensor])[0]
-
-
-def _device_terms_many(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The five sums of :func:`mxsum` for tensors on one device, as a ``(len, 5)`` int64 tensor there.
+def _torch_terms_many(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The five sums of :func:`mxsum` for tensors on one device, with torch's reductions (where the
+    shipped kernel cannot run), as a ``(len, 5)`` int64 tensor there. No compile, ever.
 
     Two reductions per tensor (block sums, column sums) read its bytes; the
     weighting and combining then run once for all tensors together, so a
@@ -163,7 +160,7 @@ def _device_terms_many(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     columns: list[torch.Tensor] = []
     lengths: list[int] = []
     for tensor in tensors:
-        data = _bytes(tensor)
+        data = flat_bytes(tensor)
         n = data.numel()
         full = n // _BLOCK
         column = torch.zeros(_WORDS, dtype=torch.int64, device=device)
@@ -173,8 +170,8 @@ def _device_terms_many(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
                 words = main.view(torch.int32).view(full, _WORDS)
             except RuntimeError:  # a storage offset that is not a multiple of 4: realign by copying
                 words = main.clone().view(torch.int32).view(full, _WORDS)
-            rows, column = _block_and_column_sums(words)
-            block_sums.append(rows)
+            block_sums.append(words.sum(dim=1, dtype=torch.int64))
+            column = words.sum(dim=0, dtype=torch.int64)
         has_tail = n > full * _BLOCK or not full
         if has_tail:
             tail = torch.zeros(_BLOCK, dtype=torch.uint8, device=device)
@@ -211,96 +208,6 @@ def _device_terms_many(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     )
 
 
-def _block_and_column_sums(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row sums and column sums (int64) of an ``(n, 1024)`` int32 tensor: one pass on a GPU with Triton."""
-    import torch
-
-    if words.device.type == "cuda":
-        kernel = _triton_kernel()
-        if kernel is not None:
-            return kernel(words)  # type: ignore[no-any-return]
-    return words.sum(dim=1, dtype=torch.int64), words.sum(dim=0, dtype=torch.int64)
-
-
-_TRITON: list[Any] = []
-
-
-def _triton_kernel() -> Any:
-    """A fused Triton reduction when Triton is installed (GPU images have it), else ``None``.
-
-    torch's two reductions read every byte twice and cast on the way; this reads
-    each 4 KiB block once, keeps the column sums in registers over 64 blocks and
-    leaves a small partial-sum matrix for torch to finish. The sums are the same
-    integers, so the checksum is the same.
-    """
-    if _TRITON:
-        return _TRITON[0]
-    try:
-        import torch
-        import triton
-        import triton.language as tl
-    except ImportError:
-        _TRITON.append(None)
-        return None
-
-    group = 64  # blocks per program
-
-    @triton.jit  # type: ignore[untyped-decorator, unused-ignore]
-    def sums_kernel(words, rows_out, cols_out, n_rows, GROUP: tl.constexpr, SUB: tl.constexpr):  # type: ignore[no-untyped-def]
-        pid = tl.program_id(0)
-        cols = tl.arange(0, 1024)
-        acc = tl.zeros((1024,), dtype=tl.int64)
-        for step in range(0, GROUP, SUB):
-            r = pid * GROUP + step + tl.arange(0, SUB)
-            inside = r < n_rows
-            tile = tl.load(
-                words + r[:, None].to(tl.int64) * 1024 + cols[None, :], mask=inside[:, None], other=0
-            )
-            tile = tile.to(tl.int64)
-            tl.store(rows_out + r, tl.sum(tile, axis=1), mask=inside)
-            acc += tl.sum(tile, axis=0)
-        tl.store(cols_out + pid.to(tl.int64) * 1024 + cols, acc)
-
-    def run(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = words.shape[0]
-        programs = (n + group - 1) // group
-        rows = torch.empty(n, dtype=torch.int64, device=words.device)
-        partial = torch.empty((programs, 1024), dtype=torch.int64, device=words.device)
-        with torch.cuda.device(words.device):
-            sums_kernel[(programs,)](words, rows, partial, n, GROUP=group, SUB=4)
-        return rows, partial.sum(dim=0)
-
-    _TRITON.append(run)
-    return run
-
-
-def warm_device_checksum(device: str) -> threading.Thread | None:
-    """Compile and run the device checksum once on ``device`` in the background (returns the thread).
-
-    The first use of the Triton kernel in a process compiles it (~0.5-1 s on a
-    cold cache); a GPU target starts this when it is made, so a first load's
-    verification does not pay it. ``None`` on the host, or when already warm.
-    """
-    if device == "cpu" or device in _WARMED:
-        return None
-    _WARMED.add(device)
-
-    def run() -> None:
-        import torch
-
-        with contextlib.suppress(Exception):  # no usable GPU (or no CUDA build): the load will say so itself
-            # Triton specialises on whether the block count divides by 16: warm both variants
-            mxsum_many([torch.zeros(n * _BLOCK, dtype=torch.uint8, device=device) for n in (16, 3)])
-
-    # not a daemon: interpreter shutdown must not kill it inside the compiler
-    thread = threading.Thread(target=run, name="mxo-checksum-warmup", daemon=False)
-    thread.start()
-    return thread
-
-
-_WARMED: set[str] = set()
-
-
 def _finish(n: int, terms: Sequence[int]) -> str:
     text = ":".join(str(v & _MASK) for v in (n, *terms))
     return hashlib.sha256(f"{DEVICE_CHECKSUM}:{text}".encode()).hexdigest()[:32]
@@ -316,17 +223,15 @@ def mxsum_many(tensors: Sequence[torch.Tensor]) -> list[str]:
 
     if not tensors:
         return []
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
     out: list[str] = [""] * len(tensors)
-    for device, indices in by_device.items():
+    for device, indices in _by_device(tensors).items():
         if device.type == "cpu":
             terms = [_host_terms(tensors[i]) for i in indices]
         else:
-            terms = _device_terms_many([tensors[i] for i in indices]).cpu().tolist()
+            on_device = [tensors[i] for i in indices]
+            terms = device_mxsum_terms(on_device) or _torch_terms_many(on_device).cpu().tolist()
         for i, row in zip(indices, terms, strict=True):
-            out[i] = _finish(_bytes(tensors[i]).numel(), row)
+            out[i] = _finish(flat_bytes(tensors[i]).numel(), row)
     return out
 
 
@@ -366,30 +271,48 @@ def best_shared(published: str, device: str) -> tuple[int, str] | None:
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes: the cryptographic digest a content pin commits to.
+    """The tree digest (hex root) of one tensor's bytes, computed where it lives."""
+    return tensor_digests([tensor])[0]
 
-    Computed on the host (a GPU tensor is copied off first: SHA-256 is a serial
-    hash that no device computes faster than a CPU core streams it).
-    """
-    return hashlib.sha256(_host_bytes(tensor)).hexdigest()
+
+def tensor_digests(tensors: Sequence[torch.Tensor]) -> list[str]:
+    """Tree digests (hex roots, :data:`~mx_orchestrator.digests.TREE_ALGORITHM`) of tensors,
+    computed where they live: on a GPU by the shipped kernel, one launch per device; on the host
+    with every core. What a content pin commits to."""
+    out: list[str] = [""] * len(tensors)
+    for device, indices in _by_device(tensors).items():
+        chosen = [tensors[i] for i in indices]
+        if device.type == "cpu":
+            roots = tree_digests([flat_bytes(t).numpy() for t in chosen])
+        else:
+            roots = device_tree_digests(chosen)
+        for i, root in zip(indices, roots, strict=True):
+            out[i] = root.removeprefix(f"{TREE_ALGORITHM}:")
+    return out
 
 
 def digests(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Every tensor's SHA-256, on as many cores as there are (hashlib releases the GIL)."""
+    """Every tensor's tree digest (hex root), by name, computed where the tensors live."""
     names = list(tensors)
-    with ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="mxo-sha256") as pool:
-        return dict(zip(names, pool.map(lambda n: tensor_digest(tensors[n]), names), strict=True))
+    return dict(zip(names, tensor_digests([tensors[n] for n in names]), strict=True))
+
+
+def _by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    return by_device
 
 
 def pin_of(tensors: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, dict[str, object]]]:
-    """The content fingerprint of tensors in memory, and each one's dtype, shape and SHA-256
-    (hashed on every core)."""
+    """The content fingerprint of tensors in memory, and each one's dtype, shape and tree digest
+    (computed where the tensors live)."""
     from .models import content_fingerprint, dtype_name
 
-    sha = digests(tensors)
-    pinned = [(n, dtype_name(t.dtype), tuple(t.shape), sha[n]) for n, t in tensors.items()]
+    roots = digests(tensors)
+    pinned = [(n, dtype_name(t.dtype), tuple(t.shape), roots[n]) for n, t in tensors.items()]
     rows: dict[str, dict[str, object]] = {
-        n: {"dtype": d, "shape": list(s), "sha256": h} for n, d, s, h in pinned
+        n: {"dtype": d, "shape": list(s), "digest": f"{TREE_ALGORITHM}:{h}"} for n, d, s, h in pinned
     }
     return content_fingerprint(pinned), rows
 
@@ -409,7 +332,7 @@ def _checked_specs(manifest: Manifest, names: Collection[str] | None) -> list[Te
 def bad_digests(
     tensors: Mapping[str, torch.Tensor], pinned: Manifest, names: Collection[str] | None = None
 ) -> list[str]:
-    """Tensors whose SHA-256 differs from ``pinned``'s digests (the caller checked the pin first).
+    """Tensors whose tree digest differs from ``pinned``'s (the caller checked the pin first).
 
     ``names``: check only those (a part of a striped load); default every tensor.
     """

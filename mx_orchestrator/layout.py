@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .errors import ConfigError
-from .models import DTYPE_SIZES, Manifest, ModelIdentity, Region, TensorSpec
+from .models import DIGEST_ALGORITHM, DTYPE_SIZES, Manifest, ModelIdentity, Region, TensorSpec
 
 __all__ = [
     "ALIGNMENT",
@@ -93,8 +93,12 @@ def plan_layout(
     tensors: Iterable[TensorShape | TensorSpec],
     layout: LayoutSpec,
     checksum_algorithm: str = "xxh3_64",
+    digest_algorithm: str = DIGEST_ALGORITHM,
 ) -> Manifest:
-    """Place ``(name, dtype, shape)`` tensors in regions as ``layout`` says (pure: no memory exists yet)."""
+    """Place ``(name, dtype, shape)`` tensors in regions as ``layout`` says (pure: no memory exists yet).
+
+    Tensor specs keep their checksums and digests, of the algorithms named.
+    """
     items: list[tuple[str, str, tuple[int, ...], str | None, str | None]] = []
     for t in tensors:
         if isinstance(t, TensorSpec):
@@ -107,6 +111,7 @@ def plan_layout(
             tuple(TensorSpec(n, d, s, i, 0, c, g) for i, (n, d, s, c, g) in enumerate(items)),
             tuple(Region(_nbytes(d, s)) for _, d, s, _, _ in items) or (Region(0),),
             checksum_algorithm,
+            digest_algorithm,
         )
     limit = layout.chunk_bytes if layout.kind == "chunked" else None
     specs: list[TensorSpec] = []
@@ -123,7 +128,9 @@ def plan_layout(
         regions[-1] = cursor
     if not regions:
         regions.append(0)
-    return Manifest(identity, tuple(specs), tuple(Region(n) for n in regions), checksum_algorithm)
+    return Manifest(
+        identity, tuple(specs), tuple(Region(n) for n in regions), checksum_algorithm, digest_algorithm
+    )
 
 
 def _nbytes(dtype: str, shape: Sequence[int]) -> int:

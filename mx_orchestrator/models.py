@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from .digests import TREE_ALGORITHM
 from .errors import ConfigError, ManifestError
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ __all__ = [
     "StoredManifest",
     "TensorSpec",
     "content_differences",
+    "DIGEST_ALGORITHM",
+    "check_pin",
     "content_fingerprint",
     "dtype_name",
     "torch_dtype",
@@ -78,6 +81,8 @@ MAX_TOTAL_BYTES = 1 << 50  # 1 PiB
 MAX_MANIFEST_BYTES = 64 << 20  # serialised JSON
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: what this version's sources publish as each tensor's digest, and what a content pin commits to
+DIGEST_ALGORITHM = TREE_ALGORITHM
 #: a stored manifest's name: ``mxm1-`` + SHA-256 of its canonical (uncompressed) form
 MANIFEST_KEY = re.compile(r"mxm1-[0-9a-f]{64}")
 _STORED_MAGIC = b"MXM1"
@@ -264,15 +269,38 @@ class TensorSpec:
 
 
 def content_fingerprint(tensors: Iterable[tuple[str, str, tuple[int, ...], str]]) -> str:
-    """``mxc1-`` + SHA-256 over every ``(name, dtype, shape, sha256)``, order-insensitive.
+    """``mxc2-`` + SHA-256 over every ``(name, dtype, shape, tree digest)``, order-insensitive.
 
     A cryptographic commitment to what the weights are: a source cannot publish
     a manifest with this fingerprint and other digests, names, dtypes or shapes.
+    The digests are :data:`~mx_orchestrator.digests.TREE_ALGORITHM` roots (hex),
+    named in every line, so the pin says what it commits to. ``mxc1-`` pins
+    (a flat SHA-256 per tensor, before issue 23) are refused where pins are read.
     """
-    h = hashlib.sha256(b"mxc1\n")
+    h = hashlib.sha256(b"mxc2\n")
     for name, dtype, shape, digest in sorted(tensors):
-        h.update(f"{name}\t{dtype}\t{','.join(map(str, shape))}\t{digest}\n".encode())
-    return f"mxc1-{h.hexdigest()}"
+        h.update(f"{name}\t{dtype}\t{','.join(map(str, shape))}\t{DIGEST_ALGORITHM}:{digest}\n".encode())
+    return f"mxc2-{h.hexdigest()}"
+
+
+_PIN = re.compile(r"mxc2-[0-9a-f]{64}")
+
+
+def check_pin(expect: str) -> str:
+    """``expect`` if it is a content fingerprint this version checks (``mxc2-<64 hex>``).
+
+    Raises :class:`ConfigError` otherwise; an ``mxc1-`` pin (flat SHA-256 digests,
+    which no source of this version publishes) is refused with how to get its
+    successor, never silently compared against digests of another definition.
+    """
+    if isinstance(expect, str) and _PIN.fullmatch(expect):
+        return expect
+    if isinstance(expect, str) and re.fullmatch(r"mxc1-[0-9a-f]{64}", expect):
+        raise ConfigError(
+            "expect: mxc1- pins (a flat SHA-256 per tensor) are no longer checked; "
+            "run `mxo fingerprint` on the same weights for their mxc2- pin"
+        )
+    raise ConfigError(f"expect must be a content fingerprint (mxc2-<64 hex>), got {expect!r:.80}")
 
 
 def content_differences(a: Manifest, b: Manifest) -> list[str]:
@@ -289,12 +317,14 @@ def content_differences(a: Manifest, b: Manifest) -> list[str]:
     algorithms_b = b.checksum_algorithm.split("+")
     shared = [(i, algorithms_b.index(n)) for i, n in enumerate(algorithms_a) if n in algorithms_b]
     theirs = b.by_name()
+    comparable_digests = a.digest_algorithm == b.digest_algorithm
     differing: list[str] = []
     for spec in a.tensors:
         other = theirs.get(spec.name)
         if other is None:
             continue
-        if spec.digest is not None and other.digest is not None and spec.digest != other.digest:
+        digests_differ = spec.digest is not None and other.digest is not None and spec.digest != other.digest
+        if comparable_digests and digests_differ:
             differing.append(spec.name)
             continue
         if spec.checksum is None or other.checksum is None or not shared:
@@ -343,6 +373,9 @@ class Manifest:
     tensors: tuple[TensorSpec, ...]
     regions: tuple[Region, ...]
     checksum_algorithm: str = "xxh3_64"
+    #: what every ``TensorSpec.digest`` is: :data:`DIGEST_ALGORITHM` for this version; a manifest
+    #: of an older source (flat ``sha256``) decodes, but has no content fingerprint
+    digest_algorithm: str = DIGEST_ALGORITHM
 
     def __post_init__(self) -> None:
         _require(isinstance(self.identity, ModelIdentity), "manifest identity missing")
@@ -408,7 +441,7 @@ class Manifest:
                 f"{s.name}|{s.dtype}|{','.join(map(str, s.shape))}|{s.digest or ''}|{s.checksum or ''}"
                 for s in sorted(self.tensors, key=lambda s: s.name)
             )
-            + _digest([self.checksum_algorithm])[:8]
+            + _digest([self.checksum_algorithm, self.digest_algorithm])[:8]
         )
 
     @cached_property
@@ -424,12 +457,13 @@ class Manifest:
 
     @cached_property
     def content_fingerprint(self) -> str | None:
-        """The content pin of these weights: names, dtypes, shapes and every tensor's SHA-256.
+        """The content pin of these weights: names, dtypes, shapes and every tensor's tree digest.
 
-        ``None`` when a tensor has no digest. Computed by :func:`content_fingerprint`,
+        ``None`` when a tensor has no digest or the digests are of another algorithm
+        (an older source's flat SHA-256). Computed by :func:`content_fingerprint`,
         the same function ``mxo fingerprint`` uses on a checkpoint directory.
         """
-        if any(s.digest is None for s in self.tensors):
+        if self.digest_algorithm != DIGEST_ALGORITHM or any(s.digest is None for s in self.tensors):
             return None
         return content_fingerprint((s.name, s.dtype, s.shape, s.digest or "") for s in self.tensors)
 
@@ -442,6 +476,7 @@ class Manifest:
         return {
             "identity": self.identity.to_dict(),
             "checksum_algorithm": self.checksum_algorithm,
+            "digest_algorithm": self.digest_algorithm,
             "regions": [r.nbytes for r in self.regions],
             "tensors": [s.to_dict() for s in self.tensors],
         }
@@ -458,13 +493,13 @@ class Manifest:
         _require(isinstance(tensors, list), "manifest 'tensors' must be a list")
         _require(len(tensors) <= MAX_TENSORS, f"manifest lists more than {MAX_TENSORS} tensors")
         _require(len(regions) <= MAX_REGIONS, f"manifest lists more than {MAX_REGIONS} regions")
-        algorithm = data.get("checksum_algorithm", "xxh3_64")
-        _require(isinstance(algorithm, str) and len(algorithm) < 32, "bad checksum_algorithm")
+        algorithm, digests = _algorithms(data)
         return cls(
             identity=ModelIdentity.from_dict(data.get("identity")),
             tensors=tuple(TensorSpec.from_dict(t) for t in tensors),
             regions=tuple(Region(n) for n in regions),
             checksum_algorithm=algorithm,
+            digest_algorithm=digests,
         )
 
     @classmethod
@@ -488,6 +523,7 @@ class Manifest:
             "v": 1,
             "identity": self.identity.to_dict(),
             "checksum_algorithm": self.checksum_algorithm,
+            "digest_algorithm": self.digest_algorithm,
             "regions": [r.nbytes for r in self.regions],
             "names": [s.name for s in specs],
             "dtypes": [s.dtype for s in specs],
@@ -546,8 +582,7 @@ class Manifest:
         regions = data.get("regions")
         _require(isinstance(regions, list), "manifest 'regions' must be a list of sizes")
         _require(len(regions) <= MAX_REGIONS, f"manifest lists more than {MAX_REGIONS} regions")
-        algorithm = data.get("checksum_algorithm", "xxh3_64")
-        _require(isinstance(algorithm, str) and len(algorithm) < 32, "bad checksum_algorithm")
+        algorithm, digests = _algorithms(data)
         return cls(
             identity=ModelIdentity.from_dict(data.get("identity")),
             tensors=tuple(
@@ -558,7 +593,18 @@ class Manifest:
             ),
             regions=tuple(Region(n) for n in regions),
             checksum_algorithm=algorithm,
+            digest_algorithm=digests,
         )
+
+
+def _algorithms(data: Mapping[str, Any]) -> tuple[str, str]:
+    """A manifest's checksum and digest algorithm names (untrusted); a manifest without the
+    digest's names an older source's flat SHA-256."""
+    checksum = data.get("checksum_algorithm", "xxh3_64")
+    digest = data.get("digest_algorithm", "sha256")
+    _require(isinstance(checksum, str) and len(checksum) < 32, "bad checksum_algorithm")
+    _require(isinstance(digest, str) and len(digest) < 32, "bad digest_algorithm")
+    return checksum, digest
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,6 @@ and trio alike.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +22,7 @@ from .config import check_count, check_seconds
 from .errors import ConfigError
 from .load import LoadRun
 from .manifests import ManifestCache
-from .models import ModelIdentity
+from .models import ModelIdentity, check_pin
 from .policy import DEFAULT_POLICY, Policy
 from .registry.base import SourceRegistry
 from .report import LoadObserver, LoadReport
@@ -32,9 +31,6 @@ from .settings import Learned
 from .strategy import Prober, ProgressCallback, RegistryProber, Strategy
 
 __all__ = ["Learned", "LoadObserver", "Orchestrator"]
-
-_PIN = re.compile(r"mxc1-[0-9a-f]{64}")
-
 
 class Orchestrator:
     """Loads one model from the best source available.
@@ -112,8 +108,8 @@ class Orchestrator:
         self.attempt_timeout = attempt_timeout
         self.load_timeout = load_timeout
         self.rank_window = rank_window
-        if expect is not None and not _PIN.fullmatch(expect):
-            raise ConfigError(f"expect must be a content fingerprint (mxc1-<64 hex>), got {expect!r:.80}")
+        if expect is not None:
+            check_pin(expect)
         self.target_id = target_id or f"target-{uuid.uuid4().hex[:12]}"
         self.observers = tuple(observers)
         self.expect = expect

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from .buffers import Buffers, OnDevice, allocate, wrap
 from .errors import ConfigError
-from .integrity import bad_digests, bad_tensors, warm_device_checksum
+from .integrity import bad_digests, bad_tensors
+from .kernels import warm_kernels
 from .layout import LayoutSpec, parse_layout, plan_layout
 from .models import Manifest, ModelIdentity
 
@@ -56,7 +57,7 @@ class Target(OnDevice):
         #: id of a source manifest -> it and the manifest this target would have for it
         self._planned_for: dict[int, tuple[Manifest, Manifest]] = {}
         if verify and device != "cpu":
-            warm_device_checksum(device)  # compiled while the load discovers and allocates
+            warm_kernels(device)  # loaded while the load discovers and allocates
 
     @classmethod
     def from_tensors(
@@ -109,7 +110,9 @@ class Target(OnDevice):
         cached = self._planned_for.get(id(source))
         if cached is not None and cached[0] is source:
             return cached[1]
-        planned = plan_layout(source.identity, source.tensors, self.layout, source.checksum_algorithm)
+        planned = plan_layout(
+            source.identity, source.tensors, self.layout, source.checksum_algorithm, source.digest_algorithm
+        )
         if len(self._planned_for) >= 8:
             self._planned_for.clear()
         self._planned_for[id(source)] = (source, planned)

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mx_orchestrator.digests import CHUNK_BYTES, TREE_ALGORITHM, tree_digest, tree_digest_reference, tree_root
+from mx_orchestrator.digests import (
+    CHUNK_BYTES,
+    TREE_ALGORITHM,
+    tree_digest,
+    tree_digest_reference,
+    tree_digests,
+    tree_root,
+    tree_roots,
+)
 
 SIZES = st.sampled_from(
     [0, 1, 31, CHUNK_BYTES - 1, CHUNK_BYTES, CHUNK_BYTES + 1, 3 * CHUNK_BYTES + 7]
@@ -27,8 +33,28 @@ def test_the_every_core_digest_equals_the_definition_for_any_size_and_alignment(
     view = memoryview(data)[offset:]  # an odd start, as a tensor inside a region may have
     expected = tree_digest_reference(bytes(view))
     assert tree_digest(view, threads=threads) == expected
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        assert tree_digest(view, pool=pool) == expected
+    # many buffers at once (every chunk of every buffer a task for the shared pool): each its own digest
+    half = view[: size // 2]
+    assert tree_digests([view, b"", half], threads=threads) == [
+        expected,
+        tree_digest_reference(b""),
+        tree_digest_reference(bytes(half)),
+    ]
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(SIZES, max_size=6), seed=st.integers(0, 2**31))
+def test_roots_from_concatenated_leaves_equal_the_definition(sizes: list[int], seed: int) -> None:
+    """What a device kernel hands back (every chunk's SHA-256, all buffers in a row) finishes to the
+    same digests as the definition, including empty buffers (no leaves)."""
+    rng = np.random.default_rng(seed)
+    blobs = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
+    leaves = b"".join(
+        hashlib.sha256(b[i : i + CHUNK_BYTES]).digest() for b in blobs for i in range(0, len(b), CHUNK_BYTES)
+    )
+    assert tree_roots(sizes, leaves) == [tree_digest_reference(b) for b in blobs]
+    with pytest.raises(ValueError):
+        tree_roots(sizes, leaves + b"\x00" * 32)
 
 
 def test_the_definition_commits_to_length_and_chunking() -> None:

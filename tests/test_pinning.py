@@ -14,7 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from mx_orchestrator import ConfigError, ModelIdentity, Orchestrator, SourceState
 from mx_orchestrator.checkpoint import fingerprint_directory
-from mx_orchestrator.models import Manifest, TensorSpec
+from mx_orchestrator.digests import tree_digest_reference
+from mx_orchestrator.integrity import pin_of
+from mx_orchestrator.models import Manifest, TensorSpec, content_fingerprint
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.source import WeightSource, load_weights
 from mx_orchestrator.target import Target
@@ -62,8 +64,39 @@ def test_the_fingerprint_of_a_directory_is_the_cli_s_last_line(pin: str) -> None
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == pin and pin.startswith("mxc1-") and len(pin) == 69
+    assert out.stdout.strip().splitlines()[-1] == pin and pin.startswith("mxc2-") and len(pin) == 69
     assert load_weights(IDENTITY, minilm_dir(), "arena").manifest.content_fingerprint == pin
+
+
+def test_the_pin_commits_to_every_tensor_s_tree_digest_as_defined() -> None:
+    """The fingerprint from the memory-mapped files equals one built from the plain definition over
+    each tensor's bytes, and equals the pin of the same tensors in memory."""
+    fingerprint, rows = fingerprint_directory(minilm_dir())
+    tensors = reference()
+    for name, tensor in tensors.items():
+        data = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+        assert rows[name]["digest"] == tree_digest_reference(data)
+    assert pin_of(tensors) == (fingerprint, rows)
+    assert fingerprint == content_fingerprint(
+        (n, str(r["dtype"]), tuple(r["shape"]), str(r["digest"]).removeprefix("sha256t64k:"))  # type: ignore[arg-type]
+        for n, r in rows.items()
+    )
+
+
+def test_an_mxc1_pin_is_refused_with_how_to_get_its_successor() -> None:
+    with pytest.raises(ConfigError, match="mxo fingerprint"):
+        Orchestrator(None, [HfDownload()], expect="mxc1-" + "0" * 64)
+
+
+def test_a_manifest_with_another_digest_algorithm_has_no_content_fingerprint() -> None:
+    """An older source's flat SHA-256 digests are never read as tree digests: nothing to pin to."""
+    manifest = load_weights(IDENTITY, minilm_dir(), "arena").manifest
+    assert manifest.content_fingerprint is not None
+    legacy = Manifest.from_dict({**manifest.to_dict(), "digest_algorithm": "sha256"})
+    assert legacy.content_fingerprint is None
+    assert legacy.content_key != manifest.content_key
+    del_key = {k: v for k, v in manifest.to_dict().items() if k != "digest_algorithm"}
+    assert Manifest.from_dict(del_key).digest_algorithm == "sha256"
 
 
 def test_a_malformed_pin_is_a_config_error() -> None:

@@ -1,0 +1,184 @@
+"""Integrity values computed on the GPU that holds the bytes, with the kernels the package ships.
+
+Owns the device side of :mod:`.integrity`: the per-launch tables (each
+tensor's address, size and first work item), the launches on torch's current
+stream (so they run after the copies that landed the bytes), and what comes
+back: 32 bytes of leaves per 64 KiB chunk for a tree digest (the roots are
+finished on the host's cores, :func:`~mx_orchestrator.digests.tree_roots`),
+five sums per tensor for ``mxsum1``. One launch covers every tensor of a part.
+
+Nothing compiles here: :mod:`._backends.cuda_kernels` loads the ahead-of-time
+binaries. Where they cannot run (no ``cuda-bindings``, another vendor, an
+architecture older than the binaries), :func:`device_tree_digests` copies each
+tensor to the host and hashes it there, :func:`device_mxsum_terms` answers
+``None`` (the caller uses torch's reductions), and :func:`where_digests_run`
+says which path a device takes, for the report.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ._backends.cuda_kernels import Kernels, kernels
+from .digests import chunk_count, tree_digests, tree_roots
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["device_mxsum_terms", "device_tree_digests", "flat_bytes", "warm_kernels", "where_digests_run"]
+
+_BLOCK = 4096  # mxsum1's block
+#: blocks one warp of the mxsum1 kernel sums before it adds its columns to the tensor's (atomics)
+_MIN_RUN = 16
+_WARPS = 16_384
+
+
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes as one flat ``uint8`` tensor on its device (a copy only if not contiguous)."""
+    import torch
+
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+def _kernels_for(device: torch.device) -> Kernels | str:
+    if device.type != "cuda":
+        return f"{device.type} tensors are hashed on the host"
+    return kernels(device.index if device.index is not None else _current())
+
+
+def _current() -> int:
+    import torch
+
+    return torch.cuda.current_device()
+
+
+def where_digests_run(device: str) -> str:
+    """Which path computes digests for tensors on ``device``: the kernel binary, or the host and why."""
+    import torch
+
+    if device == "cpu":
+        return "host cores"
+    found = _kernels_for(torch.device(device))
+    return f"device kernel ({found.binary})" if isinstance(found, Kernels) else found
+
+
+def _table(flat: Sequence[torch.Tensor], items: Sequence[int]) -> tuple[torch.Tensor, int]:
+    """The kernels' arguments: addresses, sizes and running item counts (``len + 1``), as one
+    int64 tensor on the tensors' device; and the total number of items."""
+    import torch
+
+    first = [0]
+    for n in items:
+        first.append(first[-1] + n)
+    host = torch.tensor([t.data_ptr() for t in flat] + [t.numel() for t in flat] + first, dtype=torch.int64)
+    return host.to(flat[0].device), first[-1]
+
+
+def device_tree_digests(tensors: Sequence[torch.Tensor]) -> list[str]:
+    """Tree digests (``sha256t64k:<hex>``) of tensors on one CUDA device, computed there.
+
+    One launch hashes every 64 KiB chunk of every tensor (a GPU thread each); the
+    leaves come back (0.05 % of the bytes) and the host's cores finish the roots.
+    Without a usable kernel, each tensor is copied to the host and hashed there.
+    """
+    import torch
+
+    flat = [flat_bytes(t) for t in tensors]
+    if not flat:
+        return []
+    found = _kernels_for(flat[0].device)
+    if not isinstance(found, Kernels):
+        return tree_digests([t.cpu().numpy() for t in flat])
+    sizes = [t.numel() for t in flat]
+    table, total = _table(flat, [chunk_count(n) for n in sizes])
+    if not total:
+        return tree_roots(sizes, b"")
+    leaves = torch.empty(total * 32, dtype=torch.uint8, device=flat[0].device)
+    count, base = len(flat), table.data_ptr()
+    found.sha256t_leaves(
+        base, base + 8 * count, base + 16 * count, count, total, leaves.data_ptr(), _stream(leaves)
+    )
+    return tree_roots(sizes, leaves.cpu().numpy().tobytes())
+
+
+def device_mxsum_terms(tensors: Sequence[torch.Tensor]) -> list[list[int]] | None:
+    """``mxsum1``'s five sums per tensor (tensors on one CUDA device), or ``None`` without a kernel.
+
+    A warp sums a run of 4 KiB blocks, reading each byte once; the weighting of
+    the 1,024 column sums is left to torch, on the device, for all tensors at once.
+    """
+    import torch
+
+    flat = [flat_bytes(t) for t in tensors]
+    found = _kernels_for(flat[0].device) if flat else "nothing to sum"
+    if not isinstance(found, Kernels):
+        return None
+    device = flat[0].device
+    table, total = _table(flat, [max(1, -(-t.numel() // _BLOCK)) for t in flat])
+    count, base = len(flat), table.data_ptr()
+    scalars = torch.zeros((count, 3), dtype=torch.int64, device=device)
+    columns = torch.zeros((count, 1024), dtype=torch.int64, device=device)
+    run = max(_MIN_RUN, -(-total // _WARPS))
+    found.mxsum1_partials(
+        base,
+        base + 8 * count,
+        base + 16 * count,
+        count,
+        total,
+        run,
+        scalars.data_ptr(),
+        columns.data_ptr(),
+        _stream(scalars),
+    )
+    weights = torch.arange(1024, dtype=torch.int64, device=device) * 2 + 1
+    terms = torch.stack(
+        [
+            scalars[:, 0],
+            (columns * weights).sum(dim=1),
+            scalars[:, 1],
+            (columns * columns).sum(dim=1),
+            scalars[:, 2],
+        ],
+        dim=1,
+    )
+    rows: list[list[int]] = terms.cpu().tolist()
+    return rows
+
+
+def _stream(on: torch.Tensor) -> int:
+    import torch
+
+    return int(torch.cuda.current_stream(on.device).cuda_stream)
+
+
+def warm_kernels(device: str) -> threading.Thread | None:
+    """Load the kernels on ``device`` and run each once, in the background (returns the thread).
+
+    Loading a shipped binary takes about a millisecond; the first launch of each
+    kernel also binds it (CUDA's lazy loading). A GPU target starts this when it
+    is made, so a first verified load pays neither. ``None`` on the host, or when
+    already warm.
+    """
+    if device == "cpu" or device in _WARMED:
+        return None
+    _WARMED.add(device)
+
+    def run() -> None:
+        import torch
+
+        try:
+            sample = [torch.zeros(n, dtype=torch.uint8, device=device) for n in (1, 5000)]
+            device_tree_digests(sample)
+            device_mxsum_terms(sample)
+        except (RuntimeError, AssertionError):  # no usable GPU: the load will say so itself
+            return
+
+    # not a daemon: interpreter shutdown must not kill it inside the driver
+    thread = threading.Thread(target=run, name="mxo-kernel-warmup", daemon=False)
+    thread.start()
+    return thread
+
+
+_WARMED: set[str] = set()
