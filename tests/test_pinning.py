@@ -227,10 +227,13 @@ def test_pull_expect_from_the_cli_loads_the_pinned_content(peers: Peers, registr
         "--json",
     ]
     good = subprocess.run([*mxo, "--expect", pin], capture_output=True, text=True, timeout=120)
-    bad = subprocess.run([*mxo, "--expect", "mxc1-" + "0" * 64], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([*mxo, "--expect", "mxc2-" + "0" * 64], capture_output=True, text=True, timeout=120)
+    old = subprocess.run([*mxo, "--expect", "mxc1-" + "0" * 64], capture_output=True, text=True, timeout=120)
     assert good.returncode == 0 and json.loads(good.stdout)["verified"] is True
     assert bad.returncode == 1
     assert {a["outcome"] for a in json.loads(bad.stdout)["attempts"]} == {"ManifestMismatch"}
+    # an old pin is a usage error before anything is read, saying how to get the new one
+    assert old.returncode == 2 and "mxo fingerprint" in old.stderr and not old.stdout
 
 
 @pytest.mark.hub
