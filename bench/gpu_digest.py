@@ -91,6 +91,21 @@ def timed(fn: Any, repeat: int) -> float:
     return statistics.median(times[1:])
 
 
+def leaves_only(tensors: list[torch.Tensor]) -> None:
+    """The leaves kernel alone (no copy back, no roots): what the device itself costs."""
+    from mx_orchestrator.digests import chunk_count
+    from mx_orchestrator.kernels import _table
+
+    found = kernels(0)
+    assert not isinstance(found, str), found
+    flat = [t.view(torch.uint8) for t in tensors]
+    table, total = _table(flat, [chunk_count(t.numel()) for t in flat])
+    leaves = torch.empty(total * 32, dtype=torch.uint8, device=flat[0].device)
+    base, count = table.data_ptr(), len(flat)
+    stream = torch.cuda.current_stream().cuda_stream
+    found.sha256t_leaves(base, base + 8 * count, base + 16 * count, count, total, leaves.data_ptr(), stream)
+
+
 def rates(device: str, gib: int, repeat: int) -> dict[str, Any]:
     per = 64 << 20
     many = [
@@ -100,7 +115,7 @@ def rates(device: str, gib: int, repeat: int) -> dict[str, Any]:
     nbytes = sum(t.numel() * 4 for t in many)
     one = torch.cat(many)
     copy_to = torch.empty_like(one)
-    copy_s = timed(lambda: copy_to.copy_(one), repeat)
+    copy_s = timed(lambda a=copy_to, b=one: a.copy_(b), repeat)
     out: dict[str, Any] = {
         "bytes": nbytes,
         "copy_gbps": round(nbytes / copy_s / 1e9, 1),
@@ -108,10 +123,13 @@ def rates(device: str, gib: int, repeat: int) -> dict[str, Any]:
     }
     for label, tensors in (("256_tensors", many), ("one_tensor", [one])):
         tree_s = timed(lambda t=tensors: tensor_digests(t), repeat)
+        leaves_s = timed(lambda t=tensors: leaves_only(t), repeat)
         sum_s = timed(lambda t=tensors: mxsum_many(t), repeat)
         out[label] = {
             "tree_digest_ms": round(tree_s * 1e3, 2),
             "tree_digest_gbps": round(nbytes / tree_s / 1e9, 1),
+            "tree_kernel_only_ms": round(leaves_s * 1e3, 2),
+            "tree_kernel_only_gbps": round(nbytes / leaves_s / 1e9, 1),
             "mxsum1_ms": round(sum_s * 1e3, 2),
             "mxsum1_gbps": round(nbytes / sum_s / 1e9, 1),
         }

@@ -142,12 +142,14 @@ from strategies.rdma_region import RdmaRegion
 async def main():
     registry = SqliteRegistry(sys.argv[1])
     # as mxo pull --device cuda:N orders them; the NIXL agent starts being made here
-    strategies = [{"cuda_ipc": CudaIpc, "rdma_region": RdmaRegion}[n]() for n in sys.argv[3].split(",")]
-    report = await Orchestrator(registry, strategies, rank_window=0.0, attempt_timeout=300).load(
+    names = sys.argv[3].split(",")
+    strategies = [{"cuda_ipc": CudaIpc, "rdma_region": RdmaRegion}[n]() for n in names]
+    expect = sys.argv[5] if len(sys.argv) > 5 else None
+    report = await Orchestrator(registry, strategies, rank_window=0.0, attempt_timeout=300, expect=expect).load(
         ModelIdentity(sys.argv[4]), Target("arena", f"cuda:{device}", verify=True))
     await registry.aclose()
     data = report.to_dict()
-    while agent_creation_seconds() is None:
+    while "rdma_region" in names and agent_creation_seconds() is None:
         time.sleep(0.05)
     print(json.dumps({"load_s": data["seconds"], "agent_creation_s": agent_creation_seconds(),
                       "agent_wait_s": data["agent_wait_seconds"], "strategy": data["strategy"],
@@ -158,14 +160,59 @@ anyio.run(main)
 """
 
 
-def first_load(url: str, device: int, strategies: str, model: str) -> dict[str, Any]:
+def first_load(url: str, device: int, strategies: str, model: str, expect: str = "") -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(FIRST_LOAD), url.removeprefix("sqlite://"), str(device), strategies, model],
+        [sys.executable, "-c", textwrap.dedent(FIRST_LOAD), url.removeprefix("sqlite://"), str(device), strategies, model]
+        + ([expect] if expect else []),
         capture_output=True, text=True, timeout=300, cwd=HERE.parent,
     )  # fmt: skip
     if out.returncode != 0:
         return {"error": out.stderr[-2000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+async def pin_of_source(url: str, identity: ModelIdentity) -> str:
+    registry = SqliteRegistry(url.removeprefix("sqlite://"))
+    try:
+        (record,) = await registry.list(identity.key)
+        manifest = await registry.get_manifest(record.source_id, record.generation)
+        assert manifest is not None and manifest.content_fingerprint is not None
+        return manifest.content_fingerprint
+    finally:
+        await registry.aclose()
+
+
+def mxo_pulls(url: str, device: int, model: str, pin: str, strategies: str, repeat: int) -> dict[str, Any]:
+    """Fresh ``mxo pull --device cuda:N`` processes, pinned and not, interleaved: wall time each."""
+    base = [sys.executable, "-m", "mx_orchestrator", "pull", "--model-id", model, "--registry", url,
+            "--device", f"cuda:{device}", "--strategies", strategies, "--json"]  # fmt: skip
+    runs: dict[str, list[dict[str, Any]]] = {"unpinned": [], "pinned": []}
+    for _ in range(repeat):
+        for label, extra in (("unpinned", []), ("pinned", ["--expect", pin])):
+            began = time.perf_counter()
+            out = subprocess.run(base + extra, capture_output=True, text=True, timeout=300, cwd=HERE.parent)
+            wall = time.perf_counter() - began
+            if out.returncode != 0:
+                runs[label].append({"error": out.stderr[-1500:], "rc": out.returncode})
+                continue
+            data = json.loads(out.stdout)
+            last = data["attempts"][-1]
+            runs[label].append(
+                {
+                    "process_s": round(wall, 3),
+                    "load_s": round(data["seconds"], 4),
+                    "verified": data["verified"],
+                    "phases_ms": {k: round(v * 1e3, 2) for k, v in last.get("phases", {}).items()},
+                }
+            )
+    summary: dict[str, Any] = {"runs": runs}
+    ok = {k: [r["process_s"] for r in v if "process_s" in r] for k, v in runs.items()}
+    if ok["pinned"] and ok["unpinned"]:
+        summary["median_process_s"] = {k: statistics.median(v) for k, v in ok.items()}
+        summary["pinned_minus_unpinned_s"] = round(
+            statistics.median(ok["pinned"]) - statistics.median(ok["unpinned"]), 3
+        )
+    return summary
 
 
 def main() -> None:
@@ -179,7 +226,12 @@ def main() -> None:
         raise SystemExit("no CUDA device: bench/gpu_ttw.py runs on GPU machines only")
     src, dst = 0, (1 if gpus > 1 else 0)
     torch.cuda.set_device(dst)
-    from mx_orchestrator._backends.nixl import agent_creation_seconds, get_agent
+    try:
+        from mx_orchestrator._backends.nixl import agent_creation_seconds, get_agent
+
+        have_nixl = True
+    except ImportError:  # the GPU image lacks nixl and its wheel is larger than a device run carries
+        have_nixl = False
     from strategies.cuda_ipc import CudaIpc
     from strategies.rdma_region import RdmaRegion
 
@@ -201,9 +253,15 @@ def main() -> None:
         url = f"sqlite://{tmp}/registry.db"
         proc = start_source(args.set, "arena", url, "gpu-arena", f"cuda:{src}")
         try:
-            emit("first_load_fresh_process", first_load(url, dst, "cuda_ipc,rdma_region", identity.model_id))
-            get_agent()  # prewarmed from here on
-            emit("agent_creation_s", agent_creation_seconds())
+            pin = anyio.run(pin_of_source, url, identity)
+            emit("pin", pin)
+            names = "cuda_ipc,rdma_region" if have_nixl else "cuda_ipc"
+            emit("first_load_fresh_process", first_load(url, dst, names, identity.model_id))
+            emit("first_load_fresh_process_pinned", first_load(url, dst, names, identity.model_id, pin))
+            emit("mxo_pull_fresh_process", mxo_pulls(url, dst, identity.model_id, pin, names, args.repeat))
+            if have_nixl:
+                get_agent()  # prewarmed from here on
+                emit("agent_creation_s", agent_creation_seconds())
             for verify in (False, True):
                 for reuse in (False, True):
                     key = f"cuda_ipc_{'verified' if verify else 'unverified'}_{'reused' if reuse else 'fresh'}_target"
@@ -226,10 +284,10 @@ def main() -> None:
                             loads, url, identity, [RdmaRegion()], f"cuda:{dst}", args.repeat, verify, True
                         ),
                     )
-            # a pinned load: the SHA-256 of every landed tensor (copied to the host, all cores)
+            # a pinned load: the tree digest of every landed tensor, on the device
             emit(
                 "cuda_ipc_pinned_reused_target",
-                anyio.run(loads, url, identity, [CudaIpc()], f"cuda:{dst}", 1, True, True, True),
+                anyio.run(loads, url, identity, [CudaIpc()], f"cuda:{dst}", args.repeat, True, True, True),
             )
             # the device checksum over the whole set, on the GPU, and its CPU twin
             target = Target("arena", f"cuda:{dst}", verify=False)

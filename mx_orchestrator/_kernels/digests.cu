@@ -80,7 +80,7 @@ __global__ void sha256t_leaves(const u64* ptrs, const u64* sizes, const u64* fir
         for (u32 blk = 0; blk < full; blk++) {
 #pragma unroll
             for (int k = 0; k < 4; k++) {
-                uint4 v = __ldcs(q + blk * 4 + k);
+                uint4 v = __ldg(q + blk * 4 + k);
                 w[4 * k] = bswap(v.x); w[4 * k + 1] = bswap(v.y); w[4 * k + 2] = bswap(v.z); w[4 * k + 3] = bswap(v.w);
             }
             compress(st, w);
