@@ -91,19 +91,23 @@ def timed(fn: Any, repeat: int) -> float:
     return statistics.median(times[1:])
 
 
-def leaves_only(tensors: list[torch.Tensor]) -> None:
-    """The leaves kernel alone (no copy back, no roots): what the device itself costs."""
-    from mx_orchestrator.digests import chunk_count
+def kernels_only(tensors: list[torch.Tensor]) -> None:
+    """The two tree kernels alone (leaves, then nodes; no copy back, no roots): the device's cost."""
+    from mx_orchestrator.digests import chunk_count, node_count
     from mx_orchestrator.kernels import _table
 
     found = kernels(0)
     assert not isinstance(found, str), found
     flat = [t.view(torch.uint8) for t in tensors]
-    table, total = _table(flat, [chunk_count(t.numel()) for t in flat])
-    leaves = torch.empty(total * 32, dtype=torch.uint8, device=flat[0].device)
+    sizes = [t.numel() for t in flat]
+    table, (chunks, groups) = _table(flat, [chunk_count(n) for n in sizes], [node_count(n) for n in sizes])
+    leaves = torch.empty(chunks * 32, dtype=torch.uint8, device=flat[0].device)
+    nodes = torch.empty(groups * 32, dtype=torch.uint8, device=flat[0].device)
     base, count = table.data_ptr(), len(flat)
     stream = torch.cuda.current_stream().cuda_stream
-    found.sha256t_leaves(base, base + 8 * count, base + 16 * count, count, total, leaves.data_ptr(), stream)
+    leaf_first, node_first = base + 16 * count, base + 24 * count + 8
+    found.sha256t_leaves(base, base + 8 * count, leaf_first, count, chunks, leaves.data_ptr(), stream)
+    found.sha256t_nodes(leaf_first, node_first, count, groups, leaves.data_ptr(), nodes.data_ptr(), stream)
 
 
 def rates(device: str, gib: int, repeat: int) -> dict[str, Any]:
@@ -123,7 +127,7 @@ def rates(device: str, gib: int, repeat: int) -> dict[str, Any]:
     }
     for label, tensors in (("256_tensors", many), ("one_tensor", [one])):
         tree_s = timed(lambda t=tensors: tensor_digests(t), repeat)
-        leaves_s = timed(lambda t=tensors: leaves_only(t), repeat)
+        leaves_s = timed(lambda t=tensors: kernels_only(t), repeat)
         sum_s = timed(lambda t=tensors: mxsum_many(t), repeat)
         out[label] = {
             "tree_digest_ms": round(tree_s * 1e3, 2),

@@ -3,8 +3,9 @@
 Owns the device side of :mod:`.integrity`: the per-launch tables (each
 tensor's address, size and first work item), the launches on torch's current
 stream (so they run after the copies that landed the bytes), and what comes
-back: 32 bytes of leaves per 64 KiB chunk for a tree digest (the roots are
-finished on the host's cores, :func:`~mx_orchestrator.digests.tree_roots`),
+back: 32 bytes of nodes per 64 MiB for a tree digest (two launches: the leaves,
+then the nodes over them; the roots are finished on the host,
+:func:`~mx_orchestrator.digests.tree_roots`),
 five sums per tensor for ``mxsum1``. One launch covers every tensor of a part.
 
 Nothing compiles here: :mod:`._backends.cuda_kernels` loads the ahead-of-time
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ._backends.cuda_kernels import Kernels, kernels
-from .digests import chunk_count, tree_digests, tree_roots
+from .digests import chunk_count, node_count, tree_digests, tree_roots
 
 if TYPE_CHECKING:
     import torch
@@ -64,23 +65,29 @@ def where_digests_run(device: str) -> str:
     return f"device kernel ({found.binary})" if isinstance(found, Kernels) else found
 
 
-def _table(flat: Sequence[torch.Tensor], items: Sequence[int]) -> tuple[torch.Tensor, int]:
-    """The kernels' arguments: addresses, sizes and running item counts (``len + 1``), as one
-    int64 tensor on the tensors' device; and the total number of items."""
+def _table(flat: Sequence[torch.Tensor], *items: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+    """The kernels' arguments as one int64 tensor on the tensors' device: addresses, sizes, then
+    for each list of per-tensor item counts its running counts (``len + 1`` entries each); and
+    each list's total."""
     import torch
 
-    first = [0]
-    for n in items:
-        first.append(first[-1] + n)
-    host = torch.tensor([t.data_ptr() for t in flat] + [t.numel() for t in flat] + first, dtype=torch.int64)
-    return host.to(flat[0].device), first[-1]
+    values = [t.data_ptr() for t in flat] + [t.numel() for t in flat]
+    totals = []
+    for counts in items:
+        first = [0]
+        for n in counts:
+            first.append(first[-1] + n)
+        values += first
+        totals.append(first[-1])
+    return torch.tensor(values, dtype=torch.int64).to(flat[0].device), totals
 
 
 def device_tree_digests(tensors: Sequence[torch.Tensor]) -> list[str]:
     """Tree digests (``sha256t64k:<hex>``) of tensors on one CUDA device, computed there.
 
-    One launch hashes every 64 KiB chunk of every tensor (a GPU thread each); the
-    leaves come back (0.05 % of the bytes) and the host's cores finish the roots.
+    One launch hashes every 64 KiB chunk of every tensor (a GPU thread each), a
+    second every run of 1,024 leaves; the nodes come back (32 bytes per 64 MiB)
+    and the host finishes the roots.
     Without a usable kernel, each tensor is copied to the host and hashed there.
     """
     import torch
@@ -92,23 +99,26 @@ def device_tree_digests(tensors: Sequence[torch.Tensor]) -> list[str]:
     if not isinstance(found, Kernels):
         return tree_digests([t.cpu().numpy() for t in flat])
     sizes = [t.numel() for t in flat]
-    table, total = _table(flat, [chunk_count(n) for n in sizes])
-    if not total:
+    table, (chunks, groups) = _table(flat, [chunk_count(n) for n in sizes], [node_count(n) for n in sizes])
+    if not chunks:
         return tree_roots(sizes, b"")
-    leaves = torch.empty(total * 32, dtype=torch.uint8, device=flat[0].device)
-    count, base = len(flat), table.data_ptr()
-    found.sha256t_leaves(
-        base, base + 8 * count, base + 16 * count, count, total, leaves.data_ptr(), _stream(leaves)
-    )
-    return tree_roots(sizes, _to_host(leaves))
+    leaves = torch.empty(chunks * 32, dtype=torch.uint8, device=flat[0].device)
+    nodes = torch.empty(groups * 32, dtype=torch.uint8, device=flat[0].device)
+    count, base, stream = len(flat), table.data_ptr(), _stream(leaves)
+    leaf_first, node_first = base + 16 * count, base + 24 * count + 8
+    found.sha256t_leaves(base, base + 8 * count, leaf_first, count, chunks, leaves.data_ptr(), stream)
+    found.sha256t_nodes(leaf_first, node_first, count, groups, leaves.data_ptr(), nodes.data_ptr(), stream)
+    return tree_roots(sizes, _to_host(nodes))
 
 
 def _to_host(leaves: torch.Tensor) -> bytes:
-    """The leaves' bytes on the host, through a page-locked buffer kept per device (a pageable
+    """A small device buffer's bytes on the host, through a page-locked buffer kept per device (a pageable
     copy runs at a tenth of the speed); a caller that finds it busy copies its own way."""
     import torch
 
     key, n = str(leaves.device), leaves.numel()
+    if n <= 1 << 16:  # a pageable copy of a few KiB costs less than the lock
+        return bytes(leaves.cpu().numpy().data)
     lock = _STAGING_LOCKS.setdefault(key, threading.Lock())
     if not lock.acquire(blocking=False):
         return bytes(leaves.cpu().numpy().data)
@@ -139,7 +149,7 @@ def device_mxsum_terms(tensors: Sequence[torch.Tensor]) -> list[list[int]] | Non
     if not isinstance(found, Kernels):
         return None
     device = flat[0].device
-    table, total = _table(flat, [max(1, -(-t.numel() // _BLOCK)) for t in flat])
+    table, (total,) = _table(flat, [max(1, -(-t.numel() // _BLOCK)) for t in flat])
     count, base = len(flat), table.data_ptr()
     scalars = torch.zeros((count, 3), dtype=torch.int64, device=device)
     columns = torch.zeros((count, 1024), dtype=torch.int64, device=device)

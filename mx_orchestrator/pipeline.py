@@ -32,6 +32,7 @@ from .strategy import Prober, ProgressCallback, RegistryProber, Strategy
 
 __all__ = ["Learned", "LoadObserver", "Orchestrator"]
 
+
 class Orchestrator:
     """Loads one model from the best source available.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -11,11 +12,13 @@ from hypothesis import strategies as st
 
 from mx_orchestrator.digests import (
     CHUNK_BYTES,
+    GROUP_LEAVES,
     TREE_ALGORITHM,
     tree_digest,
     tree_digest_reference,
     tree_digests,
     tree_root,
+    tree_root_of_nodes,
     tree_roots,
 )
 
@@ -44,26 +47,51 @@ def test_the_every_core_digest_equals_the_definition_for_any_size_and_alignment(
 
 @settings(max_examples=40, deadline=None)
 @given(sizes=st.lists(SIZES, max_size=6), seed=st.integers(0, 2**31))
-def test_roots_from_concatenated_leaves_equal_the_definition(sizes: list[int], seed: int) -> None:
-    """What a device kernel hands back (every chunk's SHA-256, all buffers in a row) finishes to the
-    same digests as the definition, including empty buffers (no leaves)."""
+def test_roots_from_concatenated_nodes_equal_the_definition(sizes: list[int], seed: int) -> None:
+    """What the device kernels hand back (every buffer's nodes, all buffers in a row) finishes to
+    the same digests as the definition, including empty buffers (no nodes)."""
     rng = np.random.default_rng(seed)
     blobs = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in sizes]
-    leaves = b"".join(
-        hashlib.sha256(b[i : i + CHUNK_BYTES]).digest() for b in blobs for i in range(0, len(b), CHUNK_BYTES)
-    )
-    assert tree_roots(sizes, leaves) == [tree_digest_reference(b) for b in blobs]
+    nodes = b"".join(nodes_of(b) for b in blobs)
+    assert tree_roots(sizes, nodes) == [tree_digest_reference(b) for b in blobs]
     with pytest.raises(ValueError):
-        tree_roots(sizes, leaves + b"\x00" * 32)
+        tree_roots(sizes, nodes + b"\x00" * 32)
+
+
+def nodes_of(data: bytes) -> bytes:
+    leaves = b"".join(
+        hashlib.sha256(data[i : i + CHUNK_BYTES]).digest() for i in range(0, len(data), CHUNK_BYTES)
+    )
+    step = 32 * GROUP_LEAVES
+    return b"".join(hashlib.sha256(leaves[i : i + step]).digest() for i in range(0, len(leaves), step))
+
+
+def test_a_buffer_past_one_group_has_a_node_per_64_mib_and_every_path_agrees() -> None:
+    """Past GROUP_LEAVES chunks the middle level has more than one node: the every-core digest,
+    the roots from nodes and the definition agree there too."""
+    data = (
+        np.random.default_rng(3)
+        .integers(0, 256, GROUP_LEAVES * CHUNK_BYTES + 12_345, dtype=np.uint8)
+        .tobytes()
+    )
+    expected = tree_digest_reference(data)
+    assert len(nodes_of(data)) == 64
+    assert tree_digest(data) == expected == tree_roots([len(data)], nodes_of(data))[0]
+    assert tree_root_of_nodes(len(data), nodes_of(data)) == expected
 
 
 def test_the_definition_commits_to_length_and_chunking() -> None:
     empty = tree_digest_reference(b"")
-    root = hashlib.sha256(b"mxt1" + (0).to_bytes(8, "little") + CHUNK_BYTES.to_bytes(4, "little")).hexdigest()
-    assert empty == f"{TREE_ALGORITHM}:{root}"
+    header = (
+        b"mxt1"
+        + (0).to_bytes(8, "little")
+        + CHUNK_BYTES.to_bytes(4, "little")
+        + GROUP_LEAVES.to_bytes(4, "little")
+    )
+    assert empty == f"{TREE_ALGORITHM}:{hashlib.sha256(header).hexdigest()}"
     one = tree_digest_reference(b"\x00")
     leaf = hashlib.sha256(b"\x00").digest()
-    assert one == tree_root(1, leaf) != empty
+    assert one == tree_root(1, leaf) == tree_root_of_nodes(1, hashlib.sha256(leaf).digest()) != empty
     # trailing zeros change the length, so the digest: no two byte strings share a root
     assert tree_digest_reference(b"\x00" * CHUNK_BYTES) != tree_digest_reference(b"\x00" * (CHUNK_BYTES + 1))
 

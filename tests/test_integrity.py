@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from mx_orchestrator import ModelIdentity
 from mx_orchestrator.buffers import _empty_bytes, allocate
 from mx_orchestrator.integrity import (
-    _torch_terms_many,
     _host_terms,
+    _torch_terms_many,
     bad_tensors,
     best_shared,
     checksums,

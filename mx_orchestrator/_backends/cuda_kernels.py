@@ -53,6 +53,25 @@ class Kernels:
             stream,
         )
 
+    def sha256t_nodes(
+        self, leaf_first: int, node_first: int, count: int, total: int, leaves: int, nodes: int, stream: int
+    ) -> None:
+        """SHA-256 of every run of up to 1,024 leaves of each of ``count`` tensors, into ``nodes``."""
+        threads = 64
+        self._launch(
+            "sha256t_nodes",
+            (-(-total // threads), threads),
+            (
+                (leaf_first, _PTR),
+                (node_first, _PTR),
+                (count, _INT),
+                (total, _U64),
+                (leaves, _PTR),
+                (nodes, _PTR),
+            ),
+            stream,
+        )
+
     def mxsum1_partials(
         self,
         ptrs: int,
@@ -101,7 +120,7 @@ class Kernels:
 
 _LOADED: dict[int, Kernels | str] = {}
 _LOCK = threading.Lock()
-_NAMES = ("sha256t_leaves", "mxsum1_partials")
+_NAMES = ("sha256t_leaves", "sha256t_nodes", "mxsum1_partials")
 
 
 def kernels(device: int) -> Kernels | str:

@@ -63,15 +63,26 @@ __device__ __forceinline__ int owner(const u64* first, int count, u64 item) {
     return lo;
 }
 
-__global__ void sha256t_leaves(const u64* ptrs, const u64* sizes, const u64* first, int count,
-                               u64 total, uint4* leaves) {
-    u64 item = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (item >= total) return;
-    int t = owner(first, count, item);
-    u64 start = (item - first[t]) << 16;
-    u64 left = sizes[t] - start;
-    u32 len = left < 65536ull ? (u32)left : 65536u;
-    const unsigned char* p = (const unsigned char*)ptrs[t] + start;
+// The tail of a message (0-63 bytes at `tail`), the 0x80 marker and the length in bits, big-endian.
+__device__ __forceinline__ void finish(u32 st[8], const unsigned char* tail, u32 rest, u64 len) {
+    u32 w[16];
+#pragma unroll
+    for (int k = 0; k < 16; k++) w[k] = 0;
+    for (u32 i = 0; i < rest; i++) w[i >> 2] |= (u32)tail[i] << (24 - 8 * (i & 3));
+    w[rest >> 2] |= 0x80u << (24 - 8 * (rest & 3));
+    if (rest >= 56) {
+        compress(st, w);
+#pragma unroll
+        for (int k = 0; k < 16; k++) w[k] = 0;
+    }
+    u64 bits = len << 3;
+    w[14] = (u32)(bits >> 32);
+    w[15] = (u32)bits;
+    compress(st, w);
+}
+
+// SHA-256 of `len` bytes at `p`, into `out` (32 bytes, 16-byte aligned), as hashlib's digest.
+__device__ __forceinline__ void sha256(const unsigned char* p, u32 len, uint4* out) {
     u32 st[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
     u32 w[16];
     u32 full = len >> 6;
@@ -95,24 +106,33 @@ __global__ void sha256t_leaves(const u64* ptrs, const u64* sizes, const u64* fir
             compress(st, w);
         }
     }
-    // the tail (0-63 bytes), the 0x80 marker and the length in bits, big-endian
-    u32 rest = len & 63;
-    const unsigned char* tail = p + (full << 6);
-#pragma unroll
-    for (int k = 0; k < 16; k++) w[k] = 0;
-    for (u32 i = 0; i < rest; i++) w[i >> 2] |= (u32)tail[i] << (24 - 8 * (i & 3));
-    w[rest >> 2] |= 0x80u << (24 - 8 * (rest & 3));
-    if (rest >= 56) {
-        compress(st, w);
-#pragma unroll
-        for (int k = 0; k < 16; k++) w[k] = 0;
-    }
-    u64 bits = (u64)len << 3;
-    w[14] = (u32)(bits >> 32);
-    w[15] = (u32)bits;
-    compress(st, w);
-    leaves[2 * item] = make_uint4(bswap(st[0]), bswap(st[1]), bswap(st[2]), bswap(st[3]));
-    leaves[2 * item + 1] = make_uint4(bswap(st[4]), bswap(st[5]), bswap(st[6]), bswap(st[7]));
+    finish(st, p + ((u64)full << 6), len & 63, len);
+    out[0] = make_uint4(bswap(st[0]), bswap(st[1]), bswap(st[2]), bswap(st[3]));
+    out[1] = make_uint4(bswap(st[4]), bswap(st[5]), bswap(st[6]), bswap(st[7]));
+}
+
+// Level 1: SHA-256 of every 64 KiB chunk of every tensor, a thread per chunk.
+__global__ void sha256t_leaves(const u64* ptrs, const u64* sizes, const u64* first, int count,
+                               u64 total, uint4* leaves) {
+    u64 item = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (item >= total) return;
+    int t = owner(first, count, item);
+    u64 start = (item - first[t]) << 16;
+    u64 left = sizes[t] - start;
+    u32 len = left < 65536ull ? (u32)left : 65536u;
+    sha256((const unsigned char*)ptrs[t] + start, len, leaves + 2 * item);
+}
+
+// Level 2: SHA-256 of each run of up to 1,024 consecutive leaves of one tensor, a thread per run.
+// `leaf_first` and `node_first` count leaves and nodes before each tensor (count + 1 entries).
+__global__ void sha256t_nodes(const u64* leaf_first, const u64* node_first, int count, u64 total,
+                              const uint4* leaves, uint4* nodes) {
+    u64 node = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (node >= total) return;
+    int t = owner(node_first, count, node);
+    u64 start = leaf_first[t] + ((node - node_first[t]) << 10);
+    u64 end = start + 1024 < leaf_first[t + 1] ? start + 1024 : leaf_first[t + 1];
+    sha256((const unsigned char*)(leaves + 2 * start), (u32)((end - start) * 32), nodes + 2 * node);
 }
 
 // ---------------------------------------------------------------------------
