@@ -231,7 +231,7 @@ def mxsum_many(tensors: Sequence[torch.Tensor]) -> list[str]:
             on_device = [tensors[i] for i in indices]
             terms = device_mxsum_terms(on_device) or _torch_terms_many(on_device).cpu().tolist()
         for i, row in zip(indices, terms, strict=True):
-            out[i] = _finish(flat_bytes(tensors[i]).numel(), row)
+            out[i] = _finish(tensors[i].numel() * tensors[i].element_size(), row)
     return out
 
 

@@ -65,13 +65,22 @@ def where_digests_run(device: str) -> str:
     return f"device kernel ({found.binary})" if isinstance(found, Kernels) else found
 
 
+def _contiguous(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors, each made contiguous only where it is not (the kernels read flat bytes)."""
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def _table(flat: Sequence[torch.Tensor], *items: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
     """The kernels' arguments as one int64 tensor on the tensors' device: addresses, sizes, then
     for each list of per-tensor item counts its running counts (``len + 1`` entries each); and
     each list's total."""
     import torch
 
-    values = [t.data_ptr() for t in flat] + [t.numel() for t in flat]
+    values = [t.data_ptr() for t in flat] + [_nbytes(t) for t in flat]
     totals = []
     for counts in items:
         first = [0]
@@ -92,13 +101,13 @@ def device_tree_digests(tensors: Sequence[torch.Tensor]) -> list[str]:
     """
     import torch
 
-    flat = [flat_bytes(t) for t in tensors]
-    if not flat:
+    if not tensors:
         return []
-    found = _kernels_for(flat[0].device)
+    found = _kernels_for(tensors[0].device)
     if not isinstance(found, Kernels):
-        return tree_digests([t.cpu().numpy() for t in flat])
-    sizes = [t.numel() for t in flat]
+        return tree_digests([flat_bytes(t).cpu().numpy() for t in tensors])
+    flat = _contiguous(tensors)  # no per-tensor view: hundreds of torch calls cost milliseconds
+    sizes = [_nbytes(t) for t in flat]
     table, (chunks, groups) = _table(flat, [chunk_count(n) for n in sizes], [node_count(n) for n in sizes])
     if not chunks:
         return tree_roots(sizes, b"")
@@ -144,12 +153,12 @@ def device_mxsum_terms(tensors: Sequence[torch.Tensor]) -> list[list[int]] | Non
     """
     import torch
 
-    flat = [flat_bytes(t) for t in tensors]
-    found = _kernels_for(flat[0].device) if flat else "nothing to sum"
+    found = _kernels_for(tensors[0].device) if tensors else "nothing to sum"
     if not isinstance(found, Kernels):
         return None
+    flat = _contiguous(tensors)
     device = flat[0].device
-    table, (total,) = _table(flat, [max(1, -(-t.numel() // _BLOCK)) for t in flat])
+    table, (total,) = _table(flat, [max(1, -(-_nbytes(t) // _BLOCK)) for t in flat])
     count, base = len(flat), table.data_ptr()
     scalars = torch.zeros((count, 3), dtype=torch.int64, device=device)
     columns = torch.zeros((count, 1024), dtype=torch.int64, device=device)

@@ -24,7 +24,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import replace
-from typing import Any, Protocol, runtime_checkable
+from functools import partial
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import anyio
 
@@ -56,6 +57,8 @@ __all__ = [
     "Settle",
     "TargetRegistrations",
     "allocate",
+    "landed_check",
+    "landed_outcome",
     "verify_landed",
 ]
 
@@ -225,22 +228,47 @@ async def verify_landed(
     A pinned load is never ``verified`` unless every digest was checked (a pin
     is verified even with ``verify=False``: it is the caller's explicit demand).
     """
-    source, total = plan.source, plan.nbytes
     if names is None:  # what landed: the target's tensors (a module target may take a subset)
         names = [spec.name for spec in plan.local_manifest.tensors]
+    check = landed_check(plan, target, ctx)
+    if check is None:
+        return landed_outcome(plan, ctx, strategy, seconds, began, detail, "unchecked")
+    with ctx.phases.timed("verify"):
+        bad = await anyio.to_thread.run_sync(check, names)
+    return landed_outcome(plan, ctx, strategy, seconds, began, detail, bad)
+
+
+def landed_check(
+    plan: PullPlan, target: Target, ctx: AttemptContext
+) -> Callable[[Collection[str]], list[str] | None] | None:
+    """What checks landed tensors for this attempt (blocking; give it names): the pin's digests
+    when pinned, else the source's checksums; ``None`` when nothing is to be checked."""
+    if ctx.expect is not None:
+        return partial(target.verify_pinned, plan.source)
+    if not target.verify:
+        return None
+    return partial(target.verify_against, plan.source)
+
+
+def landed_outcome(
+    plan: PullPlan,
+    ctx: AttemptContext,
+    strategy: str,
+    seconds: float,
+    began: float,
+    detail: str,
+    bad: list[str] | Literal["unchecked"] | None,
+) -> Outcome:
+    """The outcome of landed bytes given their check's verdict (:func:`landed_check`): the tensors
+    that failed, ``None`` when the source shares no checksum with us, ``"unchecked"`` when the
+    target does not verify."""
+    source, total = plan.source, plan.nbytes
     if ctx.progress is not None:
         ctx.progress(total, total)
     sid = ctx.source_id
-    if ctx.expect is not None:
-        with ctx.phases.timed("verify"):
-            bad: list[str] | None = await anyio.to_thread.run_sync(target.verify_pinned, source, names)
-        what = "SHA-256 of the pinned content"
-    elif not target.verify:
+    what = "SHA-256 tree digests of the pinned content" if ctx.expect is not None else "checksums"
+    if bad == "unchecked":
         return Loaded(strategy=strategy, source_id=sid, bytes_moved=total, seconds=seconds, detail=detail)
-    else:
-        with ctx.phases.timed("verify"):
-            bad = await anyio.to_thread.run_sync(target.verify_against, source, names)
-        what = "checksums"
     if bad is None:
         detail += f"; unverified: no checksum shared with the source ({source.checksum_algorithm})"
         return Loaded(strategy=strategy, source_id=sid, bytes_moved=total, seconds=seconds, detail=detail)
