@@ -25,9 +25,8 @@ from mx_orchestrator._backends import EdgeFailure
 from mx_orchestrator._backends.cuda_ipc import IpcRegion, host_identity, open_region, read_export
 from mx_orchestrator.buffers import Buffers
 from mx_orchestrator.layout import plan_region_reads, plan_tensor_reads
-from mx_orchestrator.models import Manifest
 from mx_orchestrator.outcomes import LayoutMismatch, NotApplicable, Outcome, SourceUnreachable
-from mx_orchestrator.peer import allocate, landed_check, landed_outcome
+from mx_orchestrator.peer import allocate, verify_landed
 from mx_orchestrator.pullplan import PullPlan, check
 from mx_orchestrator.strategy import AttemptContext
 from mx_orchestrator.target import Target
