@@ -48,6 +48,28 @@ def test_only_the_nixl_backend_imports_nixl_and_only_the_hub_backend_imports_hug
             assert module == "mx_orchestrator._backends.hub", module
 
 
+def test_only_the_kernel_backend_imports_the_cuda_driver_and_nothing_imports_triton() -> None:
+    """The device kernels ship built: one edge loads them, and no module compiles one at run time."""
+    for module, imports in MODULES.items():
+        if any(i == "cuda" or i.startswith("cuda.") for i in imports):
+            assert module == "mx_orchestrator._backends.cuda_kernels", module
+        assert not any(i == "triton" or i.startswith("triton.") for i in imports), module
+
+
+def test_the_shipped_kernels_were_built_from_the_source_beside_them() -> None:
+    """``scripts/build_kernels`` records the source's SHA-256: editing digests.cu without a rebuild
+    fails here, not on a user's GPU."""
+    import hashlib
+    import json
+
+    kernels = PACKAGE / "_kernels"
+    listing = json.loads((kernels / "digests.json").read_text())
+    assert listing["source_sha256"] == hashlib.sha256((kernels / "digests.cu").read_bytes()).hexdigest()
+    assert "sm_90" in listing["files"] and any(a.startswith("compute_") for a in listing["files"])
+    for name in listing["files"].values():
+        assert (kernels / name).stat().st_size > 10_000, name
+
+
 def test_the_core_never_imports_the_strategies_package() -> None:
     for module, imports in MODULES.items():
         assert not any(i == "strategies" or i.startswith("strategies.") for i in imports), module
