@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--expect",
         default=None,
         metavar="FINGERPRINT",
-        help="load only this content (from mxo fingerprint); bytes are checked against its SHA-256 digests",
+        help="load only this content (mxc2-..., from mxo fingerprint); bytes are checked against its digests",
     )
     pull.add_argument("--out", type=Path, default=None, help="write what was loaded as DIR/model.safetensors")
     pull.add_argument("--json", action="store_true", help="print the JSON load report only")
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--hub-endpoint", default=None, help="Hub URL (default $HF_ENDPOINT or huggingface.co)"
     )
     fingerprint.add_argument(
-        "--json", action="store_true", help="also every tensor's dtype, shape and SHA-256"
+        "--json", action="store_true", help="also every tensor's dtype, shape and tree digest"
     )
     _diagnostics(fingerprint)
     fingerprint.set_defaults(run=_fingerprint)

@@ -60,9 +60,9 @@ def where_digests_run(device: str) -> str:
     import torch
 
     if device == "cpu":
-        return "host cores"
+        return "host's cores"
     found = _kernels_for(torch.device(device))
-    return f"device kernel ({found.binary})" if isinstance(found, Kernels) else found
+    return f"device kernels ({found.binary})" if isinstance(found, Kernels) else f"host's cores ({found})"
 
 
 def _contiguous(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -34,6 +34,7 @@ from ._backends.pool import PoolKey, pool_for, release_connections
 from ._backends.rdma import RdmaAgent, Release, descriptor_rows
 from .buffers import Buffers
 from .errors import ConfigError
+from .kernels import where_digests_run
 from .outcomes import (
     Corrupt,
     Loaded,
@@ -235,6 +236,7 @@ async def verify_landed(
         return landed_outcome(plan, ctx, strategy, seconds, began, detail, "unchecked")
     with ctx.phases.timed("verify"):
         bad = await anyio.to_thread.run_sync(check, names)
+    detail += f"; checked by the {where_digests_run(target.device)}"
     return landed_outcome(plan, ctx, strategy, seconds, began, detail, bad)
 
 

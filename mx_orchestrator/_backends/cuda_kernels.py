@@ -136,15 +136,15 @@ def _load(device: int) -> Kernels | str:
     import torch
 
     if getattr(torch.version, "hip", None):
-        return "no device digest kernel for ROCm: the host computes digests"
+        return "no device digest kernel for ROCm"
     try:
         from cuda.bindings import driver
     except ImportError:
-        return "cuda-bindings is not installed (pip install 'mx-orchestrator[gpu]'): the host hashes"
+        return "cuda-bindings is not installed (pip install 'mx-orchestrator[gpu]')"
     major, minor = torch.cuda.get_device_capability(device)
     chosen = _binary_for(major, minor)
     if chosen is None:
-        return f"compute capability {major}.{minor} predates the shipped kernels: the host computes digests"
+        return f"compute capability {major}.{minor} predates the shipped kernels"
     arch, filename = chosen
     image = (resources.files("mx_orchestrator") / "_kernels" / filename).read_bytes()
     if filename.endswith(".ptx"):
@@ -155,12 +155,12 @@ def _load(device: int) -> Kernels | str:
         torch.empty(1, device=f"cuda:{device}")
         err, module = driver.cuModuleLoadData(ctypes.addressof(buffer))
         if err != driver.CUresult.CUDA_SUCCESS:
-            return f"the driver refused the {arch} kernels ({err.name}): the host computes digests"
+            return f"the driver refused the {arch} kernels ({err.name})"
         functions = {}
         for name in _NAMES:
             err, function = driver.cuModuleGetFunction(module, name.encode())
             if err != driver.CUresult.CUDA_SUCCESS:
-                return f"the {arch} kernels lack {name} ({err.name}): the host computes digests"
+                return f"the {arch} kernels lack {name} ({err.name})"
             functions[name] = function
     kind = "PTX" if filename.endswith(".ptx") else "cubin"
     return Kernels(device, f"{arch} {kind}", functions, buffer)
