@@ -44,6 +44,8 @@ class AttemptRecord:
     #: striped loads: the byte ranges of the part that landed verified (the whole range when
     #: ``Loaded``, the good tensors of a ``Corrupt`` part, nothing otherwise)
     landed: tuple[tuple[int, int], ...] = ()
+    #: ``(phase, began, ended)`` of each timed phase, on the load's clock
+    spans: tuple[tuple[str, float, float], ...] = ()
 
     @classmethod
     def of_part(
@@ -68,6 +70,7 @@ class AttemptRecord:
             part.index if part is not None else None,
             (part.start, part.end) if part is not None else None,
             landed,
+            tuple(phases.spans),
         )
 
     @property
@@ -210,6 +213,30 @@ class LoadReport:
         return None
 
     @property
+    def verify_seconds(self) -> float:
+        """Time the load's attempts spent checking landed bytes."""
+        return sum(a.phases.get("verify", 0.0) for a in self.attempts)
+
+    @property
+    def verify_overlapped_seconds(self) -> float:
+        """The part of :attr:`verify_seconds` during which another attempt's bytes were in flight
+        (striped loads check one part while others transfer): what the checks cost the load is
+        ``verify_seconds`` less this."""
+        overlapped = 0.0
+        for i, record in enumerate(self.attempts):
+            others = [
+                (b, e)
+                for j, a in enumerate(self.attempts)
+                if j != i
+                for p, b, e in a.spans
+                if p == "transfer"
+            ]
+            for phase, began, ended in record.spans:
+                if phase == "verify":
+                    overlapped += _covered(began, ended, others)
+        return overlapped
+
+    @property
     def agent_wait_seconds(self) -> float:
         """Time the load's attempts spent waiting for the transport's agent to exist."""
         return sum(a.phases.get("agent", 0.0) for a in self.attempts)
@@ -254,6 +281,8 @@ class LoadReport:
             "transfer_gbps": gbps(nbytes, transfer),
             "agent_wait_seconds": round(self.agent_wait_seconds, 6),
             "verified": verified,
+            "verify_seconds": round(self.verify_seconds, 6),
+            "verify_overlapped_seconds": round(self.verify_overlapped_seconds, 6),
             "evaluation_seconds": round(self.evaluation_seconds, 6),
             "candidates_evaluated": len(self.probes),
             "attempts": [a.to_dict() for a in self.attempts],
@@ -284,3 +313,14 @@ class LoadObserver:
 
     def load_done(self, report: LoadReport) -> None:
         """Called once per load."""
+
+
+def _covered(began: float, ended: float, spans: list[tuple[float, float]]) -> float:
+    """How much of ``[began, ended]`` the union of ``spans`` covers."""
+    covered, cursor = 0.0, began
+    for start, end in sorted(spans):
+        start, end = max(start, cursor), min(end, ended)
+        if end > start:
+            covered += end - start
+            cursor = end
+    return covered

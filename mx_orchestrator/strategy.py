@@ -63,6 +63,8 @@ class Phases:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        #: ``(phase, began, ended)`` on anyio's clock for every timed phase: which overlapped which
+        self.spans: list[tuple[str, float, float]] = []
         #: bytes the attempt set out to move, once it knows (a stall is judged against them)
         self.planned_bytes = 0
 
@@ -76,7 +78,9 @@ class Phases:
         try:
             yield
         finally:
-            self.add(phase, anyio.current_time() - began)
+            ended = anyio.current_time()
+            self.add(phase, ended - began)
+            self.spans.append((phase, began, ended))
 
     def as_dict(self) -> dict[str, float]:
         """Every phase of :data:`PHASES` (0 when it did not happen), then any a strategy added."""

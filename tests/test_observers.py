@@ -92,3 +92,44 @@ def test_json_log_format_writes_json_lines_to_stderr(capsys: pytest.CaptureFixtu
     line = json.loads(stream.getvalue().strip())
     assert line["event"] == "hello" and line["password"] == "***" and line["level"] == "info"
     assert capsys.readouterr().out == ""
+
+
+def test_the_report_counts_the_verify_time_that_ran_while_other_parts_were_in_flight() -> None:
+    """A striped load checks one part while others transfer: the report says how much of its
+    verify time was hidden that way (an attempt's own transfer never counts)."""
+    from mx_orchestrator.outcomes import Loaded
+    from mx_orchestrator.policy import Action, ActionKind
+    from mx_orchestrator.report import AttemptRecord, LoadReport
+
+    def attempt(spans: tuple[tuple[str, float, float], ...]) -> AttemptRecord:
+        phases = {p: sum(e - b for q, b, e in spans if q == p) for p, _, _ in spans}
+        outcome = Loaded(strategy="rdma_region", source_id="s", bytes_moved=1, seconds=1.0, verified=True)
+        return AttemptRecord(outcome, Action(ActionKind.FINISH), False, phases=phases, spans=spans)
+
+    a = attempt((("transfer", 0.0, 1.0), ("verify", 1.0, 1.5)))
+    b = attempt((("transfer", 0.2, 1.2), ("verify", 1.2, 2.0)))
+    c = attempt((("transfer", 1.4, 1.9), ("verify", 1.9, 2.2)))
+    report = LoadReport(
+        run_id="r",
+        identity=ModelIdentity("m"),
+        loaded=True,
+        seconds=2.2,
+        evaluation_seconds=0.0,
+        attempts=[a, b, c],
+    )
+    # a's check [1.0, 1.5] under b's transfer to 1.2 and c's from 1.4: 0.3; b's [1.2, 2.0] under c's
+    # transfer [1.4, 1.9]: 0.5; c's [1.9, 2.2]: nothing else in flight
+    assert report.verify_seconds == pytest.approx(1.6)
+    assert report.verify_overlapped_seconds == pytest.approx(0.8)
+    data = report.to_dict()
+    assert data["verify_overlapped_seconds"] == pytest.approx(0.8)
+    # one attempt alone: its own transfer never hides its own check
+    alone = LoadReport(
+        run_id="r",
+        identity=ModelIdentity("m"),
+        loaded=True,
+        seconds=1.5,
+        evaluation_seconds=0.0,
+        attempts=[a],
+    )
+    assert alone.verify_overlapped_seconds == 0.0
