@@ -2,14 +2,14 @@
 
 In one run, on one GPU:
 
-* **agreement**: the tree digest (``sha256t64k``) and ``mxsum1`` computed by the
+* **agreement** (the fused copy's checksums and landed bytes too): the tree digest (``sha256t64k``) and ``mxsum1`` computed by the
   shipped kernels equal the host references (the plain definition of
   :func:`mx_orchestrator.digests.tree_digest_reference`, the numpy ``mxsum1``) on
   random sizes, odd storage offsets, every dtype width, empty and one-byte
   tensors, non-contiguous views, and many tensors in one launch;
 * **rates** over 16 GiB (256 tensors of 64 MiB and one tensor of 16 GiB): the
   tree digest (launch, leaves back to the host, roots on the host's cores) and
-  ``mxsum1``, against a device-to-device copy of the same bytes measured beside
+  ``mxsum1``, and the fused copy + ``mxsum1`` (cuda_ipc's checksummed load), against a device-to-device copy of the same bytes measured beside
   them;
 * **load cost** of the kernels in this fresh process (no compile: a shipped binary).
 
@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 from mx_orchestrator._backends.cuda_kernels import kernels  # noqa: E402
 from mx_orchestrator.digests import tree_digest_reference  # noqa: E402
-from mx_orchestrator.integrity import mxsum, mxsum_many, tensor_digests  # noqa: E402
+from mx_orchestrator.integrity import _finish, mxsum, mxsum_many, tensor_digests  # noqa: E402
+from mx_orchestrator.kernels import device_mxsum_terms  # noqa: E402
 
 
 def host_bytes(t: torch.Tensor) -> bytes:
@@ -71,13 +72,48 @@ def agreement(device: str) -> dict[str, Any]:
     sums = mxsum_many(tensors)
     bad_digest = [i for i, (a, b) in enumerate(zip(one_launch, expected_digests, strict=True)) if a != b]
     bad_sum = [i for i, (a, b) in enumerate(zip(sums, expected_sums, strict=True)) if a != b]
+    fused_sum, fused_bytes = fused_agreement(tensors, expected_sums)
     return {
         "tensors": len(tensors),
         "tree_digest_equal_to_reference": not bad_digest and each_alone == expected_digests[:20],
         "mxsum1_equal_to_host": not bad_sum,
+        "fused_copy_mxsum1_equal_to_host": not fused_sum,
+        "fused_copy_bytes_equal": not fused_bytes,
+        "mismatched_fused": (fused_sum + fused_bytes)[:10],
         "mismatched_digests": bad_digest[:10],
         "mismatched_mxsum1": bad_sum[:10],
     }
+
+
+def fused_agreement(tensors: list[torch.Tensor], expected: list[str]) -> tuple[list[int], list[int]]:
+    """The fused copy + ``mxsum1`` kernel on every case: the checksum of what it moved equals the
+    host's, the destination's bytes equal the source's (destinations at odd offsets too), and the
+    guard bytes around each destination are untouched."""
+    gen = torch.Generator().manual_seed(11)
+    bad_sum: list[int] = []
+    bad_bytes: list[int] = []
+    sources = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    outs, guards = [], []
+    for i, src in enumerate(sources):
+        offset = (i * 7) % 16
+        guard = torch.randint(0, 256, (src.numel() + offset + 32,), dtype=torch.uint8, generator=gen)
+        guards.append(guard.clone())
+        outs.append(guard.to(src.device))
+    into = [
+        o[(i * 7) % 16 : (i * 7) % 16 + s.numel()] for i, (o, s) in enumerate(zip(outs, sources, strict=True))
+    ]
+    terms = device_mxsum_terms(sources, into)
+    assert terms is not None, "no fused kernel on this GPU"
+    for i, (src, row) in enumerate(zip(sources, terms, strict=True)):
+        if _finish(src.numel(), row) != expected[i]:
+            bad_sum.append(i)
+        landed = outs[i].cpu()
+        offset = (i * 7) % 16
+        expect = guards[i].clone()
+        expect[offset : offset + src.numel()] = src.cpu()
+        if not torch.equal(landed, expect):
+            bad_bytes.append(i)
+    return bad_sum, bad_bytes
 
 
 def timed(fn: Any, repeat: int) -> float:
@@ -129,6 +165,8 @@ def rates(device: str, gib: int, repeat: int) -> dict[str, Any]:
         tree_s = timed(lambda t=tensors: tensor_digests(t), repeat)
         leaves_s = timed(lambda t=tensors: kernels_only(t), repeat)
         sum_s = timed(lambda t=tensors: mxsum_many(t), repeat)
+        into = [copy_to] if len(tensors) == 1 else list(copy_to.split(per // 4))
+        fused_s = timed(lambda t=tensors, d=into: device_mxsum_terms(t, d), repeat)
         out[label] = {
             "tree_digest_ms": round(tree_s * 1e3, 2),
             "tree_digest_gbps": round(nbytes / tree_s / 1e9, 1),
@@ -136,6 +174,9 @@ def rates(device: str, gib: int, repeat: int) -> dict[str, Any]:
             "tree_kernel_only_gbps": round(nbytes / leaves_s / 1e9, 1),
             "mxsum1_ms": round(sum_s * 1e3, 2),
             "mxsum1_gbps": round(nbytes / sum_s / 1e9, 1),
+            "fused_copy_mxsum1_ms": round(fused_s * 1e3, 2),
+            "fused_copy_mxsum1_gbps": round(nbytes / fused_s / 1e9, 1),
+            "fused_over_copy": round(fused_s / copy_s, 3),
         }
     del many, one, copy_to
     torch.cuda.empty_cache()

@@ -57,6 +57,7 @@ __all__ = [
     "best_shared",
     "checksum_tensor",
     "checksums",
+    "copy_checked",
     "mxsum",
     "mxsum_many",
     "digests",
@@ -341,16 +342,11 @@ def bad_digests(
     return [s.name for s in specs if got[s.name] != s.digest]
 
 
-def bad_tensors(
-    tensors: Mapping[str, torch.Tensor], expected: Manifest, names: Collection[str] | None = None
-) -> list[str] | None:
-    """Names of tensors whose checksum differs from ``expected``'s (empty: all good).
-
-    ``None`` when the bytes cannot be verified: no algorithm shared with this
-    version, or a tensor without a value for it. Never a partial verdict.
-    ``names``: check only those (a part of a striped load); default every tensor.
-    """
-    device = str(next(iter(tensors.values())).device) if tensors else "cpu"
+def _wanted(
+    expected: Manifest, names: Collection[str] | None, device: str
+) -> tuple[str, dict[str, str]] | None:
+    """The algorithm a target on ``device`` checks with and each tensor's expected value for it;
+    ``None`` when no algorithm is shared or a tensor lacks a value (never a partial verdict)."""
     choice = best_shared(expected.checksum_algorithm, device)
     if choice is None:
         return None
@@ -361,5 +357,52 @@ def bad_tensors(
         if spec.checksum is None or index >= len(parts) or not parts[index]:
             return None
         wanted[spec.name] = parts[index]
+    return algorithm, wanted
+
+
+def bad_tensors(
+    tensors: Mapping[str, torch.Tensor], expected: Manifest, names: Collection[str] | None = None
+) -> list[str] | None:
+    """Names of tensors whose checksum differs from ``expected``'s (empty: all good).
+
+    ``None`` when the bytes cannot be verified: no algorithm shared with this
+    version, or a tensor without a value for it. Never a partial verdict.
+    ``names``: check only those (a part of a striped load); default every tensor.
+    """
+    device = str(next(iter(tensors.values())).device) if tensors else "cpu"
+    found = _wanted(expected, names, device)
+    if found is None:
+        return None
+    algorithm, wanted = found
     got = checksums({n: tensors[n] for n in wanted}, [algorithm])
     return [n for n, value in wanted.items() if got[n] != value]
+
+
+def copy_checked(
+    sources: Mapping[str, torch.Tensor], destinations: Mapping[str, torch.Tensor], expected: Manifest
+) -> list[str] | None:
+    """Copy each of ``sources`` into its namesake in ``destinations`` (one GPU) with the kernel that
+    computes ``mxsum1`` of the bytes as it moves them; the names whose checksum differs from
+    ``expected``'s (empty: all good).
+
+    ``None`` when this cannot be done, and then nothing was copied: tensors off
+    a GPU, a manifest without ``mxsum1`` values for them, no kernel, or a
+    destination the kernel cannot write whole. The caller then copies and
+    checks in two steps (:func:`bad_tensors`).
+    """
+    if not sources:
+        return None
+    device = next(iter(sources.values())).device
+    found = _wanted(expected, sources.keys(), str(device))
+    if device.type != "cuda" or found is None or found[0] != DEVICE_CHECKSUM:
+        return None
+    _, wanted = found
+    names = [n for n in wanted if n in sources and n in destinations]
+    if len(names) != len(sources):
+        return None
+    moving = [sources[n] for n in names]
+    terms = device_mxsum_terms(moving, [destinations[n] for n in names])
+    if terms is None:
+        return None
+    got = [_finish(t.numel() * t.element_size(), row) for t, row in zip(moving, terms, strict=True)]
+    return [n for n, value in zip(names, got, strict=True) if value != wanted[n]]

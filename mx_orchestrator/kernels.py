@@ -74,10 +74,12 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _table(flat: Sequence[torch.Tensor], *items: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+def _table(
+    flat: Sequence[torch.Tensor], *items: Sequence[int], extra: Sequence[int] = ()
+) -> tuple[torch.Tensor, list[int]]:
     """The kernels' arguments as one int64 tensor on the tensors' device: addresses, sizes, then
-    for each list of per-tensor item counts its running counts (``len + 1`` entries each); and
-    each list's total."""
+    for each list of per-tensor item counts its running counts (``len + 1`` entries each), then
+    ``extra`` (destination addresses); and each list's total."""
     import torch
 
     values = [t.data_ptr() for t in flat] + [_nbytes(t) for t in flat]
@@ -88,6 +90,7 @@ def _table(flat: Sequence[torch.Tensor], *items: Sequence[int]) -> tuple[torch.T
             first.append(first[-1] + n)
         values += first
         totals.append(first[-1])
+    values += extra
     return torch.tensor(values, dtype=torch.int64).to(flat[0].device), totals
 
 
@@ -145,11 +148,18 @@ _STAGING: dict[str, torch.Tensor] = {}
 _STAGING_LOCKS: dict[str, threading.Lock] = {}
 
 
-def device_mxsum_terms(tensors: Sequence[torch.Tensor]) -> list[list[int]] | None:
+def device_mxsum_terms(
+    tensors: Sequence[torch.Tensor], into: Sequence[torch.Tensor] | None = None
+) -> list[list[int]] | None:
     """``mxsum1``'s five sums per tensor (tensors on one CUDA device), or ``None`` without a kernel.
 
     A warp sums a run of 4 KiB blocks, reading each byte once; the weighting of
     the 1,024 column sums is left to torch, on the device, for all tensors at once.
+
+    ``into``: a contiguous tensor of the same size on the same device per tensor;
+    the kernel writes each tensor's bytes there as it reads them (a copy whose
+    checksum costs no second read). ``None`` then means nothing was copied either:
+    no kernel, or a destination the kernel cannot write whole (the caller copies).
     """
     import torch
 
@@ -158,7 +168,15 @@ def device_mxsum_terms(tensors: Sequence[torch.Tensor]) -> list[list[int]] | Non
         return None
     flat = _contiguous(tensors)
     device = flat[0].device
-    table, (total,) = _table(flat, [max(1, -(-_nbytes(t) // _BLOCK)) for t in flat])
+    destinations: list[int] = []
+    if into is not None:
+        if len(into) != len(flat):
+            raise ValueError(f"{len(flat)} tensors to copy into {len(into)} destinations")
+        for src, dst in zip(flat, into, strict=True):
+            if dst.device != device or not dst.is_contiguous() or _nbytes(dst) != _nbytes(src):
+                return None
+            destinations.append(dst.data_ptr())
+    table, (total,) = _table(flat, [max(1, -(-_nbytes(t) // _BLOCK)) for t in flat], extra=destinations)
     count, base = len(flat), table.data_ptr()
     scalars = torch.zeros((count, 3), dtype=torch.int64, device=device)
     columns = torch.zeros((count, 1024), dtype=torch.int64, device=device)
@@ -173,6 +191,7 @@ def device_mxsum_terms(tensors: Sequence[torch.Tensor]) -> list[list[int]] | Non
         scalars.data_ptr(),
         columns.data_ptr(),
         _stream(scalars),
+        dsts=base + 24 * count + 8 if into is not None else None,
     )
     weights = torch.arange(1024, dtype=torch.int64, device=device) * 2 + 1
     terms = torch.stack(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .buffers import Buffers, OnDevice, allocate, wrap
 from .errors import ConfigError
-from .integrity import bad_digests, bad_tensors
+from .integrity import bad_digests, bad_tensors, copy_checked
 from .kernels import warm_kernels
 from .layout import LayoutSpec, parse_layout, plan_layout
 from .models import Manifest, ModelIdentity
@@ -152,6 +152,12 @@ class Target(OnDevice):
     def verify_against(self, source: Manifest, names: Collection[str] | None = None) -> list[str] | None:
         """Tensors whose checksum differs from ``source``'s (empty: all good; ``None``: cannot tell)."""
         return bad_tensors(self.tensors(), source, names)
+
+    def copy_verified(self, source: Manifest, reads: Mapping[str, torch.Tensor]) -> list[str] | None:
+        """Copy ``reads`` (the source's bytes of each named tensor, on this target's GPU) into this
+        target's tensors, checksummed as they move; the tensors whose checksum differs from
+        ``source``'s. ``None``: not possible here, nothing was copied (:func:`~.integrity.copy_checked`)."""
+        return copy_checked(reads, self.tensors(), source)
 
 
 def describe_manifest_difference(source: Manifest, target: Manifest) -> str:

@@ -20,6 +20,7 @@ from mx_orchestrator.integrity import (
     bad_tensors,
     best_shared,
     checksums,
+    copy_checked,
     mxsum,
     serving_algorithms,
 )
@@ -147,6 +148,23 @@ def test_a_target_uses_the_best_algorithm_it_shares_and_never_claims_an_unshared
     assert bad_tensors(tensors, unknown) is None  # unverified, not "verified"
     unsigned = manifest  # no checksums at all
     assert bad_tensors(tensors, unsigned) is None
+
+
+def test_the_fused_copy_declines_host_tensors_and_unsigned_manifests_and_then_writes_nothing() -> None:
+    """copy_checked is the GPU's one-kernel copy + mxsum1; where it cannot run it answers None and the
+    destination is untouched, so the caller's plain copy-then-check path runs on pristine buffers."""
+    manifest = plan_layout(IDENTITY, [("w", "F32", (100,))], LayoutSpec("arena"))
+    source = {"w": torch.arange(100, dtype=torch.float32)}
+    values = checksums(source, ["mxsum1"])
+    specs = tuple(
+        s.__class__(s.name, s.dtype, s.shape, s.region, s.offset, values[s.name]) for s in manifest.tensors
+    )
+    signed = manifest.__class__(IDENTITY, specs, manifest.regions, "mxsum1")
+    for expected in (signed, manifest):
+        into = {"w": torch.zeros(100, dtype=torch.float32)}
+        assert copy_checked(source, into, expected) is None  # host tensors: the plain path copies
+        assert int(into["w"].count_nonzero()) == 0
+    assert copy_checked({}, {}, signed) is None
 
 
 def test_host_buffers_of_2mib_or_more_are_hugepage_aligned_and_backed_where_thp_allows() -> None:

@@ -83,15 +83,18 @@ class Kernels:
         scalars: int,
         columns: int,
         stream: int,
+        dsts: int | None = None,
     ) -> None:
-        """``mxsum1``'s per-tensor sums over ``total`` 4 KiB blocks, a warp per ``run`` blocks."""
+        """``mxsum1``'s per-tensor sums over ``total`` 4 KiB blocks, a warp per ``run`` blocks; with
+        ``dsts`` (a device array of addresses), each tensor is also copied there as it is read."""
         threads = 256
         warps = -(-total // run)
+        head = ((ptrs, _PTR),) if dsts is None else ((ptrs, _PTR), (dsts, _PTR))
         self._launch(
-            "mxsum1_partials",
+            "mxsum1_partials" if dsts is None else "mxsum1_copy_partials",
             (-(-warps * 32 // threads), threads),
             (
-                (ptrs, _PTR),
+                *head,
                 (sizes, _PTR),
                 (first, _PTR),
                 (count, _INT),
@@ -120,7 +123,7 @@ class Kernels:
 
 _LOADED: dict[int, Kernels | str] = {}
 _LOCK = threading.Lock()
-_NAMES = ("sha256t_leaves", "sha256t_nodes", "mxsum1_partials")
+_NAMES = ("sha256t_leaves", "sha256t_nodes", "mxsum1_partials", "mxsum1_copy_partials")
 
 
 def kernels(device: int) -> Kernels | str:

@@ -167,8 +167,12 @@ __device__ __forceinline__ void flush(int t, u64 cols[32], u64 a1, u64 a3, u64 a
     }
 }
 
-__global__ void mxsum1_partials(const u64* ptrs, const u64* sizes, const u64* first, int count,
-                                u64 total, u64 run, u64* scalars, u64* columns) {
+// One warp sums a run of 4 KiB blocks; with `dsts`, it also writes every byte it read there (the
+// fused copy: the checksum is of the bytes this kernel moved, read once from HBM, not twice).
+// Always inlined with a constant `COPY`, so each kernel keeps only its own path.
+__device__ __forceinline__ void mxsum1_run(bool COPY, const u64* ptrs, const u64* dsts, const u64* sizes,
+                                           const u64* first, int count, u64 total, u64 run,
+                                           u64* scalars, u64* columns) {
     u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     u64 begin = warp * run;
@@ -187,27 +191,34 @@ __global__ void mxsum1_partials(const u64* ptrs, const u64* sizes, const u64* fi
         }
         u64 b = row - first[t];
         const unsigned char* base = (const unsigned char*)ptrs[t];
+        unsigned char* out = COPY ? (unsigned char*)dsts[t] : nullptr;
         u64 n = sizes[t];
         u64 at = b << 12;
         long long s = 0;
-        if (at + 4096 <= n && ((u64)base & 15) == 0) {
+        bool aligned = ((u64)base & 15) == 0 && (!COPY || ((u64)out & 15) == 0);
+        if (at + 4096 <= n && aligned) {
             const uint4* q = (const uint4*)(base + at);
 #pragma unroll
             for (int k = 0; k < 8; k++) {
                 uint4 v = __ldcs(q + 32 * k + lane);
+                if (COPY) __stcs((uint4*)(out + at) + 32 * k + lane, v);
                 long long x = (int)v.x, y = (int)v.y, z = (int)v.z, u = (int)v.w;
                 cols[4 * k] += (u64)x; cols[4 * k + 1] += (u64)y; cols[4 * k + 2] += (u64)z; cols[4 * k + 3] += (u64)u;
                 s += x + y + z + u;
             }
         } else {
 #pragma unroll
-            for (int k = 0; k < 8; k++)
+            for (int k = 0; k < 8; k++) {
+                u64 mine = at + 512 * k + 16 * lane;
+                if (COPY)
+                    for (u64 i = mine; i < mine + 16 && i < n; i++) out[i] = base[i];
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
-                    long long x = (int)word_at(base, n, at + 512 * k + 16 * lane + 4 * i);
+                    long long x = (int)word_at(base, n, mine + 4 * i);
                     cols[4 * k + i] += (u64)x;
                     s += x;
                 }
+            }
         }
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
@@ -217,6 +228,17 @@ __global__ void mxsum1_partials(const u64* ptrs, const u64* sizes, const u64* fi
         a5 += su * su;
     }
     flush(t, cols, a1, a3, a5, lane, scalars, columns);
+}
+
+__global__ void mxsum1_partials(const u64* ptrs, const u64* sizes, const u64* first, int count,
+                                u64 total, u64 run, u64* scalars, u64* columns) {
+    mxsum1_run(false, ptrs, nullptr, sizes, first, count, total, run, scalars, columns);
+}
+
+// mxsum1's sums of `count` tensors read at `ptrs`, each copied to `dsts` as it is read.
+__global__ void mxsum1_copy_partials(const u64* ptrs, const u64* dsts, const u64* sizes, const u64* first,
+                                     int count, u64 total, u64 run, u64* scalars, u64* columns) {
+    mxsum1_run(true, ptrs, dsts, sizes, first, count, total, run, scalars, columns);
 }
 
 }  // extern "C"
