@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument(
         "--republish",
         action="store_true",
-        help="after loading, serve the weights as a new source until SIGINT/SIGTERM (fan-out)",
+        help="serve the weights to peers from the first part that landed verified (a partial source), "
+        "whole once loaded, until SIGINT/SIGTERM (pipelined fan-out)",
     )
     pull.add_argument(
         "--source-id", type=_source_id, default=None, help="source id when republishing (default host-pid)"
@@ -360,8 +361,13 @@ def _default_strategies(args: argparse.Namespace) -> str:
     return names + (",hf_download" if args.repo else "")
 
 
+#: a republishing pull's largest part: what lands sooner is served sooner (pipelined fan-out)
+FANOUT_PART_BYTES = 64 << 20
+
+
 def _pull(args: argparse.Namespace) -> int:
     from .checkpoint import save_checkpoint
+    from .fanout import load_and_serve
     from .pipeline import Orchestrator
     from .progress import ProgressDisplay
     from .target import Target
@@ -383,7 +389,20 @@ def _pull(args: argparse.Namespace) -> int:
             repo_id=args.repo or args.model_id, revision=args.revision, hub_endpoint=args.hub_endpoint
         ),
     )
-    needs_registry = any(s.uses_peers for s in strategies)
+    needs_registry = any(s.uses_peers for s in strategies) or args.republish
+
+    printed: list[LoadReport] = []
+
+    def finished(report: LoadReport) -> None:
+        """The load's report, out as soon as the load ends (a republishing pull serves on)."""
+        printed.append(report)
+        if args.json:
+            print(report.to_json(indent=2), flush=True)
+        else:
+            print_report(report)
+        if report.loaded and args.out is not None:
+            # the report is out first: a write that fails now loses nothing of what the load learned
+            save_checkpoint(target.tensors(), args.out / "model.safetensors")
 
     async def run() -> LoadReport:
         registry = open_registry(args.registry or default_registry_url()) if needs_registry else None
@@ -403,25 +422,49 @@ def _pull(args: argparse.Namespace) -> int:
                 stripe=args.stripe,
                 hedge=args.hedge,
                 selection=NAMED_SELECTIONS[args.selection],
+                max_part_bytes=FANOUT_PART_BYTES if args.republish else None,
             ) as orchestrator:
-                return await _until_signal(orchestrator.load(identity, target, progress=display))
+                if not args.republish:
+                    report = await _until_signal(orchestrator.load(identity, target, progress=display))
+                    finished(report)
+                    return report
+                # a partial source from its first landed part, whole once loaded, until a signal
+                assert registry is not None
+                return await _serve_after(
+                    printed,
+                    load_and_serve(
+                        orchestrator,
+                        identity,
+                        target,
+                        registry,
+                        on_report=finished,
+                        on_serving=lambda source: print(
+                            f"[mxo] serving as {source.source_id}"
+                            f"{' (partial)' if source.holdings is not None else ''}",
+                            file=sys.stderr,
+                            flush=True,
+                        ),
+                        source_id=args.source_id,
+                    ),
+                )
         finally:
             if registry is not None:
                 with anyio.CancelScope(shield=True):
                     await registry.aclose()
 
     report = anyio.run(run)
-    if args.json:
-        print(report.to_json(indent=2), flush=True)
-    else:
-        print_report(report)
-    if report.loaded and args.out is not None:
-        # the report is out first: a write that fails now loses nothing of what the load learned
-        save_checkpoint(target.tensors(), args.out / "model.safetensors")
-    if report.loaded and args.republish:
-        # one hop further than the peer it loaded from; loaded from the Hub, it is a seed itself
-        _republish(args, target, hops=0 if report.source_hops is None else report.source_hops + 1)
     return 0 if report.loaded else 1
+
+
+async def _serve_after(printed: list[LoadReport], work: Awaitable[LoadReport]) -> LoadReport:
+    """``work`` until it returns or a signal comes; a signal after a successful load is the normal
+    end of serving (exit 0), before it an interruption."""
+    try:
+        return await _until_signal(work)
+    except Interrupted:
+        if printed and printed[0].loaded:
+            return printed[0]
+        raise
 
 
 class Interrupted(MxoError):
@@ -469,24 +512,6 @@ def _check_out(out: Path) -> None:
     written = out / "model.safetensors"
     if written.is_symlink() or (written.exists() and not written.is_file()):
         raise ConfigError(f"--out {out}: {written} exists and is not a regular file")
-
-
-def _republish(args: argparse.Namespace, target: Any, *, hops: int) -> None:
-    from .source import ServedWeights, WeightSource, serve_until_signal
-
-    weights = ServedWeights.from_target(target)
-
-    async def run() -> None:
-        registry = open_registry(args.registry or default_registry_url())
-        source = WeightSource(registry, weights, source_id=args.source_id, hops=hops)
-        try:
-            await serve_until_signal(
-                source, lambda r: print(f"[mxo] serving as {r.source_id}", file=sys.stderr, flush=True)
-            )
-        finally:
-            await registry.aclose()
-
-    anyio.run(run)
 
 
 # -- sources --------------------------------------------------------------------

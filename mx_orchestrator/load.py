@@ -39,6 +39,7 @@ import anyio
 import structlog
 
 from .evaluation import Evaluator
+from .holdings import Holdings
 from .models import Candidate, ModelIdentity
 from .outcomes import Corrupt, Loaded, LocalFailure, Outcome, Superseded, out_of_time
 from .partreads import PartReads
@@ -62,7 +63,12 @@ class LoadRun:
     """One load of ``identity`` into ``target``; :meth:`run` returns its report."""
 
     def __init__(
-        self, config: LoadSettings, identity: ModelIdentity, target: Any, progress: ProgressCallback | None
+        self,
+        config: LoadSettings,
+        identity: ModelIdentity,
+        target: Any,
+        progress: ProgressCallback | None,
+        holdings: Holdings | None = None,
     ) -> None:
         self.config = config
         self.policy = config.policy
@@ -89,7 +95,7 @@ class LoadRun:
         #: the hops of the source a whole-model attempt loaded from
         self.whole_hops: int | None = None
         self.empty_before = isinstance(target, Target) and target.buffers is None
-        self.reads = PartReads(target, config, progress) if isinstance(target, Target) else None
+        self.reads = PartReads(target, config, progress, holdings) if isinstance(target, Target) else None
         self.registry: SourceAccounting
         self.workers: anyio.abc.TaskGroup
         self.tasks: anyio.abc.TaskGroup
@@ -191,8 +197,7 @@ class LoadRun:
                 await self.session(step)
 
     async def capacity_wait(self, step: Requeue) -> None:
-        """Every usable source was full: wait, then list and probe the sources again (sources
-        republished meanwhile are found too)."""
+        """Every usable source was full: wait, then list and probe again (finds new sources too)."""
         self.log.info("load.capacity_wait", seconds=round(step.delay, 4), wait=step.wait_number)
         await anyio.sleep(min(step.delay, self.remaining()))
         self.planner.requeue()
@@ -303,6 +308,7 @@ class LoadRun:
                 await self.read_parts(attempt, strategy, ready, opened, reads)
                 return None
         finally:
+            reads.unsee(attempt.source_id)
             opened.close()
 
     async def read_parts(
@@ -330,13 +336,15 @@ class LoadRun:
             if parts.stuck:
                 self.conclude(Done(False, f"part attempt limit {parts.max_attempts} reached"))
                 return
-            now, times = anyio.current_time(), reads.times()
-            part = parts.take(sid, now) or (parts.hedge(sid, now, times.hedge_after) if hedging else None)
-            if part is None:
-                await self.wait_for_change(
-                    parts.next_hedge_time(sid, times.hedge_after) if hedging else math.inf
-                )
+            ask = self.context(attempt, self.deadline, Phases(), whole=False)
+            step = await reads.next_part(connection, plan, ask, strategy.name, hedging, self.notify)
+            if not isinstance(step, (Part, float)):  # no answer, or a partial source without our parts
+                await self.settle(attempt, step, Phases(), 0.0, ends_session=True)
+                return
+            if not isinstance(step, Part):
+                await self.wait_for_change(step)
                 continue
+            now, part, times = anyio.current_time(), step, reads.times()
             self.notify()  # a part in flight: the others' hedge times start now
             numbered = replace(attempt, attempt_number=number)
             budget = times.budget(part, self.budget())

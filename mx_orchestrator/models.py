@@ -660,6 +660,9 @@ class SourceRecord:
     #: the longest reader lease the source grants (seconds): a longer one is cut to it where it is
     #: written, so a reader that asked for years and died holds a slot for this long at most
     max_lease: float = DEFAULT_MAX_LEASE
+    #: a target still loading (issue 24): it serves the tensors it has landed and verified, which
+    #: it answers itself (its advert's holdings, read one-sided), never through the registry
+    partial: bool = False
 
     def lease_until(self, now: float, seconds: float) -> float:
         """When a lease asked for ``seconds`` at ``now`` ends: never later than :attr:`max_lease`
@@ -713,6 +716,8 @@ class SourceRecord:
                 _fail(f"source record {name} must be a finite number in {low}..{high}, got {value!r:.40}")
         if not (isinstance(self.stale_reason, str) and len(self.stale_reason) <= 4096):
             _fail("bad stale_reason")
+        if type(self.partial) is not bool:
+            _fail("source record partial must be true or false")
         key = self.manifest_key
         if key and not (isinstance(key, str) and MANIFEST_KEY.fullmatch(key) is not None):
             _fail("source record manifest_key must be mxm1-<64 hex>")
@@ -751,6 +756,7 @@ class SourceRecord:
             "hops": self.hops,
             "manifest_key": self.manifest_key,
             "max_lease": self.max_lease,
+            "partial": self.partial,
         }
 
     @classmethod
@@ -781,6 +787,7 @@ class SourceRecord:
                 hops=int(data.get("hops", 0)),
                 manifest_key=str(data.get("manifest_key", "")),
                 max_lease=float(data.get("max_lease", DEFAULT_MAX_LEASE)),
+                partial=data.get("partial", False),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ManifestError):

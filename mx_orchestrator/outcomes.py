@@ -12,6 +12,7 @@ from typing import Any, TypeAlias
 
 __all__ = [
     "ALL_OUTCOME_TYPES",
+    "PartNotHeld",
     "SourceBusy",
     "Cancelled",
     "Corrupt",
@@ -91,6 +92,12 @@ class SourceBusy(_OutcomeBase):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PartNotHeld(_OutcomeBase):
+    """A partial source (a target still loading) holds none of the parts this load still needs, by
+    its own answer, before any byte moves: come back later or read elsewhere (no fault)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class SourceFailed(_OutcomeBase):
     """The transfer failed because of the remote side (disconnect, remote error)."""
 
@@ -140,6 +147,7 @@ Outcome: TypeAlias = (
     | NotApplicable
     | SourceUnreachable
     | SourceBusy
+    | PartNotHeld
     | SourceFailed
     | TimedOut
     | Corrupt
@@ -155,6 +163,7 @@ ALL_OUTCOME_TYPES: tuple[type[Outcome], ...] = (
     NotApplicable,
     SourceUnreachable,
     SourceBusy,
+    PartNotHeld,
     SourceFailed,
     TimedOut,
     Corrupt,

@@ -19,13 +19,25 @@ this module is the state those reads share and the read of one part:
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable
 from dataclasses import replace
 
 import anyio
 
 from .buffers import Buffers
+from .holdings import Holdings, served_manifest
 from .models import Manifest, content_differences
-from .outcomes import Corrupt, Loaded, ManifestMismatch, Outcome, Superseded, TimedOut, out_of_time
+from .outcomes import (
+    Corrupt,
+    Loaded,
+    ManifestMismatch,
+    Outcome,
+    PartNotHeld,
+    Superseded,
+    TimedOut,
+    out_of_time,
+)
 from .parts import Part, PartPlanner, PartTimes
 from .peer import PartCapable, PartConnection, TargetRegistrations, allocate
 from .pullplan import PullPlan
@@ -33,16 +45,32 @@ from .settings import Learned, LoadSettings
 from .strategy import AttemptContext, ProgressCallback
 from .target import Target
 
-__all__ = ["PartReads"]
+__all__ = ["HOLDINGS_POLL", "PARTIAL_PATIENCE", "PartReads"]
+
+#: seconds between two looks at a partial source's holdings while it has nothing new for a load
+HOLDINGS_POLL = 0.005
+#: seconds a session waits on a partial source that holds nothing the load can take before it
+#: gives the reader slot back (``PartNotHeld``) and the load reads elsewhere
+PARTIAL_PATIENCE = 2.0
 
 
 class PartReads:
     """The part reads of one load into ``target`` (see the module docstring)."""
 
     def __init__(
-        self, target: Target, config: LoadSettings, progress: ProgressCallback | None = None
+        self,
+        target: Target,
+        config: LoadSettings,
+        progress: ProgressCallback | None = None,
+        holdings: Holdings | None = None,
     ) -> None:
         self.target = target
+        #: what this target serves while it loads (a partial source), marked as parts land verified
+        self.holdings = holdings
+        #: the last holdings of each session's source (``None``: a whole source)
+        self.seen: dict[str, frozenset[int] | None] = {}
+        #: since when a session's partial source has held nothing this load can take
+        self._idle_since: dict[str, float] = {}
         self.config = config
         self.progress = progress
         self.registrations = TargetRegistrations(target)
@@ -110,6 +138,8 @@ class PartReads:
             return set()
         self.discredited, self.content = self.content, None
         refused, self.refused = self.refused, set()
+        if self.holdings is not None:  # what it verified against may be a liar's: serve none of it
+            self.holdings.withdraw()
         return refused
 
     def check(self, strategy: PartCapable, ctx: AttemptContext) -> PullPlan | Outcome:
@@ -144,9 +174,14 @@ class PartReads:
                     self.config.stripe,
                     min_part_bytes=self.config.min_part_bytes,
                     max_attempts=self.config.policy.max_attempts,
+                    max_part_bytes=self.config.max_part_bytes,
+                    rotation=zlib.crc32(self.config.target_id.encode()),
                 )
             if isinstance(agreed, PullPlan):
                 self.adopt(agreed)
+                if self.holdings is not None and self.content is not None and target.manifest is not None:
+                    hops = ctx.candidate.record.hops + 1 if ctx.candidate is not None else 0
+                    self.holdings.begin(served_manifest(target.manifest, self.content), hops)
             return agreed
 
     def forget(self, release: bool) -> None:
@@ -214,6 +249,9 @@ class PartReads:
             planner.landed(part, bad)
             self.last_landing_at = anyio.current_time()
             transfer = ctx.phases.seconds.get("transfer", 0.0)
+            if self.holdings is not None:  # verified: readers of this target may take it now
+                good = set(bad)
+                self.holdings.mark(n for i, n in zip(part.tensors, names, strict=True) if i not in good)
             if isinstance(outcome, Loaded):  # the data plane's time runs from the first part that landed
                 self.first_part_at = began if self.first_part_at is None else min(self.first_part_at, began)
                 self.hops.append(hops)
@@ -251,6 +289,85 @@ class PartReads:
         else:
             tensors = []
         return tuple(self.planner.byte_runs(tensors))
+
+    # -- partial sources ------------------------------------------------------------------
+
+    def saw(self, source_id: str, held: frozenset[int] | None) -> bool:
+        """A session's source answered what it holds; True when a partial source holds more than
+        it did (the load's idle sessions may find work)."""
+        before = self.seen.get(source_id, frozenset())
+        self.seen[source_id] = held
+        grew = held is not None and before is not None and len(held) > len(before)
+        if grew or held is None:
+            self._idle_since.pop(source_id, None)
+        return grew
+
+    def unsee(self, source_id: str | None) -> None:
+        if source_id is not None:
+            self.seen.pop(source_id, None)
+            self._idle_since.pop(source_id, None)
+
+    def rarity(self) -> list[int] | None:
+        """Per tensor, how many of this load's sources hold it, for rarest-first parts; ``None``
+        (read in order) unless the load serves what it lands or reads a partial source."""
+        if self.planner is None:
+            return None
+        partial = [held for held in self.seen.values() if held is not None]
+        if self.holdings is None and not partial:
+            return None
+        whole = sum(1 for held in self.seen.values() if held is None)
+        counts = [whole] * self.planner.tensor_count
+        for held in partial:
+            for i in held:
+                counts[i] += 1
+        return counts
+
+    def waited_out(self, source_id: str, now: float) -> bool:
+        """Whether a partial source has held nothing this load can take for long enough that its
+        session should give its reader slot back (:data:`PARTIAL_PATIENCE`)."""
+        since = self._idle_since.setdefault(source_id, now)
+        return now - since >= PARTIAL_PATIENCE
+
+    def not_held(self, strategy: str, source_id: str) -> PartNotHeld:
+        self._idle_since.pop(source_id, None)
+        return PartNotHeld(
+            strategy=strategy,
+            source_id=source_id,
+            detail=f"a partial source without the parts this load still needs for {PARTIAL_PATIENCE:g}s",
+        )
+
+    async def next_part(
+        self,
+        connection: PartConnection,
+        plan: PullPlan,
+        ctx: AttemptContext,
+        strategy: str,
+        hedging: bool,
+        news: Callable[[], None],
+    ) -> Part | float | Outcome:
+        """What a session does next, given what its source holds (its answer, asked now): read a
+        part; or wait until the time returned (a part in flight may need a hedge, a partial source
+        may land more); or end with the outcome returned (the source could not answer, or has held
+        nothing this load can take for :data:`PARTIAL_PATIENCE`). ``news`` is called when a
+        partial source holds more than before (the load's idle sessions may find work)."""
+        held = await connection.held(plan, ctx)
+        source_id, now = ctx.source_id or "", anyio.current_time()
+        if held is not None and not isinstance(held, frozenset):
+            return held
+        if self.saw(source_id, held):
+            news()
+        parts, times = self.planner, self.times()
+        assert parts is not None
+        part = parts.take(source_id, now, held, self.rarity()) or (
+            parts.hedge(source_id, now, times.hedge_after, held) if hedging else None
+        )
+        if part is not None:
+            return part
+        if held is not None and parts.pending() and not parts.holds_any(held):
+            if self.waited_out(source_id, now):
+                return self.not_held(strategy, source_id)
+            return now + HOLDINGS_POLL
+        return parts.next_hedge_time(source_id, times.hedge_after) if hedging else math.inf
 
     def delivery(self) -> tuple[float | None, int | None]:
         """Seconds from the first part's start to the last landing, and the farthest hops a landed

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -97,6 +97,8 @@ class PartPlanner:
         *,
         min_part_bytes: int = 32 << 20,
         max_attempts: int = 256,
+        max_part_bytes: int | None = None,
+        rotation: int = 0,
     ) -> None:
         if workers < 1 or max_attempts < 1 or min_part_bytes < 1:
             raise ValueError("workers, max_attempts and min_part_bytes must be at least 1")
@@ -108,6 +110,10 @@ class PartPlanner:
             self._offsets.append(self._offsets[-1] + n)
         self.workers = workers
         self.min_part_bytes = min_part_bytes
+        #: no part larger than this (a fleet: what lands sooner is served sooner); ``None``: no cap
+        self.max_part_bytes = max_part_bytes
+        #: where ties of rarity start (a target's own offset into the model)
+        self.rotation = rotation % max(1, len(sizes))
         self.max_attempts = max_attempts
         #: disjoint, sorted ``[first, stop)`` runs of tensors nobody holds
         self._pending: list[tuple[int, int]] = [(0, len(self._sizes))] if self._sizes else []
@@ -118,6 +124,10 @@ class PartPlanner:
         self.attempts = 0
 
     # -- facts ----------------------------------------------------------------
+
+    @property
+    def tensor_count(self) -> int:
+        return len(self._sizes)
 
     @property
     def total_bytes(self) -> int:
@@ -170,33 +180,84 @@ class PartPlanner:
 
     # -- handing out ------------------------------------------------------------
 
-    def take(self, source: str, now: float) -> Part | None:
-        """The next part for ``source`` (``None``: nothing unassigned, or the attempt bound is reached)."""
+    def take(
+        self,
+        source: str,
+        now: float,
+        held: Container[int] | None = None,
+        rarity: Sequence[int] | None = None,
+    ) -> Part | None:
+        """The next part for ``source`` (``None``: nothing unassigned it holds, or the bound is reached).
+
+        ``held``: the tensors a partial source holds (``None``: all of them).
+        ``rarity``: per tensor, how many known sources hold it; the part starts
+        at the rarest unassigned tensor the source holds (ties: the first at or
+        after :attr:`rotation`, so a fleet's targets start at different places),
+        and runs on through tensors it holds. Without either, the part starts at
+        the first unassigned tensor, as a single source's load reads the model
+        in order.
+        """
         if self.exhausted or not self._pending:
             return None
         unassigned = sum(self._offsets[stop] - self._offsets[first] for first, stop in self._pending)
         want = max(self.min_part_bytes, math.ceil(unassigned / (2 * max(2, self.workers))))
-        first, stop = self._pending[0]
-        # the first tensor always; then more while the part stays within what we want
-        cut = first + 1
-        while cut < stop and self._offsets[cut + 1] - self._offsets[first] <= want:
+        if self.max_part_bytes is not None:
+            want = min(want, max(self.min_part_bytes, self.max_part_bytes))
+        found = self._start_of(held, rarity)
+        if found is None:
+            return None
+        run, start = found
+        first, stop = self._pending[run]
+        # the first tensor always; then more while the source holds them and the part stays small
+        cut = start + 1
+        while (
+            cut < stop
+            and (held is None or cut in held)
+            and self._offsets[cut + 1] - self._offsets[start] <= want
+        ):
             cut += 1
-        if cut == stop:
-            self._pending.pop(0)
-        else:
-            self._pending[0] = (cut, stop)
-        return self._start(first, cut, source, now, None)
+        self._pending[run : run + 1] = [r for r in ((first, start), (cut, stop)) if r[0] < r[1]]
+        return self._start(start, cut, source, now, None)
 
-    def hedge(self, source: str, now: float, after: Callable[[Part], float]) -> Part | None:
+    def _start_of(self, held: Container[int] | None, rarity: Sequence[int] | None) -> tuple[int, int] | None:
+        """``(pending run, tensor)`` where the next part starts (see :meth:`take`)."""
+        if held is None and rarity is None:
+            return 0, self._pending[0][0]
+        count = len(self._sizes)
+        best: tuple[int, int, int, int] | None = None
+        for run, (first, stop) in enumerate(self._pending):
+            for i in range(first, stop):
+                if held is not None and i not in held:
+                    continue
+                key = (rarity[i] if rarity is not None else 0, (i - self.rotation) % count, run, i)
+                if best is None or key < best:
+                    best = key
+        return None if best is None else (best[2], best[3])
+
+    def holds_any(self, held: Container[int] | None) -> bool:
+        """Whether a source holding ``held`` has any unassigned tensor to give (``None``: all)."""
+        if held is None:
+            return bool(self._pending)
+        return any(i in held for first, stop in self._pending for i in range(first, stop))
+
+    def hedge(
+        self,
+        source: str,
+        now: float,
+        after: Callable[[Part], float],
+        held: Container[int] | None = None,
+    ) -> Part | None:
         """A duplicate of the oldest part in flight longer than ``after(part)`` seconds, for ``source``.
 
-        Only parts of other sources, not already hedged, and only when nothing
-        is unassigned (fresh bytes come first).
+        Only parts of other sources, not already hedged, that ``source`` holds
+        whole (``held``), and only when nothing is unassigned (fresh bytes come first).
         """
         if self.exhausted or self._pending:
             return None
         for part, owner, started in self.in_flight():
             if owner == source or part.index in self._twin:
+                continue
+            if held is not None and not all(i in held for i in part.tensors):
                 continue
             if now - started >= after(part):
                 return self._start(part.first, part.stop, source, now, part.index)

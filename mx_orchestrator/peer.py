@@ -24,8 +24,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import replace
-from functools import partial
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
@@ -34,13 +33,14 @@ from ._backends.pool import PoolKey, pool_for, release_connections
 from ._backends.rdma import RdmaAgent, Release, descriptor_rows
 from .buffers import Buffers
 from .errors import ConfigError
-from .kernels import where_digests_run
+from .holdings import held_tensors
+from .landing import verify_landed
 from .outcomes import (
     Corrupt,
-    Loaded,
     LocalFailure,
     NotApplicable,
     Outcome,
+    PartNotHeld,
     SourceFailed,
     SourceUnreachable,
     Superseded,
@@ -58,9 +58,6 @@ __all__ = [
     "Settle",
     "TargetRegistrations",
     "allocate",
-    "landed_check",
-    "landed_outcome",
-    "verify_landed",
 ]
 
 #: Awaited once a part's READ completed, before it is verified: False when another copy won (a hedge).
@@ -100,6 +97,11 @@ class PartConnection(Protocol):
     async def read(
         self, plan: PullPlan, ctx: AttemptContext, names: Collection[str] | None, settle: Settle | None
     ) -> Outcome: ...
+
+    async def held(self, plan: PullPlan, ctx: AttemptContext) -> frozenset[int] | Outcome | None:
+        """The target's tensors (indices into the plan's local manifest) the source holds now, by its
+        own answer; ``None``: a whole source, it holds all; an outcome: it could not answer."""
+        ...
 
     def close(self) -> None: ...
 
@@ -162,6 +164,46 @@ class PeerConnection:
         #: an attempt through it failed (or was cancelled): the pool drops it on close
         self.failed = False
         self._closed = False
+        #: a partial source's holdings land here (host memory registered with our agent)
+        self._holdings: Any = None
+        self._holdings_release: Release | None = None
+
+    async def held(self, plan: PullPlan, ctx: AttemptContext) -> frozenset[int] | Outcome | None:
+        """A partial source's holdings, READ one-sided from its memory (see :mod:`.holdings`)."""
+        block = plan.advert.holdings
+        if block is None:
+            return None
+        began = anyio.current_time()
+        try:
+            local = self._holdings_block(block[1])
+            await self.agent.read(
+                self.remote_name,
+                descriptor_rows([local], 0),
+                descriptor_rows([block], 0),
+                local_mem="DRAM",
+                remote_mem="DRAM",
+                deadline=ctx.deadline,
+            )
+        except EdgeFailure as exc:
+            self.failed = True
+            return _failed(exc, plan, ctx, self.strategy, began)
+        return held_tensors(self._holdings.data, plan.source, plan.local_manifest)
+
+    def _holdings_block(self, nbytes: int) -> tuple[int, int]:
+        import numpy as np
+
+        if self._holdings is None or self._holdings.nbytes != nbytes:
+            self._release_holdings()
+            self._holdings = np.zeros(nbytes, dtype=np.uint8)
+            address = int(self._holdings.ctypes.data)
+            self._holdings_release = self.agent.register([(address, nbytes, 0)], "DRAM")
+        return int(self._holdings.ctypes.data), nbytes
+
+    def _release_holdings(self) -> None:
+        if self._holdings_release is not None:
+            self._holdings_release()
+            self._holdings_release = None
+        self._holdings = None
 
     async def read(
         self, plan: PullPlan, ctx: AttemptContext, names: Collection[str] | None, settle: Settle | None
@@ -188,7 +230,10 @@ class PeerConnection:
                 )
             target = self.registrations.target
             target.bytes_written += plan.nbytes
-            if settle is not None and not await settle():
+            taken_back = await self._taken_back(plan, ctx, names)
+            if taken_back is not None:
+                outcome = taken_back
+            elif settle is not None and not await settle():
                 outcome = Superseded(
                     strategy=self.strategy,
                     source_id=ctx.source_id,
@@ -207,86 +252,37 @@ class PeerConnection:
                 self.failed = True
         return outcome
 
+    async def _taken_back(
+        self, plan: PullPlan, ctx: AttemptContext, names: Collection[str] | None
+    ) -> Outcome | None:
+        """A partial source's second look, after the bytes moved: ``PartNotHeld`` when it no longer
+        holds a tensor of the part (it took it back: its content proved false), else ``None``."""
+        if plan.advert.holdings is None:
+            return None
+        held = await self.held(plan, ctx)
+        if held is None or not isinstance(held, frozenset):
+            return held
+        wanted = set(names) if names is not None else None
+        missing = [
+            spec.name
+            for i, spec in enumerate(plan.local_manifest.tensors)
+            if (wanted is None or spec.name in wanted) and i not in held
+        ]
+        if not missing:
+            return None
+        return PartNotHeld(
+            strategy=self.strategy,
+            source_id=ctx.source_id,
+            bytes_moved=plan.nbytes,
+            detail=f"the partial source took back {len(missing)} tensors while they were read, "
+            f"e.g. {missing[:2]}: not kept",
+        )
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._release_holdings()
             pool_for(self.agent).release(self.key, failed=self.failed)
-
-
-async def verify_landed(
-    plan: PullPlan,
-    target: Target,
-    ctx: AttemptContext,
-    strategy: str,
-    seconds: float,
-    began: float,
-    detail: str,
-    names: Collection[str] | None = None,
-) -> Outcome:
-    """The outcome of a plan's bytes that landed: against the pin's digests when pinned, else the
-    source's checksums; ``names``: only those tensors landed (a part), the rest are not checked.
-
-    A pinned load is never ``verified`` unless every digest was checked (a pin
-    is verified even with ``verify=False``: it is the caller's explicit demand).
-    """
-    if names is None:  # what landed: the target's tensors (a module target may take a subset)
-        names = [spec.name for spec in plan.local_manifest.tensors]
-    check = landed_check(plan, target, ctx)
-    if check is None:
-        return landed_outcome(plan, ctx, strategy, seconds, began, detail, "unchecked")
-    with ctx.phases.timed("verify"):
-        bad = await anyio.to_thread.run_sync(check, names)
-    detail += f"; checked by the {where_digests_run(target.device)}"
-    return landed_outcome(plan, ctx, strategy, seconds, began, detail, bad)
-
-
-def landed_check(
-    plan: PullPlan, target: Target, ctx: AttemptContext
-) -> Callable[[Collection[str]], list[str] | None] | None:
-    """What checks landed tensors for this attempt (blocking; give it names): the pin's digests
-    when pinned, else the source's checksums; ``None`` when nothing is to be checked."""
-    if ctx.expect is not None:
-        return partial(target.verify_pinned, plan.source)
-    if not target.verify:
-        return None
-    return partial(target.verify_against, plan.source)
-
-
-def landed_outcome(
-    plan: PullPlan,
-    ctx: AttemptContext,
-    strategy: str,
-    seconds: float,
-    began: float,
-    detail: str,
-    bad: list[str] | Literal["unchecked"] | None,
-) -> Outcome:
-    """The outcome of landed bytes given their check's verdict (:func:`landed_check`): the tensors
-    that failed, ``None`` when the source shares no checksum with us, ``"unchecked"`` when the
-    target does not verify."""
-    source, total = plan.source, plan.nbytes
-    if ctx.progress is not None:
-        ctx.progress(total, total)
-    sid = ctx.source_id
-    what = "SHA-256 tree digests of the pinned content" if ctx.expect is not None else "checksums"
-    if bad == "unchecked":
-        return Loaded(strategy=strategy, source_id=sid, bytes_moved=total, seconds=seconds, detail=detail)
-    if bad is None:
-        detail += f"; unverified: no checksum shared with the source ({source.checksum_algorithm})"
-        return Loaded(strategy=strategy, source_id=sid, bytes_moved=total, seconds=seconds, detail=detail)
-    if bad:
-        return Corrupt(
-            strategy=strategy,
-            source_id=sid,
-            bytes_moved=total,
-            seconds=anyio.current_time() - began,
-            bad_tensors=tuple(bad),
-            detail=f"{len(bad)} tensors failed their {what}, e.g. {bad[:3]}",
-        )
-    detail += f"; {what} verified in {ctx.phases.seconds.get('verify', 0.0):.3f}s"
-    return Loaded(
-        strategy=strategy, source_id=sid, bytes_moved=total, seconds=seconds, verified=True, detail=detail
-    )
 
 
 class PeerStrategy:

@@ -20,6 +20,7 @@ import anyio
 
 from .config import check_count, check_seconds
 from .errors import ConfigError
+from .holdings import Holdings
 from .load import LoadRun
 from .manifests import ManifestCache
 from .models import ModelIdentity, check_pin
@@ -52,7 +53,8 @@ class Orchestrator:
     a part in flight for longer than its expected time is also asked of an idle
     source (with ``stripe`` 1, of another source once the read stalls); the
     first copy to land wins.
-    ``min_part_bytes``: the smallest part worth a transfer of its own.
+    ``min_part_bytes``: the smallest part worth a transfer of its own; ``max_part_bytes``: the
+    largest (``None``: no cap; a fleet that fans out wants parts that land, and so are served, soon).
     ``manifest_cache``: where parsed manifests are kept by key (default: the
     process's, so a second load fetches none).
     """
@@ -77,6 +79,7 @@ class Orchestrator:
         stripe: int = 1,
         hedge: bool = True,
         min_part_bytes: int = 32 << 20,
+        max_part_bytes: int | None = None,
         manifest_cache: ManifestCache | None = None,
     ) -> None:
         if not strategies:
@@ -93,6 +96,9 @@ class Orchestrator:
         self.stripe = check_count("stripe", stripe, maximum=64)
         self.hedge = hedge
         self.min_part_bytes = check_count("min_part_bytes", min_part_bytes, maximum=1 << 50)
+        self.max_part_bytes = (
+            None if max_part_bytes is None else check_count("max_part_bytes", max_part_bytes, maximum=1 << 50)
+        )
         #: what loads learned (not configuration): the next load's expectations start from it
         self.learned = Learned()
         if any(s.uses_peers for s in strategies) and registry is None and prober is None:
@@ -125,9 +131,15 @@ class Orchestrator:
         target: Any = None,
         *,
         progress: ProgressCallback | None = None,
+        holdings: Holdings | None = None,
     ) -> LoadReport:
-        """Load ``identity`` into ``target`` from the best source available; the load's report."""
-        return await LoadRun(self, identity, target, progress).run()
+        """Load ``identity`` into ``target`` from the best source available; the load's report.
+
+        ``holdings``: the target serves what lands while it loads (a partial source, see
+        :mod:`~mx_orchestrator.holdings` and :func:`~mx_orchestrator.fanout.load_and_serve`):
+        the load marks there each tensor that landed verified.
+        """
+        return await LoadRun(self, identity, target, progress, holdings).run()
 
     async def prewarm(self) -> None:
         """Make what the strategies need before a first load (the transport's agent) exist now.

@@ -34,6 +34,7 @@ from .outcomes import (
     ManifestMismatch,
     NotApplicable,
     Outcome,
+    PartNotHeld,
     SourceBusy,
     SourceFailed,
     SourceUnreachable,
@@ -117,7 +118,17 @@ Rule = Callable[[Outcome, DecisionState], Action]
 
 #: Outcome types that never mark their source STALE, whatever the rule says.
 NEVER_STALE: frozenset[type[Outcome]] = frozenset(
-    {Loaded, LayoutMismatch, ManifestMismatch, LocalFailure, NotApplicable, Cancelled, SourceBusy, Superseded}
+    {
+        Loaded,
+        LayoutMismatch,
+        ManifestMismatch,
+        LocalFailure,
+        NotApplicable,
+        Cancelled,
+        SourceBusy,
+        PartNotHeld,
+        Superseded,
+    }
 )
 
 
@@ -227,6 +238,7 @@ DEFAULT_RULES: Mapping[type[Outcome], Rule] = MappingProxyType(
         NotApplicable: next_strategy_or_candidate(),
         SourceUnreachable: next_candidate(report_unreachable=True, counted=False),
         SourceBusy: next_candidate(full=True),
+        PartNotHeld: next_candidate(full=True),
         SourceFailed: next_candidate(mark_stale=True),
         TimedOut: next_candidate(mark_stale=True),
         Corrupt: next_candidate(mark_stale=True),

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import ManifestError
+from .holdings import parse_holdings
 from .layout import Descriptors
 from .models import Candidate, Manifest
 from .outcomes import LayoutMismatch, ManifestMismatch, NotApplicable, Outcome, SourceUnreachable
@@ -54,6 +55,9 @@ class PeerAdvert:
     mem_type: str
     spans: list[tuple[int, int]]
     device_id: int
+    #: a partial source's holdings array ``(address, bytes)`` in its host memory (``None``: a whole
+    #: source), see :mod:`~mx_orchestrator.holdings`
+    holdings: tuple[int, int] | None = None
 
 
 def encode_advert(
@@ -104,7 +108,10 @@ def parse_advert(transport: Any, manifest: Manifest) -> PeerAdvert | str:
         device_ids.add(device)
     if len(device_ids) > 1:
         return "regions on several devices are not supported"
-    return PeerAdvert(str(name), metadata, mem, spans, device_ids.pop() if device_ids else 0)
+    holdings = parse_holdings(transport, manifest)
+    if isinstance(holdings, str):
+        return holdings
+    return PeerAdvert(str(name), metadata, mem, spans, device_ids.pop() if device_ids else 0, holdings)
 
 
 @dataclass(frozen=True)

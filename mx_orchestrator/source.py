@@ -19,6 +19,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from .buffers import Buffers, allocate
 from .checkpoint import read_tensors, safetensors_files
 from .config import check_count, check_max_lease, check_seconds, check_source_id
 from .errors import ConfigError
+from .holdings import Holdings, encode_holdings
 from .layout import LayoutSpec, parse_layout, plan_layout
 from .models import DEFAULT_MAX_LEASE, ModelIdentity, SourceRecord, dtype_name
 from .pullplan import encode_advert
@@ -102,6 +104,7 @@ class WeightSource:
         max_lease: float = DEFAULT_MAX_LEASE,
         hops: int = 0,
         reader_watch: float = 0.05,
+        holdings: Holdings | None = None,
     ) -> None:
         check_seconds("ttl", ttl)
         check_seconds("drain_timeout", drain_timeout)
@@ -128,6 +131,10 @@ class WeightSource:
         #: with metrics, how often the source samples its readers' leases
         self.reader_watch = check_seconds("reader_watch", reader_watch)
         self.record: SourceRecord | None = None
+        #: a target still loading: serves what ``holdings`` marks, publishes whole once complete
+        self.holdings = holdings
+        if holdings is not None and holdings.manifest is None:
+            raise ConfigError("a partial source starts once its holdings began (its memory exists)")
 
     def _build_record(self, agent: RdmaAgent, extra: Mapping[str, str]) -> SourceRecord:
         w = self.weights
@@ -142,6 +149,7 @@ class WeightSource:
             max_readers=self.max_readers,
             max_lease=self.max_lease,
             hops=self.hops,
+            partial=self.holdings is not None and not self.holdings.complete.is_set(),
             transport={
                 **encode_advert(agent.name, agent.metadata(), w.mem_type, w.spans, w.device_id),
                 **extra,
@@ -171,14 +179,21 @@ class WeightSource:
             # interfaces: what the transport listens on and advertises (e.g. loopback only)
             agent = get_agent(interfaces=self.interfaces)
         w = self.weights
+        holdings = self.holdings
         try:
             deregister = agent.register([(a, n, w.device_id) for a, n in w.spans], w.mem_type)
+            if holdings is not None:
+                release_holdings = agent.register([(*holdings.block, 0)], "DRAM")
         except EdgeFailure as exc:  # nothing was published: the weights cannot be offered at all
             raise ConfigError(f"cannot offer the weights: {exc.detail}") from exc
         log = _log.bind(source=self.source_id, model=w.manifest.identity.key)
-        ipc = self._export_ipc(log)
+        # a partial GPU source offers no CUDA IPC until whole (that strategy reads the whole model)
+        ipc = self._export_ipc(log) if holdings is None else None
         try:
-            self.record = self._build_record(agent, {"cuda_ipc": json.dumps(ipc)} if ipc else {})
+            extra = {"cuda_ipc": json.dumps(ipc)} if ipc else {}
+            if holdings is not None:
+                extra.update(encode_holdings(holdings.block))
+            self.record = self._build_record(agent, extra)
             await self.registry.publish(self.record, w.manifest)
             log.info("source.published", regions=len(w.spans), bytes=w.manifest.total_bytes)
             if self._metrics is not None:
@@ -191,6 +206,8 @@ class WeightSource:
                 tg.start_soon(self._heartbeat, log)
                 if self._metrics is not None:
                     tg.start_soon(self._watch_readers)
+                if self.record.partial and holdings is not None:
+                    tg.start_soon(self._whole_when_complete, holdings, log)
                 await self._progress(agent)
         finally:
             with anyio.CancelScope(shield=True):
@@ -202,12 +219,22 @@ class WeightSource:
                 except Exception as exc:  # the TTL will retire the record anyway
                     log.warning("source.unpublish_failed", error=str(exc))
                 deregister()
+                if holdings is not None:
+                    release_holdings()
                 if ipc is not None:
                     from ._backends import cuda_ipc
 
                     cuda_ipc.unexport(ipc)
                 if self._metrics is not None:
                     self._metrics.published.set(0)
+
+    async def _whole_when_complete(self, holdings: Holdings, log: Any) -> None:
+        """Every tensor landed verified: publish once more, whole (readers stop asking holdings)."""
+        await holdings.complete.wait()
+        assert self.record is not None
+        self.record = replace(self.record, partial=False, heartbeat_at=time.time())
+        await self.registry.publish(self.record, self.weights.manifest)
+        log.info("source.whole", bytes=self.weights.manifest.total_bytes)
 
     async def _drain(self, agent: RdmaAgent, log: Any) -> None:
         """DRAINING: no new readers are sent here; wait (bounded) for the ones reading now, driving UCX."""

@@ -24,9 +24,10 @@ import anyio
 from mx_orchestrator._backends import EdgeFailure
 from mx_orchestrator._backends.cuda_ipc import IpcRegion, host_identity, open_region, read_export
 from mx_orchestrator.buffers import Buffers
+from mx_orchestrator.landing import landed_outcome, verify_landed
 from mx_orchestrator.layout import plan_region_reads, plan_tensor_reads
 from mx_orchestrator.outcomes import LayoutMismatch, NotApplicable, Outcome, SourceUnreachable
-from mx_orchestrator.peer import allocate, landed_outcome, verify_landed
+from mx_orchestrator.peer import allocate
 from mx_orchestrator.pullplan import PullPlan, check
 from mx_orchestrator.strategy import AttemptContext
 from mx_orchestrator.target import Target

@@ -128,6 +128,8 @@ LOAD_PATH = (
     "mx_orchestrator.pipeline",
     "mx_orchestrator.load",
     "mx_orchestrator.partreads",
+    "mx_orchestrator.landing",
+    "mx_orchestrator.holdings",
     "mx_orchestrator.evaluation",
     "mx_orchestrator.sourcing",
     "mx_orchestrator.settings",

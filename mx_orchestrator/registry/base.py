@@ -93,8 +93,10 @@ def _with_readers(record: SourceRecord, readers: Mapping[str, float], now: float
 def apply_publish(
     previous: SourceRecord | None, record: SourceRecord, now: float, stored: StoredManifest | None = None
 ) -> SourceRecord:
-    """A new generation starts clean; re-publishing the same generation keeps its ejection (and,
-    published without a manifest, the manifest it had). The record names its stored manifest."""
+    """A new generation starts clean; re-publishing the same generation keeps its ejection, its
+    readers' leases (a partial source that publishes itself whole must not forget who reads it:
+    the cap would admit them again) and, published without a manifest, the manifest it had. The
+    record names its stored manifest."""
     same_generation = previous is not None and previous.generation == record.generation
     if stored is not None:
         record = replace(record, manifest_key=stored.key)
@@ -110,6 +112,8 @@ def apply_publish(
             ejected_until=previous.ejected_until,
             stale_reason=previous.stale_reason,
             unreachable_reports=previous.unreachable_reports,
+            readers=previous.readers,
+            load=previous.load,
         )
     else:
         record = replace(
