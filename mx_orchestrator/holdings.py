@@ -5,7 +5,8 @@ The protocol. A target that republishes while it loads publishes its record
 *holdings* array in its own registered host memory (``nixl_holdings``:
 ``[address, bytes]``), one byte per tensor of the manifest it publishes,
 0 until that tensor has landed **and been verified** (against the pin, or the
-content's checksums), then 1. A reader READs that array one-sided, like any
+content's checksums), then 1 (2 while the source is reading it: a hint for
+readers' choices, never a claim). A reader READs that array one-sided, like any
 other bytes of the source, before it picks a part from the source, and
 again after the part's bytes moved (a source that took a tensor back, because
 the content it verified against proved false, fails the second look: the part
@@ -35,7 +36,10 @@ if TYPE_CHECKING:
     import numpy as np
 
 __all__ = [
+    "HELD",
     "HOLDINGS_FIELD",
+    "READING",
+    "Held",
     "Holdings",
     "encode_holdings",
     "held_tensors",
@@ -45,6 +49,10 @@ __all__ = [
 
 #: the advert field naming a partial source's holdings array
 HOLDINGS_FIELD = "nixl_holdings"
+#: a holdings byte: the tensor landed and was verified (readers may read it) ...
+HELD = 1
+#: ... or the source is reading it now (not readable; a hint for readers' choices)
+READING = 2
 
 
 class Holdings:
@@ -66,6 +74,8 @@ class Holdings:
         self.complete = anyio.Event()
         self._index: dict[str, int] = {}
         self._held = 0
+        #: bumped on every change (a reader that cached an answer knows it is old)
+        self.version = 0
         #: the content it verified against proved false: it serves nothing more while loading
         self.withdrawn = False
 
@@ -92,11 +102,24 @@ class Holdings:
             return
         for name in names:
             i = self._index.get(name)
-            if i is not None and not array[i]:
-                array[i] = 1
+            if i is not None and array[i] != HELD:
+                array[i] = HELD
                 self._held += 1
+                self.version += 1
         if self.manifest is not None and self._held == len(self.manifest.tensors):
             self.complete.set()
+
+    def reading(self, names: Iterable[str], now: bool) -> None:
+        """These tensors are being read (``now``), or no longer (a failed or lost read): a hint to
+        readers, never a claim (only :data:`HELD` is)."""
+        array = self.array
+        if array is None or self.withdrawn:
+            return
+        for name in names:
+            i = self._index.get(name)
+            if i is not None and array[i] != HELD:
+                array[i] = READING if now else 0
+        self.version += 1
 
     def withdraw(self) -> None:
         """Everything marked may have been verified against a liar's content: readers stop now, and
@@ -104,6 +127,7 @@ class Holdings:
         if self.array is not None and not self.complete.is_set():
             self.array[:] = 0
             self._held = 0
+            self.version += 1
         self.withdrawn = True
 
     def mark_all(self) -> None:
@@ -117,9 +141,10 @@ class Holdings:
             return
         for name in names:
             i = self._index.get(name)
-            if i is not None and array[i]:
+            if i is not None and array[i] == HELD:
                 array[i] = 0
                 self._held -= 1
+                self.version += 1
 
     @property
     def held(self) -> int:
@@ -178,8 +203,18 @@ def parse_holdings(transport: Any, manifest: Manifest) -> tuple[int, int] | str 
     return address, nbytes
 
 
-def held_tensors(raw: bytes | memoryview, source: Manifest, local: Manifest) -> frozenset[int]:
+class Held(frozenset[int]):
+    """The reader's tensors a partial source holds, and in :attr:`coming` those it is reading now
+    (held soon: a reader choosing what to take from a whole source leaves them for later)."""
+
+    coming: frozenset[int] = frozenset()
+
+
+def held_tensors(raw: bytes | memoryview, source: Manifest, local: Manifest) -> Held:
     """The reader's tensors (indices into ``local``) that a partial source with holdings ``raw``
-    (over ``source``'s tensors) holds: any byte but 0 is held, matched by name."""
-    held_names = {spec.name for spec, byte in zip(source.tensors, bytes(raw), strict=False) if byte}
-    return frozenset(i for i, spec in enumerate(local.tensors) if spec.name in held_names)
+    (over ``source``'s tensors) holds (byte :data:`HELD`) and is reading (:data:`READING`),
+    matched by name; any other byte is neither."""
+    states = {spec.name: byte for spec, byte in zip(source.tensors, bytes(raw), strict=False) if byte}
+    held = Held(i for i, spec in enumerate(local.tensors) if states.get(spec.name) == HELD)
+    held.coming = frozenset(i for i, spec in enumerate(local.tensors) if states.get(spec.name) == READING)
+    return held

@@ -45,7 +45,7 @@ from .outcomes import Corrupt, Loaded, LocalFailure, Outcome, Superseded, out_of
 from .partreads import PartReads
 from .parts import Part
 from .peer import PartCapable, PartConnection
-from .plan import Attempt, Done, Planner, Requeue, StrategySlot, Wait, attempt_budget
+from .plan import Attempt, Done, Planner, Relist, Requeue, StrategySlot, Wait, attempt_budget
 from .policy import Action, ActionKind, DecisionState
 from .pullplan import PullPlan
 from .report import AttemptRecord, LoadReport
@@ -80,13 +80,8 @@ class LoadRun:
         self.started = anyio.current_time()
         self.deadline = self.started + config.load_timeout if config.load_timeout is not None else math.inf
         self.evaluator = Evaluator(config, identity, self.log)
-        self.planner = Planner(
-            [StrategySlot(s.name, s.uses_peers, isinstance(s, PartCapable)) for s in config.strategies],
-            config.selection(config.target_id),
-            max_attempts=config.policy.max_attempts,
-            capacity_waits=config.policy.capacity_waits,
-            capacity_delay=config.policy.capacity_delay,
-        )
+        slots = [StrategySlot(s.name, s.uses_peers, isinstance(s, PartCapable)) for s in config.strategies]
+        self.planner = Planner.of(slots, config.selection(config.target_id), config.policy, config.stripe)
         self.attempts: list[AttemptRecord] = []
         self.done: Done | None = None
         self.changed = anyio.Event()
@@ -191,8 +186,10 @@ class LoadRun:
                 self.conclude(step)
             elif isinstance(step, Requeue):
                 await self.capacity_wait(step)
+            elif isinstance(step, Relist):
+                self.tasks.start_soon(self.evaluate)
             elif isinstance(step, Wait):
-                await self.wait_for_change()
+                await self.wait_for_change(step.until)
             else:
                 await self.session(step)
 

@@ -217,6 +217,8 @@ class PartReads:
         self.scopes[part.index] = scope
         self.finished[part.index] = anyio.Event()
         names = [plan.local_manifest.tensors[i].name for i in part.tensors]
+        if self.holdings is not None:
+            self.holdings.reading(names, True)
         outcome: Outcome | None = None
         try:
             with scope, anyio.move_on_after(budget + 1.0):  # the agent keeps the deadline; a backstop
@@ -261,6 +263,8 @@ class PartReads:
                     self.progress(planner.landed_bytes, planner.total_bytes)
         else:
             planner.failed(part)
+        if self.holdings is not None and not isinstance(outcome, Loaded):
+            self.holdings.reading(names, planner.twin_of(part) is not None)
         return outcome
 
     async def settle_twin(self, part: Part) -> bool:
@@ -315,10 +319,13 @@ class PartReads:
         partial = [held for held in self.seen.values() if held is not None]
         if self.holdings is None and not partial:
             return None
-        whole = sum(1 for held in self.seen.values() if held is None)
+        # a holder counts 2, a source reading it now 1: left for later by readers of a whole source
+        whole = sum(2 for held in self.seen.values() if held is None)
         counts = [whole] * self.planner.tensor_count
         for held in partial:
             for i in held:
+                counts[i] += 2
+            for i in getattr(held, "coming", ()):
                 counts[i] += 1
         return counts
 

@@ -32,11 +32,12 @@ arbitrary outcomes to pin that.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from .models import Candidate
-from .policy import Action, ActionKind, DecisionState
+from .policy import Action, ActionKind, DecisionState, Policy
 from .selection import RankKey
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "Attempt",
     "Done",
     "Planner",
+    "Relist",
     "Requeue",
     "StrategySlot",
     "Wait",
@@ -85,7 +87,10 @@ class Attempt:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """Nothing to hand out now: evaluation is still running, or attempts in flight may change the plan."""
+    """Nothing to hand out now: evaluation is still running, or attempts in flight may change the plan;
+    ask again by ``until`` at the latest (the caller's clock)."""
+
+    until: float = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +104,19 @@ class Requeue:
 
 
 @dataclass(frozen=True, slots=True)
+class Relist:
+    """Fewer sources are read from than the load may read from at once, and every known one was
+    tried: list the sources again now (targets that started serving since, a fleet's partial
+    sources), feeding new ones through :meth:`Planner.add_candidate`; nothing tried is tried again."""
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     loaded: bool
     reason: str
 
 
-Step = Attempt | Wait | Requeue | Done
+Step = Attempt | Wait | Requeue | Relist | Done
 
 
 class Planner:
@@ -116,6 +128,8 @@ class Planner:
         max_attempts: int = 64,
         capacity_waits: int = 0,
         capacity_delay: Callable[[int, float], float] = lambda waits_made, waited: 0.0,
+        readers: int = 1,
+        relist_interval: float = math.inf,
     ) -> None:
         if not strategies:
             raise ValueError("at least one strategy is required")
@@ -124,6 +138,11 @@ class Planner:
         self._max_attempts = max_attempts
         self._capacity_waits = capacity_waits
         self._capacity_delay = capacity_delay
+        #: sessions a striped load runs at once; while fewer run and no known source is left, it
+        #: lists again at most every ``relist_interval`` seconds (:class:`Relist`)
+        self._readers = readers
+        self._relist_interval = relist_interval
+        self._listed_at = 0.0
         #: sources full this round (refused us, or listed at their cap), and the first peer
         #: strategy that met one: where a requeued round starts again
         self._full: set[str] = set()
@@ -154,6 +173,19 @@ class Planner:
         self._first_try: dict[tuple[int, str | None], float] = {}
         self.attempts_total = 0
 
+    @classmethod
+    def of(cls, strategies: Sequence[StrategySlot], rank: RankKey, policy: Policy, readers: int) -> Planner:
+        """A planner with the policy's bounds, for a load running ``readers`` sessions at once."""
+        return cls(
+            strategies,
+            rank,
+            max_attempts=policy.max_attempts,
+            capacity_waits=policy.capacity_waits,
+            capacity_delay=policy.capacity_delay,
+            readers=readers,
+            relist_interval=policy.relist_interval,
+        )
+
     # -- inputs ---------------------------------------------------------------
 
     def add_candidate(self, candidate: Candidate) -> None:
@@ -169,6 +201,7 @@ class Planner:
 
     def evaluation_finished(self) -> None:
         self._evaluating = False
+        self._listed_at = self._now
 
     @property
     def evaluating(self) -> bool:
@@ -357,6 +390,13 @@ class Planner:
                     return Attempt(slot.name, self._index, best)
                 if self._evaluating:
                     return Wait()
+                if slot.parts and self._readers > 1 and self._in_flight:
+                    # sessions read, and sources that start serving meanwhile may join them
+                    due = self._listed_at + self._relist_interval
+                    if self._now < due or len(self._in_flight) >= self._readers:
+                        return Wait(until=due)
+                    self._evaluating, self._heap_index = True, -1
+                    return Relist()
             self._index += 1
         if self._in_flight:
             return Wait()

@@ -267,6 +267,9 @@ class Policy:
     #: (each followed by a fresh listing, which finds sources republished meanwhile) before the
     #: plan moves on to the strategies after the peers (the Hub); the load deadline bounds them too
     capacity_waits: int = 120
+    #: a striped load reading from fewer sources than its stripe lists again at most this often
+    #: (seconds) while it reads: targets that began serving since join it (pipelined fan-out)
+    relist_interval: float = 0.1
     #: how long the n-th capacity wait lasts (tenacity wait over the wait's number): full jitter
     #: spreads a fleet's retries, the cap keeps a freed slot from idling long
     capacity_backoff: wait_base = field(

@@ -22,36 +22,46 @@ once, fan-out, faults, and a summary (``bench/fleet.py`` prints it).
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
 import anyio.abc
 
+from ..buffers import Buffers
+from ..holdings import Holdings, encode_holdings, held_tensors
+from ..layout import plan_region_reads
 from ..manifests import ManifestCache
-from ..models import ModelIdentity, SourceRecord
-from ..outcomes import Loaded, Outcome, SourceFailed, SourceUnreachable
+from ..models import Manifest, ModelIdentity, SourceRecord
+from ..outcomes import Loaded, Outcome, SourceFailed, SourceUnreachable, Superseded
+from ..peer import Settle, TargetRegistrations
 from ..pipeline import Orchestrator
 from ..policy import Policy
+from ..pullplan import PullPlan, check, encode_advert
 from ..report import LoadReport
 from ..strategy import AttemptContext
+from ..target import Target
 from . import make_manifest
 from .clock import virtual_wall_clock
 
 __all__ = [
     "Fabric",
+    "FabricConnection",
     "FabricHub",
+    "FabricPartPeer",
     "FabricPeer",
     "FleetConfig",
     "FleetSimulation",
     "Flow",
+    "SimulatedTarget",
     "SourceDied",
 ]
 
-_EPSILON_BYTES = 1e-3
 #: the fabric's finest step of time: every wake-up moves the clock at least this far
 _TICK = 1e-6
 
@@ -73,6 +83,10 @@ class Flow:
     rate: float = 0.0
     done: anyio.Event = field(default_factory=anyio.Event)
     failed: bool = False
+    #: when ``remaining`` was last brought up to date (the flow ran at ``rate`` since)
+    updated: float = 0.0
+    #: bumped whenever the rate changes: older entries of the completion heap are stale
+    version: int = 0
 
 
 class Fabric:
@@ -80,6 +94,13 @@ class Fabric:
 
     ``capacity(link)`` names a link's capacity: ``src:ID``, ``tgt:ID`` and
     ``hub`` links get ``source_bps``, ``target_bps`` and ``hub_bps``.
+
+    Event-driven: a flow's rate depends only on how many flows share each of its
+    links, so a flow that starts or ends changes the rates of the flows on its
+    own links and no others; each flow's progress is brought up to date only
+    when its rate changes, and completions come off a heap. A fleet of a thousand
+    targets reading parts from a thousand partial sources costs each event a
+    few dozen flows, not every flow of the fleet.
     """
 
     def __init__(self, *, source_bps: float, target_bps: float, hub_bps: float) -> None:
@@ -87,8 +108,9 @@ class Fabric:
         self.target_bps = target_bps
         self.hub_bps = hub_bps
         self._flows: set[Flow] = set()
-        self._on_link: dict[str, int] = {}
-        self._updated = 0.0
+        self._on: dict[str, set[Flow]] = {}
+        self._heap: list[tuple[float, int, int, Flow]] = []
+        self._sequence = 0
         self._changed = anyio.Event()
         self.dead: set[str] = set()
         self.frozen: set[str] = set()
@@ -114,9 +136,7 @@ class Fabric:
     def kill(self, source: str) -> None:
         """The source process dies: its flows fail now, new ones are refused."""
         self.dead.add(source)
-        self._drain()
-        link = f"src:{source}"
-        for flow in [f for f in self._flows if link in f.links]:
+        for flow in list(self._on.get(f"src:{source}", ())):
             flow.failed = True
             self._remove(flow)
             flow.done.set()
@@ -124,8 +144,8 @@ class Fabric:
 
     def freeze(self, source: str) -> None:
         """The source process stops (SIGSTOP): its flows stall, they neither end nor fail."""
-        self._drain()
         self.frozen.add(source)
+        self._rerate(set(self._on.get(f"src:{source}", ())))
         self._poke()
 
     # -- flows ---------------------------------------------------------------------
@@ -134,66 +154,87 @@ class Fabric:
         """Move ``nbytes`` through ``links``; raises :class:`SourceDied` if a source link dies."""
         if any(_source_of(link) in self.dead for link in links):
             raise SourceDied(links[0])
-        self._drain()
-        flow = Flow(links, float(nbytes), nbytes)
+        flow = Flow(links, float(nbytes), nbytes, updated=anyio.current_time())
         self._flows.add(flow)
+        touched: set[Flow] = {flow}
         for link in links:
-            self._on_link[link] = self._on_link.get(link, 0) + 1
+            on = self._on.setdefault(link, set())
+            on.add(flow)
+            touched |= on
             source = _source_of(link)
             if source is not None:
-                self.peak_readers[source] = max(self.peak_readers.get(source, 0), self._on_link[link])
+                self.peak_readers[source] = max(self.peak_readers.get(source, 0), len(on))
                 self._first_reader.setdefault(source, anyio.Event()).set()
+        self._rerate(touched)
         self._poke()
         try:
             await flow.done.wait()
         finally:
             if flow in self._flows:  # cancelled (a deadline): the flow leaves the links
-                self._drain()
                 self._remove(flow)
                 self._poke()
         if flow.failed:
             raise SourceDied(links[0])
 
+    def _advance(self, flow: Flow, now: float) -> None:
+        flow.remaining = max(0.0, flow.remaining - flow.rate * (now - flow.updated))
+        flow.updated = now
+
+    def _rerate(self, flows: set[Flow]) -> None:
+        """New rates for ``flows`` (their links' counts changed), and their completions rescheduled."""
+        now = anyio.current_time()
+        for flow in flows:
+            if flow not in self._flows:
+                continue
+            self._advance(flow, now)
+            if any(_source_of(link) in self.frozen for link in flow.links):
+                rate = 0.0
+            else:
+                rate = min(self.capacity(link) / len(self._on[link]) for link in flow.links)
+            if rate == flow.rate and flow.version:
+                continue
+            flow.rate = rate
+            flow.version += 1
+            if rate > 0:
+                self._sequence += 1
+                due = now + flow.remaining / rate
+                heapq.heappush(self._heap, (due, self._sequence, flow.version, flow))
+
     def _remove(self, flow: Flow) -> None:
+        self._advance(flow, anyio.current_time())
         self._flows.discard(flow)
         moved = flow.nbytes - flow.remaining
+        touched: set[Flow] = set()
         for link in flow.links:
-            self._on_link[link] -= 1
+            on = self._on[link]
+            on.discard(flow)
+            touched |= on
+            if not on:
+                del self._on[link]
             self.bytes_through[link] = self.bytes_through.get(link, 0.0) + moved
+        self._rerate(touched)
 
     def _poke(self) -> None:
         self._changed.set()
 
-    def _rate(self, flow: Flow) -> float:
-        if any(_source_of(link) in self.frozen for link in flow.links):
-            return 0.0
-        return min(self.capacity(link) / self._on_link[link] for link in flow.links)
-
-    def _drain(self) -> None:
-        """Move every flow forward to now at the rates it has had since the last change."""
-        now = anyio.current_time()
-        elapsed = now - self._updated
-        self._updated = now
-        if elapsed <= 0:
-            return
-        for flow in self._flows:
-            flow.remaining = max(0.0, flow.remaining - flow.rate * elapsed)
-
     async def run(self) -> None:
         """The fabric's clock: ends flows when their bytes are through. Run it in a task group."""
+        heap = self._heap
         while True:
             self.wakeups += 1
-            self._drain()
-            # done: the bytes left take less than a tick at the rate the flow had (floating point
-            # leaves crumbs, and a timer a fraction of a nanosecond away fires without time moving)
-            for flow in [f for f in self._flows if f.remaining <= max(_EPSILON_BYTES, f.rate * _TICK)]:
-                self._remove(flow)
-                flow.done.set()
-            soonest = math.inf
-            for flow in self._flows:
-                flow.rate = self._rate(flow)
-                if flow.rate > 0:
-                    soonest = min(soonest, max(_TICK, flow.remaining / flow.rate))
+            now = anyio.current_time()
+            # done: due now, or so close that a timer would fire without the clock moving
+            while heap and (heap[0][3] not in self._flows or heap[0][2] != heap[0][3].version):
+                heapq.heappop(heap)  # a stale entry: the flow ended or changed rate since
+            while heap and heap[0][0] <= now + _TICK:
+                _, _, version, flow = heapq.heappop(heap)
+                if flow in self._flows and version == flow.version:
+                    flow.remaining = 0.0
+                    self._remove(flow)
+                    flow.done.set()
+                while heap and (heap[0][3] not in self._flows or heap[0][2] != heap[0][3].version):
+                    heapq.heappop(heap)
+            soonest = max(_TICK, heap[0][0] - now) if heap else math.inf
             self._changed = anyio.Event()
             with anyio.move_on_after(soonest):
                 await self._changed.wait()
@@ -232,6 +273,109 @@ class FabricPeer:
             seconds=anyio.current_time() - began,
             verified=True,
         )
+
+
+class FabricPartPeer(FabricPeer):
+    """:class:`FabricPeer` that reads parts (the driver stripes it), from whole and partial sources.
+
+    Its pull plan is the real one (:func:`~mx_orchestrator.pullplan.check` over
+    the record's advert); a part's READ is one flow of the part's bytes; what a
+    partial source holds is its :class:`~mx_orchestrator.holdings.Holdings`,
+    asked through :attr:`holdings` (the simulation's stand-in for the one-sided
+    READ of the array).
+    """
+
+    def __init__(
+        self, fabric: Fabric, target_id: str, holdings: Mapping[str, Holdings], name: str = "rdma_region"
+    ) -> None:
+        super().__init__(fabric, target_id, 0, name)
+        self.holdings = holdings
+
+    def check_for(self, ctx: AttemptContext) -> PullPlan | Outcome:
+        return check(
+            ctx.candidate,
+            ctx.target,
+            plan_region_reads,
+            strategy=self.name,
+            refusal_is_layout=True,
+            expect=ctx.expect,
+        )
+
+    async def open(
+        self, plan: PullPlan, ctx: AttemptContext, registrations: TargetRegistrations
+    ) -> FabricConnection | Outcome:
+        source = ctx.source_id
+        assert source is not None
+        if source in self.fabric.dead:
+            return SourceUnreachable(strategy=self.name, source_id=source, detail="connect refused (dead)")
+        return FabricConnection(self, source)
+
+
+class FabricConnection:
+    """One target's open source on the fabric (a :class:`~mx_orchestrator.peer.PartConnection`)."""
+
+    def __init__(self, peer: FabricPartPeer, source_id: str) -> None:
+        self.peer = peer
+        self.source_id = source_id
+        self._cache: tuple[int, frozenset[int]] | None = None
+
+    async def held(self, plan: PullPlan, ctx: AttemptContext) -> frozenset[int] | Outcome | None:
+        if self.source_id in self.peer.fabric.dead:
+            return SourceFailed(
+                strategy=self.peer.name, source_id=self.source_id, detail="remote disconnected"
+            )
+        holdings = self.peer.holdings.get(self.source_id)
+        if holdings is None or holdings.complete.is_set() or plan.advert.holdings is None:
+            return None
+        if self._cache is None or self._cache[0] != holdings.version:
+            assert holdings.array is not None
+            self._cache = (
+                holdings.version,
+                held_tensors(holdings.array.data, plan.source, plan.local_manifest),
+            )
+        return self._cache[1]
+
+    async def read(
+        self, plan: PullPlan, ctx: AttemptContext, names: Collection[str] | None, settle: Settle | None
+    ) -> Outcome:
+        began = anyio.current_time()
+        peer, source = self.peer, self.source_id
+        ctx.phases.planned_bytes = plan.nbytes
+        try:
+            with ctx.phases.timed("transfer"):
+                await peer.fabric.transfer((f"src:{source}", f"tgt:{peer.target_id}"), plan.nbytes)
+        except SourceDied:
+            return SourceFailed(
+                strategy=peer.name,
+                source_id=source,
+                seconds=anyio.current_time() - began,
+                detail="remote disconnected mid-read",
+            )
+        if settle is not None and not await settle():
+            return Superseded(
+                strategy=peer.name, source_id=source, bytes_moved=plan.nbytes, detail="lost the race"
+            )
+        return Loaded(
+            strategy=peer.name,
+            source_id=source,
+            bytes_moved=plan.nbytes,
+            seconds=anyio.current_time() - began,
+            verified=True,
+        )
+
+    def close(self) -> None:
+        pass
+
+
+class SimulatedTarget(Target):
+    """A target whose memory is imaginary: the fabric moves the bytes, nothing is allocated."""
+
+    def __init__(self) -> None:
+        super().__init__("arena", "cpu", verify=False, prefault=False)
+
+    def _allocate(self, planned: Manifest) -> Buffers:
+        spans = [(i << 44, r.nbytes) for i, r in enumerate(planned.regions)]
+        return Buffers(planned, spans, "cpu", [], {})
 
 
 class FabricHub:
@@ -275,6 +419,12 @@ class FleetConfig:
     freeze_rate: float = 0.0
     seed: int = 1
     tensors: int = 291
+    #: targets serve what they have landed while they load (partial sources, issue 24) and read
+    #: parts from several sources at once, rarest first; else a target serves once loaded
+    pipelined: bool = False
+    #: with ``pipelined``: sources a target reads from at once, and the largest part
+    stripe: int = 8
+    max_part_bytes: int = 128 << 20
 
 
 class FleetSimulation:
@@ -295,7 +445,14 @@ class FleetSimulation:
         self.rng = random.Random(config.seed)
         self.fabric = Fabric(source_bps=config.link_bps, target_bps=config.link_bps, hub_bps=config.hub_bps)
         self.identity = ModelIdentity("fleet/model")
-        self.manifest = make_manifest(self.identity, config.tensors)
+        # the model's real size, in tensors of about equal size: parts are runs of them
+        each, extra = divmod(config.model_bytes, config.tensors)
+        self.manifest = make_manifest(
+            self.identity,
+            [(f"layer.{i}.weight", "U8", (each + (i < extra),)) for i in range(config.tensors)],
+        )
+        #: what each partial source holds (the fabric's stand-in for its holdings array)
+        self.holdings: dict[str, Holdings] = {}
         #: a fleet waits for its peers rather than falling back to the Hub
         self.policy = policy or Policy(capacity_waits=100_000)
         self.loaded_at: dict[str, float] = {}
@@ -304,8 +461,21 @@ class FleetSimulation:
         self.frozen_sources: set[str] = set()
         self.sources: list[str] = []
 
-    async def source(self, source_id: str, hops: int, first_seed: bool = False) -> None:
-        """A serving process: publish, heartbeat; maybe die or freeze during its first transfer."""
+    def _transport(self, source_id: str, holdings: Holdings | None) -> dict[str, str]:
+        """The record's advert: the source's regions (imaginary addresses) and, partial, its holdings."""
+        spans = [(i << 44, r.nbytes) for i, r in enumerate(self.manifest.regions)]
+        transport = dict(encode_advert(f"fabric-{source_id}", b"fabric", "DRAM", spans, 0))
+        if holdings is not None:
+            transport.update(encode_holdings((0, len(self.manifest.tensors))))
+        return transport
+
+    async def source(
+        self, source_id: str, hops: int, first_seed: bool = False, holdings: Holdings | None = None
+    ) -> None:
+        """A serving process: publish, heartbeat; maybe die or freeze during its first transfer.
+
+        With ``holdings``: a target still loading, published once as partial and once more whole
+        when its holdings are complete."""
         config = self.config
         record = SourceRecord(
             source_id=source_id,
@@ -316,9 +486,13 @@ class FleetSimulation:
             ttl=config.ttl,
             max_readers=config.reader_cap,
             hops=hops,
+            partial=holdings is not None,
+            transport=self._transport(source_id, holdings),
         )
         await self.registry.publish(record, self.manifest)
         self.sources.append(source_id)
+        if holdings is not None:
+            self.holdings[source_id] = holdings
         fate = self.rng.random()
         doom = None
         if not first_seed and fate < config.fail_rate:
@@ -328,9 +502,16 @@ class FleetSimulation:
         async with anyio.create_task_group() as tg:
             if doom is not None:
                 tg.start_soon(self._fault, source_id, doom, tg.cancel_scope)
+            if holdings is not None:
+                tg.start_soon(self._whole_when_complete, record, holdings)
             while True:
                 await anyio.sleep(config.ttl / 3)
                 await self.registry.heartbeat(source_id, record.generation)
+
+    async def _whole_when_complete(self, record: SourceRecord, holdings: Holdings) -> None:
+        await holdings.complete.wait()
+        whole = replace(record, partial=False, heartbeat_at=virtual_wall_clock())
+        await self.registry.publish(whole, self.manifest)
 
     async def _fault(self, source_id: str, doom: str, heartbeats: anyio.CancelScope) -> None:
         await self.fabric.first_reader(source_id)
@@ -347,23 +528,39 @@ class FleetSimulation:
 
     async def target(self, index: int, world: anyio.abc.TaskGroup) -> None:
         target_id = f"t{index:04d}"
-        nbytes = self.config.model_bytes
+        config = self.config
+        nbytes = config.model_bytes
+        if config.pipelined:
+            peer: FabricPeer = FabricPartPeer(self.fabric, target_id, self.holdings)
+        else:
+            peer = FabricPeer(self.fabric, target_id, nbytes)
         orchestrator = Orchestrator(
             self.registry,
-            [FabricPeer(self.fabric, target_id, nbytes), FabricHub(self.fabric, target_id, nbytes)],
+            [peer, FabricHub(self.fabric, target_id, nbytes)],
             target_id=target_id,
             policy=self.policy,
-            attempt_timeout=self.config.attempt_timeout,
+            attempt_timeout=config.attempt_timeout,
             probe_timeout=30.0,
             manifest_cache=ManifestCache(),  # every target is its own process
+            stripe=config.stripe if config.pipelined else 1,
+            max_part_bytes=config.max_part_bytes if config.pipelined else None,
         )
-        report = await orchestrator.load(self.identity)
+        holdings = Holdings() if config.pipelined and config.fanout else None
+        if holdings is not None:
+            world.start_soon(self._serve_partial, f"{target_id}-copy", holdings)
+        target = SimulatedTarget() if config.pipelined else None
+        report = await orchestrator.load(self.identity, target, holdings=holdings)
         self.reports[target_id] = report
         if report.loaded:
             self.loaded_at[target_id] = anyio.current_time()
-            if self.config.fanout:
+            if config.fanout and (holdings is None or not holdings.ready.is_set()):
                 hops = 0 if report.source_hops is None else report.source_hops + 1
                 world.start_soon(self.source, f"{target_id}-copy", hops)
+
+    async def _serve_partial(self, source_id: str, holdings: Holdings) -> None:
+        """A loading target: a partial source from the moment its memory exists."""
+        await holdings.ready.wait()
+        await self.source(source_id, holdings.hops, holdings=holdings)
 
     async def run(self) -> dict[str, Any]:
         """Seeds first, then every target at the same moment; returns :meth:`summary`."""
@@ -383,8 +580,11 @@ class FleetSimulation:
         """What a fleet run showed: times (simulated seconds), caps, faults, where bytes came from."""
         config = self.config
         reports = list(self.reports.values())
-        loads = Counter(
-            t for t, r in self.reports.items() for a in r.attempts if isinstance(a.outcome, Loaded)
+        loaded_bytes = Counter(
+            {
+                t: sum(a.outcome.bytes_moved for a in r.attempts if isinstance(a.outcome, Loaded))
+                for t, r in self.reports.items()
+            }
         )
         times = sorted(t - began for t in self.loaded_at.values())
         peak = max(self.fabric.peak_readers.values(), default=0)
@@ -395,7 +595,11 @@ class FleetSimulation:
             "seconds_to_all_loaded": round(times[-1], 3) if times else None,
             "median_seconds_to_loaded": round(times[len(times) // 2], 3) if times else None,
             "all_loaded": len(self.loaded_at) == config.targets,
-            "loaded_twice": sum(1 for n in loads.values() if n > 1),
+            "pipelined": config.pipelined,
+            # every byte exactly once: a target whose landed parts add up to more read some twice
+            "loaded_twice": sum(1 for n in loaded_bytes.values() if n > config.model_bytes),
+            "bytes_read_twice": sum(max(0, n - config.model_bytes) for n in loaded_bytes.values()),
+            "partial_sources": len(self.holdings),
             "max_readers_per_source": peak,
             "reader_cap": config.reader_cap,
             "cap_held": config.reader_cap == 0 or peak <= config.reader_cap,
