@@ -22,7 +22,15 @@ from typing import Any, NoReturn, TypeVar
 import anyio
 
 from . import __version__
-from .config import check_count, check_device, check_max_lease, check_port, check_seconds, check_source_id
+from .config import (
+    check_count,
+    check_device,
+    check_max_lease,
+    check_port,
+    check_rate,
+    check_seconds,
+    check_source_id,
+)
 from .errors import ConfigError, MxoError
 from .logs import configure_logging
 from .models import ModelIdentity, SourceRecord
@@ -67,6 +75,7 @@ def _seconds(name: str) -> Callable[[str], float]:
 _port = _checked(int, lambda v: check_port("port", v), "a port")
 _source_id = _checked(str, check_source_id, "a source id")
 _device = _checked(str, check_device, "a device")
+_gbps = _checked(float, lambda v: check_rate("max_rate", v * 1e9), "a positive number")
 _readers = _checked(int, lambda v: check_count("max_readers", v, minimum=0), "a whole number")
 _stripe = _checked(int, lambda v: check_count("stripe", v, maximum=64), "a whole number from 1 to 64")
 
@@ -231,6 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pull.add_argument(
         "--source-id", type=_source_id, default=None, help="source id when republishing (default host-pid)"
+    )
+    pull.add_argument(
+        "--max-rate",
+        type=_gbps,
+        default=None,
+        metavar="GB/S",
+        help="read at most this many GB/s (parts start no sooner than the rate allows; default: no cap)",
+    )
+    pull.add_argument(
+        "--max-readers",
+        type=_readers,
+        default=8,
+        help="when republishing: targets reading from this one at once (0: no cap)",
     )
     _common(pull)
     pull.set_defaults(run=_pull)
@@ -423,6 +445,7 @@ def _pull(args: argparse.Namespace) -> int:
                 hedge=args.hedge,
                 selection=NAMED_SELECTIONS[args.selection],
                 max_part_bytes=FANOUT_PART_BYTES if args.republish else None,
+                max_rate=args.max_rate,  # bytes/s (the flag's GB/s, converted when parsed)
             ) as orchestrator:
                 if not args.republish:
                     report = await _until_signal(orchestrator.load(identity, target, progress=display))
@@ -445,6 +468,7 @@ def _pull(args: argparse.Namespace) -> int:
                             flush=True,
                         ),
                         source_id=args.source_id,
+                        max_readers=args.max_readers,
                     ),
                 )
         finally:

@@ -53,6 +53,20 @@ def check_seconds(name: str, value: Any, *, optional: bool = False) -> float:
     return float(value)
 
 
+def check_rate(name: str, value: Any) -> float | None:
+    """``value`` as bytes/s (``None``: no cap), or :class:`ConfigError`: a positive finite number."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{name} must be a positive number of bytes/s, got {value!r:.40}")
+    return float(value)
+
+
 def check_count(name: str, value: Any, *, minimum: int = 1, maximum: int = 1 << 20) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise ConfigError(f"{name} must be a whole number in {minimum}..{maximum}, got {value!r:.40}")

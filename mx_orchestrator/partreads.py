@@ -71,6 +71,8 @@ class PartReads:
         self.seen: dict[str, frozenset[int] | None] = {}
         #: since when a session's partial source has held nothing this load can take
         self._idle_since: dict[str, float] = {}
+        #: with a rate cap, when the next part may start
+        self._paced_until = 0.0
         self.config = config
         self.progress = progress
         self.registrations = TargetRegistrations(target)
@@ -357,6 +359,9 @@ class PartReads:
         may land more); or end with the outcome returned (the source could not answer, or has held
         nothing this load can take for :data:`PARTIAL_PATIENCE`). ``news`` is called when a
         partial source holds more than before (the load's idle sessions may find work)."""
+        rate = self.config.max_rate
+        if rate is not None:  # paced: the next part starts once the last one's share of time passed
+            await anyio.sleep(max(0.0, self._paced_until - anyio.current_time()))
         held = await connection.held(plan, ctx)
         source_id, now = ctx.source_id or "", anyio.current_time()
         if held is not None and not isinstance(held, frozenset):
@@ -369,6 +374,8 @@ class PartReads:
             parts.hedge(source_id, now, times.hedge_after, held) if hedging else None
         )
         if part is not None:
+            if rate is not None:
+                self._paced_until = max(now, self._paced_until) + part.nbytes / rate
             return part
         if held is not None and parts.pending() and not parts.holds_any(held):
             if self.waited_out(source_id, now):

@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from .config import check_count, check_seconds
+from .config import check_count, check_rate, check_seconds
 from .errors import ConfigError
 from .holdings import Holdings
 from .load import LoadRun
@@ -80,6 +80,7 @@ class Orchestrator:
         hedge: bool = True,
         min_part_bytes: int = 32 << 20,
         max_part_bytes: int | None = None,
+        max_rate: float | None = None,
         manifest_cache: ManifestCache | None = None,
     ) -> None:
         if not strategies:
@@ -96,6 +97,9 @@ class Orchestrator:
         self.stripe = check_count("stripe", stripe, maximum=64)
         self.hedge = hedge
         self.min_part_bytes = check_count("min_part_bytes", min_part_bytes, maximum=1 << 50)
+        #: bytes/s a striped load reads at most (``None``: as fast as it can): a node that must not
+        #: saturate a link it shares; parts start no sooner than the rate allows
+        self.max_rate = check_rate("max_rate", max_rate)
         self.max_part_bytes = (
             None if max_part_bytes is None else check_count("max_part_bytes", max_part_bytes, maximum=1 << 50)
         )

@@ -7,6 +7,7 @@ keys are only ever added, never renamed.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,8 @@ class AttemptRecord:
     landed: tuple[tuple[int, int], ...] = ()
     #: ``(phase, began, ended)`` of each timed phase, on the load's clock
     spans: tuple[tuple[str, float, float], ...] = ()
+    #: when the attempt ended (unix time): parts of loads in several processes put on one timeline
+    ended_at: float = field(default_factory=time.time)
 
     @classmethod
     def of_part(
@@ -114,6 +117,7 @@ class AttemptRecord:
             "part": self.part,
             "range": list(self.byte_range) if self.byte_range is not None else None,
             "landed": [list(r) for r in self.landed],
+            "ended_at": round(self.ended_at, 6),
         }
         return data
 

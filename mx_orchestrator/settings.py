@@ -63,6 +63,9 @@ class LoadSettings(EvaluationSettings, Protocol):
 
     @property
     def max_part_bytes(self) -> int | None: ...
+
+    @property
+    def max_rate(self) -> float | None: ...
     @property
     def attempt_timeout(self) -> float: ...
     @property

@@ -289,3 +289,104 @@ def test_a_backoff_sleep_inside_an_accounted_call_waits_on_virtual_time() -> Non
         assert isinstance(loop, VirtualClockLoop) and loop.real_io_in_flight == 0
 
     on_virtual_time(main)
+
+
+def _wait_for_line(proc: subprocess.Popen[bytes], needle: str, seconds: float) -> None:
+    """Read ``proc``'s stderr until a line holds ``needle`` (the process must stay alive meanwhile)."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"exited before {needle!r}"
+        ready, _, _ = select.select([proc.stderr.fileno()], [], [], 0.5)
+        if ready and needle in proc.stderr.readline().decode(errors="replace"):
+            return
+    raise AssertionError(f"no {needle!r} within {seconds}s")
+
+
+def _until_whole(registry_url: str, source_ids: list[str], seconds: float) -> None:
+    """Until every one of ``source_ids`` is published whole (its load ended)."""
+    from mx_orchestrator.registry import open_registry
+
+    async def main() -> None:
+        registry = open_registry(registry_url)
+        try:
+            with anyio.fail_after(seconds):
+                while True:
+                    records = [await registry.get(s) for s in source_ids]
+                    if all(r is not None and not r.partial for r in records):
+                        return
+                    await anyio.sleep(0.2)
+        finally:
+            await registry.aclose()
+
+    anyio.run(main)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> list[bytes]:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, _ = p.communicate()
+        outs.append(out)
+    return outs
+
+
+def _landed_times(report: dict[str, Any]) -> list[float]:
+    return sorted(a["ended_at"] for a in report["attempts"] if a["outcome"] == "Loaded")
+
+
+@pytest.mark.nixl
+@pytest.mark.slow
+def test_a_chain_of_three_republishing_pulls_serves_parts_before_it_has_them_all(
+    peers: Peers, registry_url: str, gigabyte_checkpoint: Path
+) -> None:
+    """Real processes on loopback, pinned: a seed admitting one reader (read at 0.05 GB/s, so that
+    the load lasts longer than a process takes to start), then three `mxo pull
+    --republish --max-readers 1`, each started once the one before it is a partial source (its
+    memory exists, nothing landed yet). Caps make a chain: target 1 holds the seed's only slot,
+    target 2 can read only target 1, target 3 only target 2. Each target's first landed part ends
+    before the previous target's last (the reports' unix timestamps): parts were served while
+    their source was still loading. All three land the checkpoint's bytes (each tensor's tree digest
+    checked against the checkpoint's pin) and end whole."""
+    from mx_orchestrator.checkpoint import fingerprint_directory
+
+    pin, _ = fingerprint_directory(gigabyte_checkpoint)
+    model_id = "acme/chain-1g"
+    peers.start(("seed", "arena"), weights=gigabyte_checkpoint, model_id=model_id, ttl=60.0, max_readers=1)
+    env = dict(os.environ, MXO_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
+    names = [f"chain-{i}" for i in (1, 2, 3)]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for name in names:
+            command = [sys.executable, "-m", "mx_orchestrator", "pull", "--model-id", model_id,
+                       "--registry", registry_url, "--timeout", "180", "--json", "--republish",
+                       "--source-id", name, "--max-readers", "1", "--expect", pin]  # fmt: skip
+            if (
+                name == "chain-1"
+            ):  # the seed's link, throttled: 1 GiB in about twenty seconds, longer than two process start-ups
+                command += ["--max-rate", "0.05"]
+            procs.append(
+                subprocess.Popen(
+                    command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
+                )
+            )
+            _wait_for_line(procs[-1], f"serving as {name} (partial)", 120)
+        _until_whole(registry_url, names, 240)
+    finally:
+        outs = _stop(procs)
+    reports = [json.loads(out) for out in outs]
+    for report in reports:
+        assert report["outcome"] == "loaded" and report["verified"] and report["bytes"] == 1 << 30, report
+    assert [r["sources"] for r in reports] == [["seed"], ["chain-1"], ["chain-2"]]
+    times = [_landed_times(r) for r in reports]
+    print(
+        "first/last landed:", [(round(t[0] - times[0][0], 3), round(t[-1] - times[0][0], 3)) for t in times]
+    )
+    assert times[1][0] < times[0][-1], "target 2 landed nothing before target 1 had everything"
+    assert times[2][0] < times[1][-1], "target 3 landed nothing before target 2 had everything"
