@@ -390,3 +390,68 @@ def test_a_chain_of_three_republishing_pulls_serves_parts_before_it_has_them_all
     )
     assert times[1][0] < times[0][-1], "target 2 landed nothing before target 1 had everything"
     assert times[2][0] < times[1][-1], "target 3 landed nothing before target 2 had everything"
+
+
+def _has_reader(registry_url: str, source_id: str, seconds: float) -> None:
+    """Until ``source_id``'s record shows a live reader lease."""
+    from mx_orchestrator.registry import open_registry
+
+    async def main() -> None:
+        registry = open_registry(registry_url)
+        try:
+            with anyio.fail_after(seconds):
+                while True:
+                    record = await registry.get(source_id)
+                    if record is not None and record.live_readers(time.time()) > 0:
+                        return
+                    await anyio.sleep(0.1)
+        finally:
+            await registry.aclose()
+
+    anyio.run(main)
+
+
+@pytest.mark.nixl
+@pytest.mark.slow
+def test_a_partial_source_killed_mid_way_costs_its_reader_only_the_part_in_flight(
+    peers: Peers, registry_url: str, gigabyte_checkpoint: Path
+) -> None:
+    """Real processes, pinned: a seed admitting one reader; target 1 takes that slot (read at
+    0.05 GB/s, its reader lease 2 s) and republishes; target 2 can only read target 1 and does,
+    until target 1 is SIGKILLed mid-way. Target 2 finishes from the seed (once the dead reader's
+    lease ran out), every tensor checked against the pin, and its landed parts add up to the model
+    exactly once: nothing that landed was read twice."""
+    from mx_orchestrator.checkpoint import fingerprint_directory
+
+    pin, _ = fingerprint_directory(gigabyte_checkpoint)
+    model_id = "acme/killed-1g"
+    peers.start(("seed", "arena"), weights=gigabyte_checkpoint, model_id=model_id, ttl=60.0, max_readers=1)
+    env = dict(os.environ, MXO_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
+    base = [sys.executable, "-m", "mx_orchestrator", "pull", "--model-id", model_id, "--registry", registry_url,
+            "--timeout", "180", "--json", "--expect", pin]  # fmt: skip
+    doomed = [*base, "--republish", "--source-id", "doomed", "--max-readers", "1", "--max-rate", "0.05",
+              "--reader-lease", "2"]  # fmt: skip
+    first = subprocess.Popen(
+        doomed, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
+    )
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        _wait_for_line(first, "serving as doomed (partial)", 120)
+        second = subprocess.Popen(
+            base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True
+        )
+        _has_reader(registry_url, "doomed", 120)  # target 2 reads from it
+        time.sleep(6.0)  # a few of its parts landed in target 2, most are still to come
+        os.killpg(first.pid, signal.SIGKILL)
+        out, err = second.communicate(timeout=180)
+    finally:
+        _stop([p for p in (first, second) if p is not None])
+    assert second.returncode == 0, err.decode(errors="replace")[-3000:]
+    report = json.loads(out)
+    assert report["outcome"] == "loaded" and report["verified"] and report["bytes"] == 1 << 30, report
+    by_source = report["bytes_by_source"]
+    assert by_source.get("doomed", 0) > 0 and by_source.get("seed", 0) > 0, by_source
+    landed = sum(a["bytes"] for a in report["attempts"] if a["outcome"] == "Loaded")
+    assert landed == 1 << 30, f"{landed} bytes landed for a 1 GiB model: some were read twice"
+    failed = [a for a in report["attempts"] if a["source"] == "doomed" and a["outcome"] != "Loaded"]
+    assert failed and all(a["outcome"] in ("SourceFailed", "TimedOut", "SourceUnreachable") for a in failed)
