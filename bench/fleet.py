@@ -13,6 +13,12 @@ still while a registry call is in flight and jumps otherwise: a thousand
 targets of a 16 GB model run in seconds of real time, and every registry call
 is a real one.
 
+Modes (``--modes``): ``pipelined``, targets are partial sources from their first
+landed part and read parts from ``--stripe`` sources at once, rarest first
+(issue 24); ``whole``, a target serves once its whole load is in (the fan-out
+of 2026-12-03); ``none``, one seed serves everyone. Each run reports its time
+against one target alone (the model over one link: the physical floor).
+
 Faults: each source but the first seed dies with probability ``--fail-rate``
 at a random moment of its first transfer (its readers get ``SourceFailed``, its
 record expires with its TTL) or freezes with ``--freeze-rate`` (its readers
@@ -20,7 +26,7 @@ time out). A run checks that every target loads exactly once and that no
 source ever carried more readers than its cap (counted on the fabric's links,
 not in the registry).
 
-    python bench/fleet.py [--targets 10,100,1000] [--registries sqlite,redis] [--json]
+    python bench/fleet.py [--targets 10,100,1000] [--registries sqlite,redis] [--modes ...] [--json]
 
 Prints ``{"runs": [...]}`` (times in simulated seconds) and writes
 ``bench/results/fleet.png`` (time to all-loaded against N, log axis) beside it.
@@ -57,10 +63,19 @@ sys.path.remove(str(HERE))
 GB = 1e9
 
 
-def run_one(args: argparse.Namespace, url: str, targets: int, fanout: bool, seed: int) -> dict[str, Any]:
+#: how targets share what they load: while loading (partial sources, parts from several sources at
+#: once, issue 24), once loaded (a whole copy), or not at all (one seed serves everyone)
+MODES = {"pipelined": (True, True), "whole": (True, False), "none": (False, False)}
+
+
+def run_one(args: argparse.Namespace, url: str, targets: int, mode: str, seed: int) -> dict[str, Any]:
+    fanout, pipelined = MODES[mode]
     config = FleetConfig(
         targets=targets,
         fanout=fanout,
+        pipelined=pipelined,
+        stripe=args.stripe,
+        max_part_bytes=int(args.max_part_mb * 2**20),
         model_bytes=int(args.model_gb * GB),
         link_bps=args.link_gbps * GB,
         hub_bps=args.hub_gbps * GB,
@@ -84,9 +99,14 @@ def run_one(args: argparse.Namespace, url: str, targets: int, fanout: bool, seed
             summary = await FleetSimulation(config, accounted(registry)).run()
         finally:
             await registry.aclose()
+        alone = config.model_bytes / config.link_bps
+        done = summary["seconds_to_all_loaded"]
         return {
             "registry": args.registry_name,
+            "mode": mode,
             **summary,
+            "one_target_alone_seconds": round(alone, 3),
+            "over_one_target": round(done / alone, 2) if done is not None else None,
             "real_seconds": round(time.perf_counter() - began, 2),
         }
 
@@ -100,10 +120,16 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    labels = {
+        "pipelined": "pipelined fan-out (partial sources)",
+        "whole": "fan-out once loaded (2026-12-03)",
+        "none": "one seed, no fan-out",
+    }
+    styles = {"pipelined": "-", "whole": "-.", "none": "--"}
     for registry in sorted({r["registry"] for r in runs}):
-        for fanout in (True, False):
+        for mode in MODES:
             rows = sorted(
-                (r for r in runs if r["registry"] == registry and r["fanout"] is fanout),
+                (r for r in runs if r["registry"] == registry and r["mode"] == mode),
                 key=lambda r: r["targets"],
             )
             if rows:
@@ -111,9 +137,15 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
                     [r["targets"] for r in rows],
                     [r["seconds_to_all_loaded"] for r in rows],
                     marker="o",
-                    linestyle="-" if fanout else "--",
-                    label=f"{'fan-out' if fanout else 'one seed, no fan-out'} ({registry})",
+                    linestyle=styles[mode],
+                    label=f"{labels[mode]} ({registry})",
                 )
+    if runs:
+        alone = runs[0]["one_target_alone_seconds"]
+        ax.axhline(alone, color="grey", linewidth=0.8)
+        ax.axhline(2 * alone, color="grey", linewidth=0.8, linestyle=":")
+        ax.text(10, alone * 1.05, "one target alone", fontsize=7, color="grey")
+        ax.text(10, 2 * alone * 1.05, "2 x one target", fontsize=7, color="grey")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("targets loading at once")
@@ -129,7 +161,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="10,100,1000", help="fleet sizes, comma separated")
     parser.add_argument("--registries", default="sqlite,redis", help="sqlite, redis or both")
-    parser.add_argument("--fanout", default="both", choices=["both", "on", "off"])
+    parser.add_argument(
+        "--modes", default="pipelined,whole,none", help="pipelined, whole, none (comma separated)"
+    )
+    parser.add_argument("--stripe", type=int, default=3, help="pipelined: sources a target reads at once")
+    parser.add_argument("--max-part-mb", type=float, default=128.0, help="pipelined: the largest part (MiB)")
     parser.add_argument("--model-gb", type=float, default=16.0)
     parser.add_argument(
         "--link-gbps", type=float, default=25.0, help="GB/s of each source's and target's link"
@@ -147,7 +183,9 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging("error")
     sizes = [int(n) for n in args.targets.split(",")]
-    fanouts = {"both": [True, False], "on": [True], "off": [False]}[args.fanout]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not set(modes) <= set(MODES):
+        parser.error(f"--modes: choose from {sorted(MODES)}")
     registries = [r.strip() for r in args.registries.split(",") if r.strip()]
     if "redis" in registries and shutil.which("redis-server") is None:
         print("redis-server is not installed: running sqlite only", file=sys.stderr)
@@ -162,12 +200,12 @@ def main() -> None:
                 proc, url = start_redis()
             try:
                 for n in sizes:
-                    for fanout in fanouts:
+                    for mode in modes:
                         if registry == "sqlite":
-                            url = f"sqlite://{tmp}/fleet-{n}-{fanout}.db"
+                            url = f"sqlite://{tmp}/fleet-{n}-{mode}.db"
                         else:
                             url = f"{url.rsplit('/', 1)[0]}/{len(runs) % 16}"  # a fresh database per run
-                        row = run_one(args, url, n, fanout, args.seed)
+                        row = run_one(args, url, n, mode, args.seed)
                         runs.append(row)
                         if not args.json:
                             print(json.dumps(row), file=sys.stderr, flush=True)
@@ -188,17 +226,14 @@ def main() -> None:
     }
     for registry in registries:
         by = {
-            (r["targets"], r["fanout"]): r["seconds_to_all_loaded"] for r in runs if r["registry"] == registry
+            (r["targets"], r["mode"]): r["seconds_to_all_loaded"] for r in runs if r["registry"] == registry
         }
         lo, hi = min(sizes), max(sizes)
-        if (lo, True) in by and (hi, True) in by:
-            out.setdefault("growth", {})[f"{registry}_fanout_{hi}_over_{lo}"] = round(
-                by[hi, True] / by[lo, True], 2
-            )
-        if (lo, False) in by and (hi, False) in by:
-            out.setdefault("growth", {})[f"{registry}_one_seed_{hi}_over_{lo}"] = round(
-                by[hi, False] / by[lo, False], 2
-            )
+        for mode in modes:
+            if (lo, mode) in by and (hi, mode) in by:
+                out.setdefault("growth", {})[f"{registry}_{mode}_{hi}_over_{lo}"] = round(
+                    by[hi, mode] / by[lo, mode], 2
+                )
     if not args.no_plot:
         path = HERE / "results" / "fleet.png"
         plot(runs, path)

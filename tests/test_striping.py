@@ -322,3 +322,48 @@ def test_a_hedge_is_only_offered_when_nothing_is_unassigned_and_never_to_the_own
 def test_the_part_planner_refuses_nonsense(workers: int) -> None:
     with pytest.raises(ValueError):
         PartPlanner([1], workers)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=sizes_strategy,
+    holdings=st.lists(st.frozensets(st.integers(0, 39)), min_size=1, max_size=4),
+    rarity_seed=st.lists(st.integers(0, 5), min_size=40, max_size=40),
+    max_part=st.integers(1, 9000),
+    rotation=st.integers(0, 1000),
+)
+def test_a_partial_source_is_given_only_what_it_holds_rarest_first_and_nothing_is_read_twice(
+    sizes: list[int], holdings: list[frozenset[int]], rarity_seed: list[int], max_part: int, rotation: int
+) -> None:
+    """Parts for partial sources (issue 24): a part holds only tensors its source holds, starts at
+    the rarest unassigned one the source holds, stays under the size cap unless it is one tensor;
+    a source holding nothing unassigned gets nothing; whole sources then finish the model, and
+    every tensor lands exactly once."""
+    planner = PartPlanner(sizes, 2, min_part_bytes=1, max_part_bytes=max_part, rotation=rotation)
+    rarity = rarity_seed[: len(sizes)]
+    landed: list[int] = []
+    for _ in range(3):
+        for held in holdings:
+            pending = {i for first, stop in planner.pending() for i in range(first, stop)}
+            part = planner.take("partial", 0.0, held, rarity)
+            if part is None:
+                assert not pending & held and not planner.holds_any(held)
+                continue
+            assert set(part.tensors) <= held
+            assert rarity[part.first] == min(rarity[i] for i in pending & held)
+            assert part.nbytes <= max_part or part.stop - part.first == 1
+            landed.extend(part.tensors)
+            planner.landed(part)
+    while (part := planner.take("whole", 0.0, None, rarity)) is not None:
+        landed.extend(part.tensors)
+        planner.landed(part)
+    assert planner.done and sorted(landed) == list(range(len(sizes)))
+
+
+def test_without_holdings_or_rarity_a_load_reads_the_model_in_order() -> None:
+    planner = PartPlanner([10] * 20, 1, min_part_bytes=10, max_part_bytes=30, rotation=7)
+    firsts = []
+    while (part := planner.take("s", 0.0)) is not None:
+        firsts.append(part.first)
+        planner.landed(part)
+    assert firsts == sorted(firsts) and firsts[0] == 0
