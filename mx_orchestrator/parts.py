@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import random
 from collections.abc import Callable, Collection, Container, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -114,6 +115,7 @@ class PartPlanner:
         self.max_part_bytes = max_part_bytes
         #: where ties of rarity start (a target's own offset into the model)
         self.rotation = rotation % max(1, len(sizes))
+        self._jitter = random.Random(rotation)
         self.max_attempts = max_attempts
         #: disjoint, sorted ``[first, stop)`` runs of tensors nobody holds
         self._pending: list[tuple[int, int]] = [(0, len(self._sizes))] if self._sizes else []
@@ -224,12 +226,13 @@ class PartPlanner:
         if held is None and rarity is None:
             return 0, self._pending[0][0]
         count = len(self._sizes)
+        offset = self._jitter.randrange(count)
         best: tuple[int, int, int, int] | None = None
         for run, (first, stop) in enumerate(self._pending):
             for i in range(first, stop):
                 if held is not None and i not in held:
                     continue
-                key = (rarity[i] if rarity is not None else 0, (i - self.rotation) % count, run, i)
+                key = (rarity[i] if rarity is not None else 0, (i - offset) % count, run, i)
                 if best is None or key < best:
                     best = key
         return None if best is None else (best[2], best[3])

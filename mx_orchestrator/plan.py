@@ -34,11 +34,12 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from .models import Candidate
 from .policy import Action, ActionKind, DecisionState, Policy
 from .selection import RankKey
+from .steps import Attempt, Done, Relist, Requeue, Step, StrategySlot, Wait
 
 __all__ = [
     "EXHAUSTED",
@@ -58,65 +59,6 @@ __all__ = [
 EXHAUSTED = "every strategy and candidate was tried"
 #: At most this many attempts share what is left of a load's deadline (see ``attempts_left``).
 SHARES = 8
-
-
-@dataclass(frozen=True, slots=True)
-class StrategySlot:
-    name: str
-    uses_peers: bool = True
-    #: reads parts (:class:`~mx_orchestrator.peer.PartCapable`): attempts of it on several sources may
-    #: run at once; a slot that reads the whole model at once runs alone
-    parts: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """One (strategy, candidate) pair handed to a worker; ``ticket`` identifies it while in flight."""
-
-    strategy: str
-    strategy_index: int
-    candidate: Candidate | None
-    attempt_number: int = 1
-    delay: float = 0.0
-    ticket: int = 0
-
-    @property
-    def source_id(self) -> str | None:
-        return self.candidate.source_id if self.candidate is not None else None
-
-
-@dataclass(frozen=True, slots=True)
-class Wait:
-    """Nothing to hand out now: evaluation is still running, or attempts in flight may change the plan;
-    ask again by ``until`` at the latest (the caller's clock)."""
-
-    until: float = math.inf
-
-
-@dataclass(frozen=True, slots=True)
-class Requeue:
-    """Every usable candidate is at its reader cap: wait ``delay`` seconds, list the sources again
-    (feeding them through :meth:`Planner.add_candidate`), then call :meth:`Planner.requeue` first."""
-
-    delay: float
-    #: how many capacity waits this load has made, this one included
-    wait_number: int
-
-
-@dataclass(frozen=True, slots=True)
-class Relist:
-    """Fewer sources are read from than the load may read from at once, and every known one was
-    tried: list the sources again now (targets that started serving since, a fleet's partial
-    sources), feeding new ones through :meth:`Planner.add_candidate`; nothing tried is tried again."""
-
-
-@dataclass(frozen=True, slots=True)
-class Done:
-    loaded: bool
-    reason: str
-
-
-Step = Attempt | Wait | Requeue | Relist | Done
 
 
 class Planner:
@@ -378,7 +320,7 @@ class Planner:
         while self._index < len(self._strategies):
             slot = self._strategies[self._index]
             if self._alone(slot):
-                return Wait()
+                return self._waiting()
             if not slot.uses_peers:
                 if self._full and self.capacity_waits_made < self._capacity_waits:
                     return self._wait_for_capacity()
@@ -390,20 +332,27 @@ class Planner:
                     return Attempt(slot.name, self._index, best)
                 if self._evaluating:
                     return Wait()
-                if slot.parts and self._readers > 1 and self._in_flight:
-                    # sessions read, and sources that start serving meanwhile may join them
-                    due = self._listed_at + self._relist_interval
-                    if self._now < due or len(self._in_flight) >= self._readers:
-                        return Wait(until=due)
-                    self._evaluating, self._heap_index = True, -1
-                    return Relist()
             self._index += 1
         if self._in_flight:
-            return Wait()
+            return self._waiting()
         if self._full and self.capacity_waits_made < self._capacity_waits:
             return self._wait_for_capacity()
         self._done = Done(False, EXHAUSTED)
         return self._done
+
+    def _waiting(self) -> Step:
+        """Attempts in flight may change the plan: wait; or, when a striped load reads from fewer
+        sources than it may and its last listing is old enough, list again (:class:`Relist`) and
+        try what it finds with every part strategy from the first (tried pairs stay tried)."""
+        first = next((i for i, slot in enumerate(self._strategies) if slot.parts), None)
+        if first is None or len(self._in_flight) >= self._readers:
+            return Wait()
+        due = self._listed_at + self._relist_interval
+        if self._now < due:
+            return Wait(until=due)
+        self._index = min(self._index, first)
+        self._evaluating, self._heap_index = True, -1
+        return Relist()
 
     def _wait_for_capacity(self) -> Step:
         # the attempts in flight may finish the load, and a wait already asked for lists again

@@ -162,7 +162,8 @@ def test_there_is_one_load_driver_and_one_attempt_loop() -> None:
                 name = (
                     node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
                 )
-                if name == "Planner":
+                made_by = getattr(getattr(node.func, "value", None), "id", "")
+                if name == "Planner" or (name == "of" and made_by == "Planner"):
                     makers.add(_module_name(path))
                 if name == "next_step":
                     steppers.add(_module_name(path))
