@@ -17,6 +17,15 @@ this needs a rate estimate, so it is right from the first part. One worker
 sizes as two would (a quarter first, not a half): a source lost mid-part then
 costs at most a quarter of the model.
 
+Partial sources (a target still loading, :mod:`~mx_orchestrator.holdings`):
+:meth:`PartPlanner.take` gives one only tensors it holds, as runs of held
+tensors, starting at the *rarest* unassigned tensor (by how many of the load's
+sources hold it; a source reading one counts half). Ties start at a random
+place drawn per part (seeded by the target), so a fleet's readers of one seed
+take different parts instead of walking into each other's; a part is never
+larger than ``max_part_bytes``, so what lands is served soon. Without
+holdings or rarity the model is read in order, as before.
+
 Failover: a part whose attempt failed goes back to the pool whole (a READ that
 did not complete proves nothing about which of its bytes landed); one that
 failed verification goes back as its bad tensors only. Landed tensors never

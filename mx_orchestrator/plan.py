@@ -18,6 +18,10 @@ candidate is left and some were full, the plan asks for a capacity wait
 (:class:`Requeue`) instead of falling back to the Hub: in a fleet, the peers
 free up (and republished targets appear) long before a Hub download would end.
 After the wait the driver lists the sources again and calls :meth:`Planner.requeue`.
+A striped load that waits while reading from fewer sources than its stripe
+asks for a :class:`Relist` at most every ``relist_interval`` (targets that began
+serving since, a fleet's partial sources, join it); the steps are in
+:mod:`~mx_orchestrator.steps`.
 
 Termination: every recorded action either finishes, marks a new
 (strategy, source) pair as tried, advances the strategy, or is a retry; retries
@@ -25,7 +29,8 @@ and everything else are capped by ``max_attempts``; refusals for capacity and
 connects refused by a source the load then forgets are not counted there (ten
 thousand junk records must not spend a load's budget), but each round has
 finitely many candidates, each such pair happens once a round, and rounds are
-capped by ``capacity_waits``. The property tests drive this class with
+capped by ``capacity_waits``. A relist only adds candidates (each tried at most
+once a round) and happens while attempts are in flight, which end. The property tests drive this class with
 arbitrary outcomes to pin that.
 """
 

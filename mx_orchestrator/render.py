@@ -145,13 +145,26 @@ def print_sources(rows: list[dict[str, Any]], *, file: TextIO | None = None) -> 
     from rich.table import Table
 
     table = Table(title=f"{len(rows)} sources")
-    for column in ("source", "model", "state", "generation", "load", "heartbeat age", "ejections", "reason"):
+    columns = (
+        "source",
+        "model",
+        "state",
+        "serves",
+        "hops",
+        "generation",
+        "load",
+        "heartbeat age",
+        "ejections",
+    )
+    for column in (*columns, "reason"):
         table.add_column(column, overflow="fold")
     for r in rows:
         table.add_row(
             _plain(r["source_id"]),
             _plain(r["identity_key"]),
             r["effective_state"],
+            "partial" if r.get("partial") else "whole",  # partial: a target still loading
+            str(r.get("hops", 0)),
             _plain(r["generation"][:8]),
             str(r["load"]),
             f"{r['heartbeat_age_s']:.1f}s",

@@ -425,3 +425,25 @@ def test_every_command_takes_debug_and_a_foreign_device_is_named_as_such(mxo: Mx
         out = mxo(*command, "--device", "tpu", timeout=60)
         assert out.returncode == 2 and "other accelerators are not supported" in out.stderr
         assert "CUDA is not available" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [("0", "max_rate"), ("-1", "max_rate"), ("nan", "max_rate"), ("inf", "max_rate"), ("fast", "max-rate")],
+)
+def test_a_nonsensical_rate_cap_is_refused_before_any_work(mxo: Mxo, value: str, needle: str) -> None:
+    """``pull --max-rate`` (GB/s) must be a positive finite number: one line, exit 2, nothing loaded."""
+    out = mxo("pull", "--model-id", "acme/none", "--max-rate", value, timeout=60)
+    assert_one_line(out, 2, needle)
+
+
+def test_a_rate_cap_is_refused_by_the_api_as_by_the_cli() -> None:
+    from mx_orchestrator import Orchestrator
+    from mx_orchestrator.errors import ConfigError
+    from mx_orchestrator.testing import FakeStrategy, succeed
+
+    for bad in (0, -5.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ConfigError, match="max_rate"):
+            Orchestrator(None, [FakeStrategy("s", default=succeed(), uses_peers=False)], max_rate=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="max_part_bytes"):
+        Orchestrator(None, [FakeStrategy("s", default=succeed(), uses_peers=False)], max_part_bytes=0)

@@ -132,3 +132,36 @@ def test_serve_exposes_prometheus_metrics(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=20)
     assert proc.returncode == 0
+
+
+def test_sources_says_which_sources_are_partial_and_how_many_hops_away(mxo: Mxo, tmp_path: Path) -> None:
+    """A target still loading (issue 24) is listed as a partial source, with its fan-out hops."""
+    from dataclasses import replace
+
+    import anyio
+
+    from mx_orchestrator import ModelIdentity
+    from mx_orchestrator.registry.sqlite import SqliteRegistry
+    from mx_orchestrator.testing import make_manifest, make_record
+
+    identity = ModelIdentity("acme/partial")
+
+    async def publish() -> None:
+        registry = SqliteRegistry(tmp_path / "registry.db")
+        try:
+            for sid, partial, hops in (("loading", True, 2), ("seed", False, 0)):
+                record = replace(make_record(identity, sid), partial=partial, hops=hops)
+                await registry.publish(record, make_manifest(identity))
+        finally:
+            await registry.aclose()
+
+    anyio.run(publish)
+    registry = f"sqlite://{tmp_path}/registry.db"
+    rows = json.loads(mxo("sources", "--registry", registry, "--json").stdout)
+    assert [(r["source_id"], r["partial"], r["hops"]) for r in rows] == [
+        ("loading", True, 2),
+        ("seed", False, 0),
+    ]
+    table = mxo("sources", "--registry", registry).stdout
+    loading = next(line for line in table.splitlines() if "loading" in line)
+    assert "partial" in loading and "whole" in next(line for line in table.splitlines() if "seed" in line)
