@@ -9,7 +9,8 @@ landed verified, the source publishes itself whole. A load that ends another
 way (the Hub shaped the memory anew, or the content it verified against was
 discredited) is served whole from what it finally holds; a load that fails
 stops serving. Either way it serves until cancelled: a serving process
-embeds it in its own task group, ``mxo pull --republish`` until a signal.
+embeds it in its own task group (or opens an ``Orchestrator(republish=True)``,
+which runs it in the orchestrator's), ``mxo pull --republish`` until a signal.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .pipeline import Orchestrator
 from .registry.base import SourceRegistry
 from .report import LoadReport
 from .source import WeightSource
+from .strategy import ProgressCallback
 from .target import Target
 
 __all__ = ["load_and_serve"]
@@ -41,6 +43,7 @@ async def load_and_serve(
     *,
     on_report: Callable[[LoadReport], None] | None = None,
     on_serving: Callable[[WeightSource], None] | None = None,
+    progress: ProgressCallback | None = None,
     **source_options: Any,
 ) -> LoadReport:
     """Load ``identity`` into ``target``, serving it to peers from its first landed part; after the
@@ -48,6 +51,7 @@ async def load_and_serve(
 
     ``on_report``: called with the load's report as soon as it ends (serving goes on);
     ``on_serving``: called with each :class:`WeightSource` as it is published;
+    ``progress``: the load's progress callback;
     ``source_options``: for :class:`WeightSource` (``source_id``, ``ttl``, ``max_readers``, ...).
     """
     holdings = Holdings()
@@ -72,7 +76,7 @@ async def load_and_serve(
                 await serve(replace(buffers, manifest=holdings.manifest), holdings.hops, holdings)
 
         tg.start_soon(serve_partial)
-        report = await orchestrator.load(identity, target, holdings=holdings)
+        report = await orchestrator.load(identity, target, progress=progress, holdings=holdings)
         if on_report is not None:
             on_report(report)
         if not report.loaded:

@@ -47,6 +47,7 @@ from .target import Target, TargetMismatch
 if TYPE_CHECKING:
     import torch
 
+    from .pipeline import Orchestrator
     from .strategy import Strategy
 
 __all__ = [
@@ -289,12 +290,13 @@ async def load_module(
     module: torch.nn.Module,
     model_id: str | ModelIdentity,
     *,
-    registry: str | SourceRegistry | None,
+    registry: str | SourceRegistry | None = None,
     strategies: Sequence[Strategy] | None = None,
     rename: Rename | None = None,
     strict: bool = True,
     verify: bool = True,
     revision: str = "main",
+    orchestrator: Orchestrator | None = None,
     **orchestrator_options: Any,
 ) -> LoadReport:
     """Fill ``module``'s parameters and buffers in place from the best source; the load's report.
@@ -304,11 +306,33 @@ async def load_module(
     ``rdma_tensor``. Everything else (``stripe``, ``expect``, timeouts, ...)
     goes to the :class:`~mx_orchestrator.pipeline.Orchestrator`. The report's
     ``module`` entry is the binding: what was filled, tied, left over.
+
+    ``orchestrator``: load with this open one instead (its registry, strategies
+    and options). With ``Orchestrator(..., republish=True)`` the module's own
+    weights are served to peers from its first landed part, for as long as the
+    orchestrator is open::
+
+        async with Orchestrator(registry, strategies, republish=True) as orchestrator:
+            await load_module(model, "org/model", orchestrator=orchestrator)
+            await serve_requests()
     """
     from .pipeline import Orchestrator
 
     identity = model_id if isinstance(model_id, ModelIdentity) else ModelIdentity(model_id, revision)
     target = ModuleTarget(module, identity, rename=rename, strict=strict, verify=verify)
+    if orchestrator is not None:
+        if registry is not None or strategies is not None or orchestrator_options:
+            raise ConfigError(
+                "with orchestrator=, the registry, strategies and options are the orchestrator's"
+            )
+        report = await orchestrator.load(identity, target)
+        report.module = target.binding.to_dict() if target.binding is not None else None
+        return report
+    if orchestrator_options.get("republish"):
+        raise ConfigError(
+            "load_module(republish=True) would stop serving as it returns: pass orchestrator= "
+            "an open `async with Orchestrator(..., republish=True)`"
+        )
     chosen = list(strategies) if strategies is not None else _default_strategies(target.device)
     opened = open_registry(registry) if isinstance(registry, str) else None
     try:

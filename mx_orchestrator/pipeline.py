@@ -12,11 +12,13 @@ and trio alike.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from .config import check_count, check_rate, check_seconds
 from .errors import ConfigError
@@ -57,6 +59,16 @@ class Orchestrator:
     largest (``None``: no cap; a fleet that fans out wants parts that land, and so are served, soon).
     ``manifest_cache``: where parsed manifests are kept by key (default: the
     process's, so a second load fetches none).
+
+    ``republish``: each load's target is served to peers from its first part
+    that landed verified (a partial source), whole once loaded, for as long
+    as the orchestrator is open (``async with``); ``serve_options`` go to its
+    :class:`~mx_orchestrator.source.WeightSource` (``source_id``, ``ttl``,
+    ``max_readers``, ...). See :func:`~mx_orchestrator.fanout.load_and_serve`.
+
+    >>> async with Orchestrator(registry, strategies, republish=True, max_part_bytes=64 << 20) as o:
+    ...     report = await o.load(ModelIdentity("org/model"), target)
+    ...     await serve_requests()  # peers read the weights meanwhile; unpublished on exit
     """
 
     def __init__(
@@ -82,6 +94,8 @@ class Orchestrator:
         max_part_bytes: int | None = None,
         max_rate: float | None = None,
         manifest_cache: ManifestCache | None = None,
+        republish: bool = False,
+        serve_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not strategies:
             raise ConfigError("an orchestrator needs at least one strategy")
@@ -124,6 +138,15 @@ class Orchestrator:
         self.target_id = target_id or f"target-{uuid.uuid4().hex[:12]}"
         self.observers = tuple(observers)
         self.expect = expect
+        if republish and registry is None:
+            raise ConfigError("republish needs a registry to publish the target in")
+        if serve_options is not None and not republish:
+            raise ConfigError("serve_options are for republish=True")
+        self.republish = republish
+        self.serve_options = dict(serve_options or {})
+        #: the open orchestrator's task group: republished targets serve in it until it closes
+        self._serving: anyio.abc.TaskGroup | None = None
+        self._exits = contextlib.AsyncExitStack()
 
     @property
     def uses_peers(self) -> bool:
@@ -141,9 +164,49 @@ class Orchestrator:
 
         ``holdings``: the target serves what lands while it loads (a partial source, see
         :mod:`~mx_orchestrator.holdings` and :func:`~mx_orchestrator.fanout.load_and_serve`):
-        the load marks there each tensor that landed verified.
+        the load marks there each tensor that landed verified. With ``republish``, the
+        orchestrator makes them and serves the target until it closes.
         """
+        if self.republish and holdings is None:
+            return await self._load_and_serve(identity, target, progress)
         return await LoadRun(self, identity, target, progress, holdings).run()
+
+    async def _load_and_serve(
+        self, identity: ModelIdentity, target: Any, progress: ProgressCallback | None
+    ) -> LoadReport:
+        """The load, its target served from the first landed part in the orchestrator's task group
+        (past this call); a cancelled call stops both."""
+        from .fanout import load_and_serve
+
+        if self._serving is None:
+            raise ConfigError(
+                "republish=True serves the target for as long as the orchestrator is open: "
+                "use `async with Orchestrator(...)`"
+            )
+        registry = self.registry
+        assert registry is not None
+        ended = anyio.Event()
+        reports: list[LoadReport] = []
+        scope = anyio.CancelScope()
+
+        def on_report(report: LoadReport) -> None:
+            reports.append(report)
+            ended.set()
+
+        async def serve() -> None:
+            with scope:
+                await load_and_serve(
+                    self, identity, target, registry,
+                    on_report=on_report, progress=progress, **self.serve_options,
+                )  # fmt: skip
+
+        self._serving.start_soon(serve)
+        try:
+            await ended.wait()
+        except BaseException:
+            scope.cancel()
+            raise
+        return reports[0]
 
     async def prewarm(self) -> None:
         """Make what the strategies need before a first load (the transport's agent) exist now.
@@ -167,8 +230,16 @@ class Orchestrator:
                 await aclose()
 
     async def __aenter__(self) -> Orchestrator:
+        if self.republish:
+            self._serving = await self._exits.enter_async_context(anyio.create_task_group())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        with anyio.CancelScope(shield=True):
-            await self.aclose()
+        try:
+            if self._serving is not None:
+                self._serving.cancel_scope.cancel()  # republished targets: unpublished, leases given back
+                self._serving = None
+                await self._exits.aclose()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()

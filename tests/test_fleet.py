@@ -466,3 +466,62 @@ def test_a_partial_source_killed_mid_way_costs_its_reader_only_the_part_in_fligh
     assert landed == 1 << 30, f"{landed} bytes landed for a 1 GiB model: some were read twice"
     failed = [a for a in report["attempts"] if a["source"] == "doomed" and a["outcome"] != "Loaded"]
     assert failed and all(a["outcome"] in ("SourceFailed", "TimedOut", "SourceUnreachable") for a in failed)
+
+
+@pytest.mark.nixl
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_nixl_leaks")
+def test_an_open_republishing_orchestrator_serves_a_loaded_module_to_a_pull_until_it_closes(
+    peers: Peers, registry_url: str, gigabyte_checkpoint: Path
+) -> None:
+    """The embedded form of ``--republish``: ``load_module(..., orchestrator=o)`` inside ``async with
+    Orchestrator(..., republish=True) as o`` fills a module in place, pinned, and the module's own
+    memory is then a source (whole, one hop from the seed): with the seed gone, a `mxo pull` process
+    loads every byte from it. Closing the orchestrator unpublishes it."""
+    from mx_orchestrator import Orchestrator, load_module
+    from mx_orchestrator.checkpoint import fingerprint_directory
+    from mx_orchestrator.registry import open_registry
+    from strategies.rdma_region import RdmaRegion
+    from strategies.rdma_tensor import RdmaTensor
+
+    pin, _ = fingerprint_directory(gigabyte_checkpoint)
+    model_id = "acme/embedded-1g"
+    (seed,) = peers.start(("seed", "arena"), weights=gigabyte_checkpoint, model_id=model_id, ttl=60.0)
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros((16 << 20) // 4, dtype=torch.int32), requires_grad=False)
+
+    model = torch.nn.Module()
+    model.block = torch.nn.ModuleDict({f"{i:02d}": Block() for i in range(64)})
+    pull = [sys.executable, "-m", "mx_orchestrator", "pull", "--model-id", model_id, "--registry",
+            registry_url, "--timeout", "120", "--json", "--expect", pin]  # fmt: skip
+
+    async def main() -> tuple[dict[str, Any], Any, Any]:
+        registry = open_registry(registry_url)
+        try:
+            async with Orchestrator(
+                registry, [RdmaRegion(), RdmaTensor()], republish=True, expect=pin,
+                max_part_bytes=64 << 20, serve_options={"source_id": "embedded", "ttl": 30.0},
+            ) as orchestrator:  # fmt: skip
+                report = await load_module(model, model_id, orchestrator=orchestrator)
+                summary = report.to_dict()
+                assert summary["verified"] and summary["sources"] == ["seed"], summary
+                with anyio.fail_after(30):
+                    while (record := await registry.get("embedded")) is None or record.partial:
+                        await anyio.sleep(0.1)
+                await anyio.to_thread.run_sync(seed.terminate)
+                pulled = await anyio.run_process(pull, check=False)
+                assert pulled.returncode == 0, pulled.stderr.decode(errors="replace")[-3000:]
+            return json.loads(pulled.stdout), record, await registry.get("embedded")
+        finally:
+            await registry.aclose()
+
+    pulled, served, after = anyio.run(main)
+    assert served.hops == 1 and not served.partial
+    assert pulled["outcome"] == "loaded" and pulled["verified"] and pulled["sources"] == ["embedded"]
+    assert pulled["bytes"] == 1 << 30
+    base = torch.arange((16 << 20) // 4, dtype=torch.int32)
+    assert all(torch.equal(model.block[f"{i:02d}"].weight, base * (2 * i + 1) + i) for i in range(64))
+    assert after is None  # closing the orchestrator unpublished the module's memory

@@ -210,3 +210,35 @@ def test_a_partial_source_that_lands_the_rest_meanwhile_serves_the_whole_model_a
     assert report.loaded and {a.outcome.source_id for a in report.loaded_parts()} == {"partial"}
     assert not any(isinstance(a.outcome, PartNotHeld) for a in report.attempts)
     assert partial is False  # published whole once complete
+
+
+def test_republish_is_refused_with_one_line_where_it_could_not_serve() -> None:
+    """``republish`` serves for as long as an open orchestrator lasts: without a registry, outside
+    ``async with``, or through a ``load_module`` that closes its own orchestrator as it returns, it
+    is a configuration error, said before anything is allocated."""
+    from mx_orchestrator import ConfigError, Orchestrator, load_module
+    from mx_orchestrator.testing import FakeRegistry, FakeStrategy
+
+    strategies = [FakeStrategy("peer")]
+    with pytest.raises(ConfigError, match="republish needs a registry"):
+        Orchestrator(None, [FakeStrategy("hub", uses_peers=False)], republish=True)
+    with pytest.raises(ConfigError, match="serve_options are for republish"):
+        Orchestrator(FakeRegistry(), strategies, serve_options={"max_readers": 2})
+    target = Target()
+
+    async def outside() -> None:
+        await Orchestrator(FakeRegistry(), strategies, republish=True).load(ModelIdentity("a/b"), target)
+
+    with pytest.raises(ConfigError, match="async with Orchestrator"):
+        anyio.run(outside)
+    assert target.buffers is None
+    module = torch.nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match="stop serving as it returns"):
+        anyio.run(lambda: load_module(module, "a/b", registry=FakeRegistry(), republish=True))
+
+    async def both() -> None:
+        async with Orchestrator(FakeRegistry(), strategies) as orchestrator:
+            await load_module(module, "a/b", registry=FakeRegistry(), orchestrator=orchestrator)
+
+    with pytest.raises(ConfigError, match="are the orchestrator's"):
+        anyio.run(both)
