@@ -509,7 +509,10 @@ def test_an_open_republishing_orchestrator_serves_a_loaded_module_to_a_pull_unti
                 summary = report.to_dict()
                 assert summary["verified"] and summary["sources"] == ["seed"], summary
                 with anyio.fail_after(30):
-                    while (record := await registry.get("embedded")) is None or record.partial:
+                    while True:  # the record is another process's view: polled
+                        record = await registry.get("embedded")
+                        if record is not None and not record.partial:
+                            break
                         await anyio.sleep(0.1)
                 await anyio.to_thread.run_sync(seed.terminate)
                 pulled = await anyio.run_process(pull, check=False)
