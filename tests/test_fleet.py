@@ -491,7 +491,9 @@ def test_an_open_republishing_orchestrator_serves_a_loaded_module_to_a_pull_unti
     class Block(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros((16 << 20) // 4, dtype=torch.int32), requires_grad=False)
+            self.weight = torch.nn.Parameter(
+                torch.zeros((16 << 20) // 4, dtype=torch.int32), requires_grad=False
+            )
 
     model = torch.nn.Module()
     model.block = torch.nn.ModuleDict({f"{i:02d}": Block() for i in range(64)})
