@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -25,18 +25,30 @@ import anyio.abc
 from .buffers import Buffers
 from .holdings import Holdings
 from .models import ModelIdentity
-from .pipeline import Orchestrator
 from .registry.base import SourceRegistry
 from .report import LoadReport
 from .source import WeightSource
 from .strategy import ProgressCallback
 from .target import Target
 
-__all__ = ["load_and_serve"]
+__all__ = ["Loads", "load_and_serve"]
+
+
+class Loads(Protocol):
+    """What :func:`load_and_serve` needs of an :class:`~mx_orchestrator.pipeline.Orchestrator`."""
+
+    async def load(
+        self,
+        identity: ModelIdentity,
+        target: Any = None,
+        *,
+        progress: ProgressCallback | None = None,
+        holdings: Holdings | None = None,
+    ) -> LoadReport: ...
 
 
 async def load_and_serve(
-    orchestrator: Orchestrator,
+    orchestrator: Loads,
     identity: ModelIdentity,
     target: Target,
     registry: SourceRegistry,

@@ -108,9 +108,10 @@ class LoadRun:
             await event.wait()
 
     def conclude(self, done: Done) -> None:
-        """The load is decided: stop every worker (their sessions release what they hold)."""
+        """The load is decided: stop every worker (their sessions' leases go back together)."""
         if self.done is None:
             self.done = done
+            self.registry.ending = True
             self.workers.cancel_scope.cancel()
 
     # -- the load ---------------------------------------------------------------------
@@ -131,6 +132,8 @@ class LoadRun:
                     await self.drive()
                 finally:
                     tg.cancel_scope.cancel()
+                    with anyio.CancelScope(shield=True):
+                        await self.registry.give_back_together()
         finally:
             if self.reads is not None:
                 self.reads.close()

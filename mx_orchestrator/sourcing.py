@@ -6,7 +6,8 @@ bounded in time, a failure logged and returned, never raised into the load.
 A lease is held for a whole session on one source (not per part), renewed in
 the background and given back on every path, cancellation included; a target
 killed mid-read stops renewing and its lease runs out within ``reader_lease``
-seconds.
+seconds. The sessions that end because the load was decided (a striped load's
+are all in flight then) give theirs back together, in one registry call.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class SourceAccounting:
         self.tasks = tasks
         self.reports_written = 0
         self.reports_skipped = 0
+        #: set once the load is decided: ending sessions leave their leases to :meth:`give_back_together`
+        self.ending = False
+        self._held_to_the_end: list[tuple[str, str]] = []
 
     @contextlib.asynccontextmanager
     async def lease(self, attempt: Attempt) -> AsyncIterator[bool | None]:
@@ -56,9 +60,26 @@ class SourceAccounting:
             yield leased
         finally:
             renewals.cancel()
-            if leased:
+            if leased and self.ending and attempt.candidate is not None:
+                record = attempt.candidate.record
+                self._held_to_the_end.append((record.source_id, record.generation))
+            elif leased:
                 with anyio.CancelScope(shield=True):
                     await self._lease(attempt, None)
+
+    async def give_back_together(self) -> None:
+        """The leases of the sessions that ended with the load, given back in one call (a failed
+        call leaves them to run out within ``reader_lease`` seconds, as a killed target's do)."""
+        leases, self._held_to_the_end = self._held_to_the_end, []
+        registry = self.config.registry
+        if leases and registry is not None:
+            await registry_call(
+                self.log,
+                lambda: registry.release_readers(self.reader, leases),
+                "source.reader_lease_failed",
+                within=_READER_ACCOUNTING_TIMEOUT,
+                sources=[source_id for source_id, _ in leases],
+            )
 
     def refusal(self, strategy: str, attempt: Attempt) -> SourceBusy:
         """What a refused lease is: ``SourceBusy``, capacity, never the source's fault."""

@@ -384,3 +384,24 @@ def test_a_junk_record_whose_manifest_cannot_land_here_is_its_own_problem_not_th
     assert report.loaded, report.reason
     assert_equal_weights(target)
     assert not any(a.outcome.name == "LocalFailure" for a in report.attempts)
+
+
+def test_a_striped_load_gives_back_its_sessions_leases_together_in_one_registry_call() -> None:
+    """Three sources read at once (stripe 3): each session takes its lease with one call, and when
+    the load is decided the three go back in one ``release_readers`` call (a fleet's registry
+    sees s + 1 lease calls a load, not 2 s); no source is left with a reader."""
+
+    async def main() -> tuple[LoadReport, list[tuple[str, str]], dict[str, dict[str, float]]]:
+        async with fabric(("a", "arena"), ("b", "arena"), ("c", "arena")) as f:
+            target = Target("arena")
+            report = await f.load(target, stripe=3, min_part_bytes=1, rank_window=0)
+            readers = {r.source_id: r.readers for r in await f.registry.list(IDENTITY.key)}
+            return report, list(f.registry.calls), readers
+
+    report, calls, readers = run_on_virtual_time(main)
+    assert report.loaded and sorted(report.bytes_by_source()) == ["a", "b", "c"]
+    leases = [arg for op, arg in calls if op == "lease_reader"]
+    given_back = [arg for op, arg in calls if op == "release_readers"]
+    assert sorted(leases) == ["a", "b", "c"]
+    assert len(given_back) == 1 and sorted(given_back[0].split(",")) == ["a", "b", "c"]
+    assert readers == {"a": {}, "b": {}, "c": {}}

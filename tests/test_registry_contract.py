@@ -177,6 +177,24 @@ async def test_reader_leases_count_as_load_and_run_out_unless_renewed(
     assert (await registry.list(identity.key))[0].load == 0
 
 
+async def test_one_call_gives_back_a_readers_leases_on_several_sources_and_nothing_else(
+    registry: SourceRegistry, identity: ModelIdentity, clock: Clock
+) -> None:
+    """``release_readers``: what a load that ends does with its sessions' leases. Only that
+    reader's, only on the named generation; a source gone meanwhile or never leased is harmless."""
+    a, b, c = (rec(identity, sid, clock) for sid in "abc")
+    for record in (a, b, c):
+        await registry.publish(record)
+        await registry.lease_reader(record.source_id, record.generation, "t1/run", 10)
+    await registry.lease_reader("a", a.generation, "t2/run", 10)
+    await registry.release_readers(
+        "t1/run", [("a", a.generation), ("b", b.generation), ("c", "a-previous-life"), ("gone", "g")]
+    )
+    loads = {r.source_id: r.readers for r in await registry.list(identity.key)}
+    assert set(loads["a"]) == {"t2/run"} and loads["b"] == {} and set(loads["c"]) == {"t1/run"}
+    await registry.release_readers("t1/run", [])  # nothing to give back: nothing happens
+
+
 @pytest.mark.faults
 async def test_a_lease_is_bounded_by_the_source_and_an_expired_one_never_blocks_it(
     registry: SourceRegistry, identity: ModelIdentity, clock: Clock

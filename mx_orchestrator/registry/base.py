@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
@@ -203,6 +203,11 @@ class SourceRegistry(Protocol):
         """
         ...
 
+    async def release_readers(self, reader: str, leases: Sequence[tuple[str, str]]) -> None:
+        """Give back ``reader``'s leases on these ``(source_id, generation)`` in one call: a load
+        that ends gives back every session's lease at once, not one call each."""
+        ...
+
     async def list(
         self, identity_key: str | None = None, state: SourceState | None = SourceState.READY
     ) -> list[SourceRecord]: ...
@@ -268,16 +273,20 @@ def _for_generation(generation: str, transition: Callable[[SourceRecord], Source
 class RecordTransitions:
     """The registry operations that are one pure transition of one record, written once.
 
-    A backend provides ``_change``: an atomic read-modify-write of one record
-    (``change`` returns the new record, or ``None`` to leave it as it is) that
-    returns what it wrote; ``get`` and ``get_manifest_blob``.
+    A backend provides ``_change_each``: an atomic read-modify-write of some
+    records, each by its own change (which returns the new record, or ``None``
+    to leave it as it is), that returns what it wrote; ``get`` and
+    ``get_manifest_blob``.
     """
 
     _ejection: EjectionPolicy
     _clock: Callable[[], float]
 
-    async def _change(self, source_id: str, change: Change) -> SourceRecord | None:
+    async def _change_each(self, changes: Mapping[str, Change]) -> dict[str, SourceRecord | None]:
         raise NotImplementedError
+
+    async def _change(self, source_id: str, change: Change) -> SourceRecord | None:
+        return (await self._change_each({source_id: change}))[source_id]
 
     async def get(self, source_id: str) -> SourceRecord | None:
         raise NotImplementedError
@@ -336,3 +345,11 @@ class RecordTransitions:
 
         await self._change(source_id, _for_generation(generation, transition))
         return admitted
+
+    async def release_readers(self, reader: str, leases: Sequence[tuple[str, str]]) -> None:
+        now = self._clock()
+        changes: dict[str, Change] = {}
+        for source_id, generation in leases:
+            changes[source_id] = _for_generation(generation, lambda r: apply_reader(r, reader, None, now))
+        if changes:
+            await self._change_each(changes)

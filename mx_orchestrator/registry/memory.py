@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from ..models import Manifest, SourceRecord, SourceState
 from .base import Change, EjectionPolicy, RecordTransitions, apply_publish, as_listed, is_listed
@@ -42,11 +42,13 @@ class MemoryRegistry(RecordTransitions):
         """How many manifests are held (one per distinct manifest, not per source)."""
         return len(self._blobs)
 
-    async def _change(self, source_id: str, change: Change) -> SourceRecord | None:
-        updated = change(self._records.get(source_id))
-        if updated is not None:
-            self._records[source_id] = updated
-        return updated
+    async def _change_each(self, changes: Mapping[str, Change]) -> dict[str, SourceRecord | None]:
+        written: dict[str, SourceRecord | None] = {}
+        for source_id, change in changes.items():
+            written[source_id] = updated = change(self._records.get(source_id))
+            if updated is not None:
+                self._records[source_id] = updated
+        return written
 
     async def list(
         self, identity_key: str | None = None, state: SourceState | None = SourceState.READY

@@ -28,7 +28,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import anyio
@@ -122,35 +122,42 @@ class RedisRegistry(RecordTransitions):
         except RedisError as exc:
             raise RegistryUnavailable(f"redis registry error: {exc}") from exc
 
-    async def _change(self, source_id: str, change: Change) -> SourceRecord | None:
-        """Apply ``change`` to the stored record atomically (WATCH/MULTI, retried on conflict)."""
+    async def _change_each(self, changes: Mapping[str, Change]) -> dict[str, SourceRecord | None]:
+        """Apply each change to its stored record, all in one transaction (WATCH/MULTI, retried
+        on conflict): one round trip of reads and one of writes however many records."""
         from redis.exceptions import WatchError
 
-        key = self._k("src", source_id)
+        ids = list(changes)
+        keys = [self._k("src", source_id) for source_id in ids]
 
-        async def run() -> SourceRecord | None:
+        async def run() -> dict[str, SourceRecord | None]:
             async with self._r.pipeline(transaction=True) as pipe:
                 conflicts = 0
                 while True:
                     try:
-                        await pipe.watch(key)
-                        current = decode_record(await pipe.get(key))
-                        updated = change(current)
-                        if updated is None:
+                        await pipe.watch(*keys)
+                        texts = await pipe.mget(keys)
+                        written = {
+                            i: changes[i](decode_record(text)) for i, text in zip(ids, texts, strict=True)
+                        }
+                        if all(updated is None for updated in written.values()):
                             await pipe.unwatch()
-                            return None
+                            return written
                         now = self._clock()
-                        expiry = _expiry(updated, now)
                         pipe.multi()
-                        pipe.set(key, encode_record(updated), ex=expiry)
-                        if updated.manifest_key:
-                            pipe.expire(self._k("mblob", updated.manifest_key), expiry, gt=True)
-                        pipe.sadd(self._k("idx", updated.identity_key), source_id)
-                        pipe.sadd(self._k("all"), source_id)
+                        for key, updated in zip(keys, written.values(), strict=True):
+                            if updated is None:
+                                continue
+                            expiry = _expiry(updated, now)
+                            pipe.set(key, encode_record(updated), ex=expiry)
+                            if updated.manifest_key:
+                                pipe.expire(self._k("mblob", updated.manifest_key), expiry, gt=True)
+                            pipe.sadd(self._k("idx", updated.identity_key), updated.source_id)
+                            pipe.sadd(self._k("all"), updated.source_id)
                         await pipe.execute()
-                        return updated
+                        return written
                     except WatchError:
-                        # another writer changed the record first: back off a little, with full
+                        # another writer changed a record first: back off a little, with full
                         # jitter, so a hundred targets leasing one seed do not retry in lockstep
                         conflicts += 1
                         await anyio.sleep(random.uniform(0.0, min(0.05, 0.0005 * 2**conflicts)))

@@ -16,7 +16,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -226,12 +226,14 @@ class SqliteRegistry(RecordTransitions):
 
         await self._run(lambda conn: self._update(conn, tx))
 
-    async def _change(self, source_id: str, change: Change) -> SourceRecord | None:
-        def tx(conn: sqlite3.Connection) -> SourceRecord | None:
-            updated = change(self._load(conn, source_id))
-            if updated is not None:
-                self._store(conn, updated)
-            return updated
+    async def _change_each(self, changes: Mapping[str, Change]) -> dict[str, SourceRecord | None]:
+        def tx(conn: sqlite3.Connection) -> dict[str, SourceRecord | None]:
+            written: dict[str, SourceRecord | None] = {}
+            for source_id, change in changes.items():
+                written[source_id] = updated = change(self._load(conn, source_id))
+                if updated is not None:
+                    self._store(conn, updated)
+            return written
 
         return await self._run(lambda conn: self._update(conn, tx))
 

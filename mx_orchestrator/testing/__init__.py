@@ -216,6 +216,10 @@ class FakeRegistry(MemoryRegistry):
         self._enter("lease_reader", source_id)
         return await super().lease_reader(source_id, generation, reader, seconds)
 
+    async def release_readers(self, reader: str, leases: Sequence[tuple[str, str]]) -> None:
+        self._enter("release_readers", ",".join(source_id for source_id, _ in leases))
+        await super().release_readers(reader, leases)
+
     async def mark_stale(self, source_id: str, generation: str, *, reason: str, reporter: str = "") -> bool:
         self._enter("mark_stale", source_id)
         return await super().mark_stale(source_id, generation, reason=reason, reporter=reporter)
