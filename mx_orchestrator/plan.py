@@ -20,7 +20,10 @@ free up (and republished targets appear) long before a Hub download would end.
 After the wait the driver lists the sources again and calls :meth:`Planner.requeue`.
 A striped load that waits while reading from fewer sources than its stripe
 asks for a :class:`Relist` at most every ``relist_interval`` (targets that began
-serving since, a fleet's partial sources, join it); the steps are in
+serving since, a fleet's partial sources, join it). So does one that was refused
+for capacity while it reads from others, before it asks another source: the
+loads its listing showed are stale (a fleet's free slots go fast), and one
+listing costs less than a chain of refusals. The steps are in
 :mod:`~mx_orchestrator.steps`.
 
 Termination: every recorded action either finishes, marks a new
@@ -90,6 +93,8 @@ class Planner:
         self._readers = readers
         self._relist_interval = relist_interval
         self._listed_at = 0.0
+        #: a source refused us for capacity since the last listing
+        self._refused_since_listing = False
         #: sources full this round (refused us, or listed at their cap), and the first peer
         #: strategy that met one: where a requeued round starts again
         self._full: set[str] = set()
@@ -149,6 +154,7 @@ class Planner:
     def evaluation_finished(self) -> None:
         self._evaluating = False
         self._listed_at = self._now
+        self._refused_since_listing = False
 
     @property
     def evaluating(self) -> bool:
@@ -211,6 +217,7 @@ class Planner:
             self.refusals += 1
         if action.full and sid is not None and action.kind is ActionKind.NEXT_CANDIDATE:
             self._mark_full(sid, attempt.strategy_index)
+            self._refused_since_listing = True
         TRANSITIONS[action.kind](self, attempt, action)
         if self._done is None and self.attempts_counted >= self._max_attempts:
             self._done = Done(False, f"attempt limit {self._max_attempts} reached")
@@ -332,6 +339,8 @@ class Planner:
                 if (self._index, None) not in self._tried:
                     return Attempt(slot.name, self._index, None)
             else:
+                if slot.parts and self._refused_since_listing and self._in_flight:
+                    return Wait() if self._evaluating else self._waiting()
                 best = self._pop_best()
                 if best is not None:
                     return Attempt(slot.name, self._index, best)

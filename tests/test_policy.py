@@ -403,3 +403,43 @@ def test_sources_reconsidered_after_the_plan_moved_past_every_strategy_are_tried
     again = planner.next_step()
     assert isinstance(again, Attempt) and again.source_id == "honest"
     assert isinstance(planner.next_step(), Wait)
+
+
+def test_a_striped_load_refused_while_it_reads_elsewhere_lists_again_before_asking_another_source(
+    identity: ModelIdentity,
+) -> None:
+    """The loads a listing showed go stale fast in a fleet: a load reading from one source that
+    was refused by a second lists again (at most every ``relist_interval``) before it asks a
+    third, instead of walking a chain of refusals; after the listing it asks again at once. A
+    load reading from no one (its first refusal) goes on down its list as before."""
+    from mx_orchestrator.plan import Relist
+
+    planner = Planner.of(
+        [StrategySlot("rdma_region", parts=True)], rendezvous("t"), DEFAULT_POLICY, readers=3
+    )
+    for sid in ("a", "b", "c", "d"):
+        planner.add_candidate(Candidate(make_record(identity, sid)))
+    planner.evaluation_finished()  # listed at 0
+    reading = planner.next_step(0.0)
+    refused = planner.next_step(0.0)
+    assert isinstance(reading, Attempt) and isinstance(refused, Attempt)
+    planner.record(DEFAULT_POLICY.decide(make(SourceBusy, refused.source_id), DecisionState()), refused)
+    due = DEFAULT_POLICY.relist_interval
+    assert planner.next_step(due / 2) == Wait(until=due)  # not another source from the stale listing
+    assert isinstance(planner.next_step(due), Relist)
+    assert isinstance(planner.next_step(due), Wait)  # while the listing is in flight
+    for sid in ("a", "b", "c", "d"):
+        planner.add_candidate(Candidate(make_record(identity, sid)))
+    planner.evaluation_finished()
+    after = planner.next_step(due)
+    assert isinstance(after, Attempt) and after.source_id not in {reading.source_id, refused.source_id}
+
+    alone = Planner.of([StrategySlot("rdma_region", parts=True)], rendezvous("t"), DEFAULT_POLICY, readers=3)
+    for sid in ("a", "b"):
+        alone.add_candidate(Candidate(make_record(identity, sid)))
+    alone.evaluation_finished()
+    first = alone.next_step(0.0)
+    assert isinstance(first, Attempt)
+    alone.record(DEFAULT_POLICY.decide(make(SourceBusy, first.source_id), DecisionState()), first)
+    second = alone.next_step(0.0)
+    assert isinstance(second, Attempt) and second.source_id != first.source_id
