@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument(
         "--modes", default="pipelined,whole,none", help="pipelined, whole, none (comma separated)"
     )
-    parser.add_argument("--stripe", type=int, default=3, help="pipelined: sources a target reads at once")
+    parser.add_argument("--stripe", type=int, default=5, help="pipelined: sources a target reads at once")
     parser.add_argument("--max-part-mb", type=float, default=128.0, help="pipelined: the largest part (MiB)")
     parser.add_argument("--model-gb", type=float, default=16.0)
     parser.add_argument(
