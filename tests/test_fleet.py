@@ -114,7 +114,8 @@ def test_a_simulated_fleet_loads_every_target_once_within_every_cap(tmp_path: Pa
     """Forty targets, one seed admitting four readers, a real SQLite registry, sources failing 10 %
     of the time: all load every byte exactly once, no source carries more than four readers, none
     is blamed for being full. Fan-out once loaded is faster than one seed's link allows; pipelined
-    fan-out (targets serve parts from their first landed one, rarest first) faster still."""
+    fan-out (targets serve parts from their first landed one, rarest first) within twice one
+    target's time alone, at a few registry calls a target."""
     fanout, pipelined = mode != "none", mode == "pipelined"
     config = FleetConfig(
         targets=40, fanout=fanout, pipelined=pipelined, stripe=3, reader_cap=4, fail_rate=0.1, seed=7
@@ -135,8 +136,13 @@ def test_a_simulated_fleet_loads_every_target_once_within_every_cap(tmp_path: Pa
     alone = config.model_bytes / config.link_bps
     if mode == "pipelined":
         assert summary["partial_sources"] == 40
-        # measured: 2.0 s = 3.2 x one target alone; fan-out once loaded: 7.5 s = 12 x
-        assert summary["seconds_to_all_loaded"] < 4 * alone
+        # measured: 0.96-1.08 s = 1.5-1.7 x one target alone (fan-out once loaded: 7.5 s = 12 x)
+        assert summary["seconds_to_all_loaded"] < 2 * alone
+        # what the fleet cost the registry, per target (measured 5.0-5.3 + 1 lease calls, 2.2-2.4
+        # listings): leases given back together, a refusal makes a listing, not a chain of refusals
+        calls = summary["registry_calls_per_target"]
+        assert calls["lease_reader"] + calls["release_readers"] <= 8 and calls["list"] <= 4
+        assert calls["get_manifest_blob"] == 1.0
     elif mode == "whole":
         assert sum(v for k, v in summary["loaded_from_hops"].items() if k != "0") > 0
         assert summary["seconds_to_all_loaded"] < one_seed / 3
