@@ -177,7 +177,10 @@ class Orchestrator:
         """The load, its target served from the first landed part in the orchestrator's task group
         (past this call); a cancelled call stops both."""
         from .fanout import load_and_serve
+        from .target import Target
 
+        if not isinstance(target, Target):
+            raise ConfigError(f"republish serves a Target's memory, not a {type(target).__name__}")
         if self._serving is None:
             raise ConfigError(
                 "republish=True serves the target for as long as the orchestrator is open: "
@@ -187,6 +190,7 @@ class Orchestrator:
         assert registry is not None
         ended = anyio.Event()
         reports: list[LoadReport] = []
+        errors: list[Exception] = []
         scope = anyio.CancelScope()
 
         def on_report(report: LoadReport) -> None:
@@ -195,10 +199,16 @@ class Orchestrator:
 
         async def serve() -> None:
             with scope:
-                await load_and_serve(
-                    self, identity, target, registry,
-                    on_report=on_report, progress=progress, **self.serve_options,
-                )  # fmt: skip
+                try:
+                    await load_and_serve(
+                        self, identity, target, registry,
+                        on_report=on_report, progress=progress, **self.serve_options,
+                    )  # fmt: skip
+                except Exception as exc:
+                    if ended.is_set():
+                        raise  # serving failed after the load: the orchestrator's ``async with`` says so
+                    errors.append(exc)  # the load itself raised: so does this call
+                    ended.set()
 
         self._serving.start_soon(serve)
         try:
@@ -206,6 +216,8 @@ class Orchestrator:
         except BaseException:
             scope.cancel()
             raise
+        if errors:
+            raise errors[0]
         return reports[0]
 
     async def prewarm(self) -> None:

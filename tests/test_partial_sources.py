@@ -232,6 +232,13 @@ def test_republish_is_refused_with_one_line_where_it_could_not_serve() -> None:
     with pytest.raises(ConfigError, match="async with Orchestrator"):
         anyio.run(outside)
     assert target.buffers is None
+
+    async def no_memory_to_serve() -> None:
+        async with Orchestrator(FakeRegistry(), strategies, republish=True) as orchestrator:
+            await orchestrator.load(ModelIdentity("a/b"), None)
+
+    with pytest.raises(ConfigError, match="serves a Target's memory"):
+        anyio.run(no_memory_to_serve)
     module = torch.nn.Linear(2, 2)
     with pytest.raises(ConfigError, match="stop serving as it returns"):
         anyio.run(lambda: load_module(module, "a/b", registry=FakeRegistry(), republish=True))
@@ -242,3 +249,45 @@ def test_republish_is_refused_with_one_line_where_it_could_not_serve() -> None:
 
     with pytest.raises(ConfigError, match="are the orchestrator's"):
         anyio.run(both)
+
+
+def test_an_open_republishing_orchestrator_serves_what_it_loaded_and_a_failed_load_serves_nothing() -> None:
+    """On the fake fabric: a load through ``Orchestrator(republish=True)`` returns its report while
+    its target goes on serving (published whole once every tensor landed, one hop from the seed);
+    another target reads every byte from it; closing the orchestrator unpublishes it. A load that
+    fails (no source has that model) publishes nothing and raises nothing."""
+    from mx_orchestrator import Orchestrator
+    from mx_orchestrator.selection import SelectionPolicy
+    from strategies.rdma_region import RdmaRegion
+    from strategies.rdma_tensor import RdmaTensor
+
+    copy_first: SelectionPolicy = lambda _t: lambda c: (0.0 if c.source_id == "copy" else 1.0,)  # noqa: E731
+
+    async def main() -> tuple[Any, Any, Any, Any, Any]:
+        async with fabric(("seed", "arena")) as f:
+            serve = {"source_id": "copy", "agent": f.network.agent("copy"), "poll_interval": 0.01}
+            async with f.orchestrator(republish=True, serve_options=serve, min_part_bytes=1) as orchestrator:
+                report = await orchestrator.load(IDENTITY, Target("arena"))
+                with anyio.fail_after(5):
+                    while True:  # the source publishes itself whole on its own schedule: polled
+                        record = await f.registry.get("copy")
+                        if record is not None and not record.partial:
+                            break
+                        await anyio.sleep(0.01)
+                second = Target("tensor")
+                strategies = [RdmaRegion(agent=f.agent), RdmaTensor(agent=f.agent)]
+                read = await Orchestrator(f.registry, strategies, selection=copy_first).load(IDENTITY, second)
+            after = await f.registry.get("copy")
+            other = ModelIdentity("acme/other")
+            async with f.orchestrator(republish=True, serve_options=serve) as orchestrator:
+                failed = await orchestrator.load(other, Target("arena"))
+                nothing = await f.registry.get("copy")
+            return report, record, (read, second), after, (failed, nothing)
+
+    report, record, (read, second), after, (failed, nothing) = run_on_virtual_time(main)
+    assert report.loaded and record.hops == 1 and not record.partial
+    assert read.loaded and read.bytes_by_source() == {"copy": second.nbytes}
+    for name, tensor in weights().items():
+        assert torch.equal(second.tensors()[name], tensor), name
+    assert after is None  # unpublished when the orchestrator closed
+    assert not failed.loaded and nothing is None
