@@ -77,6 +77,12 @@ _source_id = _checked(str, check_source_id, "a source id")
 _device = _checked(str, check_device, "a device")
 _gbps = _checked(float, lambda v: check_rate("max_rate", v * 1e9), "a positive number")
 _readers = _checked(int, lambda v: check_count("max_readers", v, minimum=0), "a whole number")
+#: a republishing pull's largest part: what lands sooner is served sooner (pipelined fan-out)
+FANOUT_PART_BYTES = 64 << 20
+#: a republishing pull's default stripe: a fleet's targets read parts from several sources at once
+#: (``bench/fleet.py``: 1,000 targets within 2 x one target alone at 5, about 7 lease calls a target)
+FANOUT_STRIPE = 5
+
 _stripe = _checked(int, lambda v: check_count("stripe", v, maximum=64), "a whole number from 1 to 64")
 
 
@@ -213,9 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument(
         "--stripe",
         type=_stripe,
-        default=1,
+        default=None,
         metavar="K",
-        help="read disjoint parts from up to K sources at once; a failed part alone moves on (default 1)",
+        help="read disjoint parts from up to K sources at once; a failed part alone moves on (default 1; "
+        f"{FANOUT_STRIPE} with --republish, as in the fleet bench)",
     )
     pull.add_argument(
         "--hedge",
@@ -383,10 +390,6 @@ def _default_strategies(args: argparse.Namespace) -> str:
     return names + (",hf_download" if args.repo else "")
 
 
-#: a republishing pull's largest part: what lands sooner is served sooner (pipelined fan-out)
-FANOUT_PART_BYTES = 64 << 20
-
-
 def _pull(args: argparse.Namespace) -> int:
     from .checkpoint import save_checkpoint
     from .fanout import load_and_serve
@@ -441,7 +444,7 @@ def _pull(args: argparse.Namespace) -> int:
                 observers=[display],
                 expect=args.expect,
                 reader_lease=args.reader_lease,
-                stripe=args.stripe,
+                stripe=args.stripe or (FANOUT_STRIPE if args.republish else 1),
                 hedge=args.hedge,
                 selection=NAMED_SELECTIONS[args.selection],
                 max_part_bytes=FANOUT_PART_BYTES if args.republish else None,

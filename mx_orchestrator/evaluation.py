@@ -81,11 +81,15 @@ class Evaluation:
 class Evaluator:
     """Runs evaluation rounds for one load of ``identity``, recording into ``evaluation``."""
 
-    def __init__(self, config: EvaluationSettings, identity: ModelIdentity, log: Any) -> None:
+    def __init__(
+        self, config: EvaluationSettings, identity: ModelIdentity, log: Any, serving_as: str | None = None
+    ) -> None:
         self.config = config
         self.identity = identity
         self.log = log
         self.evaluation = Evaluation()
+        #: the source id the load's own target is served as (a republishing load): never a candidate
+        self.serving_as = serving_as
 
     async def round(self, found: Found) -> None:
         """List the sources and probe them, handing each usable candidate to ``found``."""
@@ -102,7 +106,7 @@ class Evaluator:
             if isinstance(listed, RegistryError):
                 self.evaluation.registry_error = listed
             else:
-                records = listed
+                records = [r for r in listed if r.source_id != self.serving_as]
         limiter = anyio.CapacityLimiter(config.probe_concurrency)
         known = getattr(config.prober, "probe_known", None)
         async with anyio.create_task_group() as tg:

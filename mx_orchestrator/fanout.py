@@ -23,11 +23,12 @@ import anyio
 import anyio.abc
 
 from .buffers import Buffers
+from .config import check_source_id
 from .holdings import Holdings
 from .models import ModelIdentity
 from .registry.base import SourceRegistry
 from .report import LoadReport
-from .source import WeightSource
+from .source import WeightSource, default_source_id
 from .strategy import ProgressCallback
 from .target import Target
 
@@ -66,10 +67,13 @@ async def load_and_serve(
     ``progress``: the load's progress callback;
     ``source_options``: for :class:`WeightSource` (``source_id``, ``ttl``, ``max_readers``, ...).
     """
-    holdings = Holdings()
+    source_id = check_source_id(source_options.pop("source_id", None) or default_source_id())
+    holdings = Holdings(served_as=source_id)  # the load never reads from its own source
 
     async def serve(weights: Buffers, hops: int, partial: Holdings | None) -> None:
-        source = WeightSource(registry, weights, hops=hops, holdings=partial, **source_options)
+        source = WeightSource(
+            registry, weights, source_id=source_id, hops=hops, holdings=partial, **source_options
+        )
         async with anyio.create_task_group() as tg:
             await tg.start(source.run)
             if on_serving is not None:

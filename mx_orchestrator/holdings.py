@@ -64,7 +64,9 @@ class Holdings:
     :attr:`ready` and :attr:`complete`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, served_as: str | None = None) -> None:
+        #: the source id this target is served as: its own load never reads from it
+        self.served_as = served_as
         self.manifest: Manifest | None = None
         self.hops = 0
         self.array: np.ndarray[Any, Any] | None = None

@@ -79,7 +79,7 @@ class LoadRun:
         self.log = _log.bind(run_id=self.run_id, model=identity.key)
         self.started = anyio.current_time()
         self.deadline = self.started + config.load_timeout if config.load_timeout is not None else math.inf
-        self.evaluator = Evaluator(config, identity, self.log)
+        self.evaluator = Evaluator(config, identity, self.log, holdings.served_as if holdings else None)
         slots = [StrategySlot(s.name, s.uses_peers, isinstance(s, PartCapable)) for s in config.strategies]
         self.planner = Planner.of(slots, config.selection(config.target_id), config.policy, config.stripe)
         self.attempts: list[AttemptRecord] = []

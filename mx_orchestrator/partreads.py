@@ -250,7 +250,9 @@ class PartReads:
         elif isinstance(outcome, (Loaded, Corrupt)):
             index = {spec.name: i for i, spec in enumerate(plan.local_manifest.tensors)}
             bad = [index[n] for n in outcome.bad_tensors] if isinstance(outcome, Corrupt) else []
-            planner.landed(part, bad)
+            twin = planner.landed(part, bad)
+            if twin is not None and (other := self.scopes.get(twin)) is not None:
+                other.cancel()  # a hedge started while this part was being verified: it lost
             self.last_landing_at = anyio.current_time()
             transfer = ctx.phases.seconds.get("transfer", 0.0)
             if self.holdings is not None:  # verified: readers of this target may take it now
@@ -272,11 +274,12 @@ class PartReads:
     async def settle_twin(self, part: Part) -> bool:
         """Called when ``part``'s READ completed, before its bytes are verified: True when it won."""
         twin = self.planner.twin_of(part) if self.planner is not None else None
+        if twin is not None and twin in self.won:
+            return False
+        # won even without a twin yet: a hedge of it that starts while it is verified loses
+        self.won.add(part.index)
         if twin is None:
             return True
-        if twin in self.won:
-            return False
-        self.won.add(part.index)
         scope, finished = self.scopes.get(twin), self.finished.get(twin)
         if scope is not None and finished is not None:
             scope.cancel()

@@ -79,6 +79,11 @@ def load_weights(
     return buffers.with_checksums()
 
 
+def default_source_id() -> str:
+    """A source's id when none is given: this host and process."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 class WeightSource:
     """Offers :class:`ServedWeights` to peers until cancelled.
 
@@ -111,9 +116,7 @@ class WeightSource:
         check_seconds("poll_interval", poll_interval)
         self.registry = registry
         self.weights = weights
-        self.source_id = check_source_id(
-            f"{socket.gethostname()}-{os.getpid()}" if source_id is None else source_id
-        )
+        self.source_id = check_source_id(default_source_id() if source_id is None else source_id)
         self.generation = uuid.uuid4().hex
         self.ttl = ttl
         self.labels = dict(labels or {"host": socket.gethostname()})

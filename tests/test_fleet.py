@@ -241,8 +241,11 @@ def test_eight_republishing_pulls_against_a_seed_admitting_two_fan_out(
                 out, _ = p.communicate()
             outs.append(out)
     reports = [json.loads(out) for out in outs]
-    # a pinned load that lands is the checkpoint's bytes: each tensor's SHA-256 matched the pin
-    assert all(r["outcome"] == "loaded" and r["verified"] and r["bytes"] == 1 << 30 for r in reports)
+    # a pinned load that lands is the checkpoint's bytes: each tensor's SHA-256 matched the pin; its
+    # landed parts add up to the model exactly once (a hedge racing a part being checked once made it more)
+    assert all(r["outcome"] == "loaded" and r["verified"] and r["bytes"] == 1 << 30 for r in reports), [
+        (r["outcome"], r["bytes"]) for r in reports
+    ]
     assert 1 <= peak <= 2, peak
     from_copies = [r for r in reports if (r["source_hops"] or 0) >= 1]
     print("loaded from:", sorted((r["source"], r["source_hops"]) for r in reports))

@@ -133,8 +133,8 @@ def test_republishing_the_same_generation_keeps_the_readers_leases() -> None:
 # -- a target reading a partial source ---------------------------------------------------------
 
 
-def fabric(*specs: Any) -> Any:
-    return shared_fabric(IDENTITY, weights, *specs, clock=virtual_wall_clock)
+def fabric(*specs: Any, **faults: Any) -> Any:
+    return shared_fabric(IDENTITY, weights, *specs, clock=virtual_wall_clock, **faults)
 
 
 async def _with_partial(f: Any, tg: Any, held: list[str], complete_after: float | None) -> Holdings:
@@ -252,8 +252,9 @@ def test_republish_is_refused_with_one_line_where_it_could_not_serve() -> None:
 
 
 def test_an_open_republishing_orchestrator_serves_what_it_loaded_and_a_failed_load_serves_nothing() -> None:
-    """On the fake fabric: a load through ``Orchestrator(republish=True)`` returns its report while
-    its target goes on serving (published whole once every tensor landed, one hop from the seed);
+    """On the fake fabric: a load through ``Orchestrator(republish=True)`` reads only from the seed
+    (never from its own partial source, listed meanwhile) and returns its report while its target
+    goes on serving (published whole once every tensor landed, one hop from the seed);
     another target reads every byte from it; closing the orchestrator unpublishes it. A load that
     fails (no source has that model) publishes nothing and raises nothing."""
     from mx_orchestrator import Orchestrator
@@ -264,9 +265,11 @@ def test_an_open_republishing_orchestrator_serves_what_it_loaded_and_a_failed_lo
     copy_first: SelectionPolicy = lambda _t: lambda c: (0.0 if c.source_id == "copy" else 1.0,)  # noqa: E731
 
     async def main() -> tuple[Any, Any, Any, Any, Any]:
-        async with fabric(("seed", "arena")) as f:
+        async with fabric(("seed", "arena"), seed={"read_delay": 0.2}) as f:
             serve = {"source_id": "copy", "agent": f.network.agent("copy"), "poll_interval": 0.01}
-            async with f.orchestrator(republish=True, serve_options=serve, min_part_bytes=1) as orchestrator:
+            # striped, reading from one source: it lists again while it loads, and finds itself listed
+            options = {"min_part_bytes": 1, "max_part_bytes": 32 << 10, "stripe": 2}
+            async with f.orchestrator(republish=True, serve_options=serve, **options) as orchestrator:
                 report = await orchestrator.load(IDENTITY, Target("arena"))
                 with anyio.fail_after(5):
                     while True:  # the source publishes itself whole on its own schedule: polled
@@ -286,6 +289,8 @@ def test_an_open_republishing_orchestrator_serves_what_it_loaded_and_a_failed_lo
 
     report, record, (read, second), after, (failed, nothing) = run_on_virtual_time(main)
     assert report.loaded and record.hops == 1 and not record.partial
+    assert {a.outcome.source_id for a in report.attempts} == {"seed"}  # never its own source
+    assert report.seconds > 1.0  # long enough to have listed again (and seen itself) many times
     assert read.loaded and read.bytes_by_source() == {"copy": second.nbytes}
     for name, tensor in weights().items():
         assert torch.equal(second.tensors()[name], tensor), name

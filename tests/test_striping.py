@@ -12,6 +12,7 @@ import itertools
 import re
 from typing import Any
 
+import anyio
 import pytest
 import torch
 from hypothesis import given, settings
@@ -367,3 +368,44 @@ def test_without_holdings_or_rarity_a_load_reads_the_model_in_order() -> None:
         firsts.append(part.first)
         planner.landed(part)
     assert firsts == sorted(firsts) and firsts[0] == 0
+
+
+@pytest.mark.parametrize("checking", [1.9, 2.5])
+async def test_a_hedge_of_a_part_whose_bytes_already_arrived_loses_whatever_ends_first(
+    checking: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Source a's first part arrives at once but its check takes ``checking`` seconds; b reads the
+    other parts (0.6 s each), then, idle, hedges a's part: its copy arrives (about 1.86 s) while
+    a's part is still being checked. a's part is the one that lands, b's hedge is superseded, and
+    a is not blamed for the time its own reader spent checking (before: a's part, its bytes
+    already in, was cancelled as "slow" and b's copy landed). The other ordering, a's check ending
+    while a hedge is still in flight mid-load, once landed the bytes twice: the real-process fan-out
+    test's byte count pins it."""
+    from mx_orchestrator import peer
+
+    real = peer.verify_landed
+
+    checked: list[str] = []
+
+    async def slow_on_a(plan: Any, target: Any, ctx: Any, *args: Any) -> Any:
+        if ctx.source_id == "a" and "a" not in checked:
+            checked.append("a")
+            await anyio.sleep(checking)
+        return await real(plan, target, ctx, *args)
+
+    monkeypatch.setattr(peer, "verify_landed", slow_on_a)
+    async with fabric(("a", "arena"), ("b", "arena"), b={"read_delay": 0.6}) as f:
+        target = Target("arena")
+        half = target_bytes() // 2
+        report = await f.load(target, stripe=2, min_part_bytes=half, policy=Policy(stall_rate=1e9))
+    assert report.loaded
+    assert_equal_weights(target)
+    assert_parts_cover_once(report, target.nbytes)
+    hedges = [a for a in report.attempts if isinstance(a.outcome, Superseded)]
+    assert [h.outcome.source_id for h in hedges] == ["b"]
+    assert not any(a.marked_stale for a in report.attempts)
+    assert sorted(a.outcome.source_id for a in report.loaded_parts()) == ["a", "b", "b"]
+
+
+def target_bytes() -> int:
+    return sum(t.numel() * t.element_size() for t in weights().values())

@@ -545,7 +545,7 @@ class FleetSimulation:
             stripe=config.stripe if config.pipelined else 1,
             max_part_bytes=config.max_part_bytes if config.pipelined else None,
         )
-        holdings = Holdings() if config.pipelined and config.fanout else None
+        holdings = Holdings(served_as=f"{target_id}-copy") if config.pipelined and config.fanout else None
         if holdings is not None:
             world.start_soon(self._serve_partial, f"{target_id}-copy", holdings)
         target = SimulatedTarget() if config.pipelined else None
