@@ -368,7 +368,7 @@ def test_a_chain_of_three_republishing_pulls_serves_parts_before_it_has_them_all
 ) -> None:
     """Real processes on loopback, pinned: a seed admitting one reader (read at 0.05 GB/s, so that
     the load lasts longer than a process takes to start), then three `mxo pull
-    --republish --max-readers 1`, each started once the one before it is a partial source (its
+    --republish --max-readers 1 --stripe 1`, each started once the one before it is a partial source (its
     memory exists, nothing landed yet). Caps make a chain: target 1 holds the seed's only slot,
     target 2 can read only target 1, target 3 only target 2. Each target's first landed part ends
     before the previous target's last (the reports' unix timestamps): parts were served while
@@ -386,7 +386,7 @@ def test_a_chain_of_three_republishing_pulls_serves_parts_before_it_has_them_all
         for name in names:
             command = [sys.executable, "-m", "mx_orchestrator", "pull", "--model-id", model_id,
                        "--registry", registry_url, "--timeout", "180", "--json", "--republish",
-                       "--source-id", name, "--max-readers", "1", "--expect", pin]  # fmt: skip
+                       "--source-id", name, "--max-readers", "1", "--stripe", "1", "--expect", pin]  # fmt: skip
             if (
                 name == "chain-1"
             ):  # the seed's link, throttled: 1 GiB in about twenty seconds, longer than two process start-ups
