@@ -358,3 +358,20 @@ async def test_a_stored_manifest_that_does_not_hash_to_its_key_is_a_typed_error(
         await registry._b.set(registry._k("mblob", key), forged)  # type: ignore[attr-defined]
     with pytest.raises(ManifestError, match="does not hash to its key"):
         await registry.get_manifest("a", record.generation)
+
+
+async def test_a_redis_key_expiry_floor_keeps_keys_on_the_server_while_the_clock_judges_the_record(
+    redis_url: str, identity: ModelIdentity, clock: Clock
+) -> None:
+    """``key_expiry_floor`` (a registry on a virtual clock): the server keeps a record's key for at
+    least that many real seconds, whatever its TTL; whether it is listed is still the clock's call."""
+    registry = RedisRegistry.from_url(redis_url, clock=clock, key_expiry_floor=600, prefix="floor:")
+    try:
+        a = rec(identity, "a", clock, ttl=2.0)
+        await registry.publish(a)
+        assert 590 <= await registry._r.ttl("floor:src:a") <= 600
+        clock.now += 5  # past its TTL by the clock: not listed, though the server still holds the key
+        assert await registry.list(identity.key) == []
+        assert await registry.get("a") is not None
+    finally:
+        await registry.aclose()

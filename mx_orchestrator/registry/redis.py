@@ -51,9 +51,9 @@ __all__ = ["RedisRegistry"]
 T = TypeVar("T")
 
 
-def _expiry(record: SourceRecord, now: float) -> int:
-    """Seconds a record key lives: its TTL, or its ejection if that lasts longer."""
-    return max(1, math.ceil(max(record.ttl, record.ejected_until - now)) + 1)
+def _expiry(record: SourceRecord, now: float, floor: int = 0) -> int:
+    """Seconds a record key lives: its TTL, or its ejection if that lasts longer (at least ``floor``)."""
+    return max(1, floor, math.ceil(max(record.ttl, record.ejected_until - now)) + 1)
 
 
 class RedisRegistry(RecordTransitions):
@@ -66,7 +66,13 @@ class RedisRegistry(RecordTransitions):
         clock: Callable[[], float] = time.time,
         url: str = "",
         binary_client: Any = None,
+        key_expiry_floor: int = 0,
     ) -> None:
+        """``key_expiry_floor``: keys live at least this many of the server's seconds. Listings judge
+        a record's life by ``clock``; the server's expiry only collects what nobody renews, in real
+        seconds: a registry driven by a virtual clock (the fleet bench) must not lose live records
+        to it while virtual time stands still."""
+        self._key_expiry_floor = key_expiry_floor
         self._r = client
         #: replies not decoded: stored manifests are zlib bytes
         self._b = binary_client if binary_client is not None else client
@@ -148,7 +154,7 @@ class RedisRegistry(RecordTransitions):
                         for key, updated in zip(keys, written.values(), strict=True):
                             if updated is None:
                                 continue
-                            expiry = _expiry(updated, now)
+                            expiry = _expiry(updated, now, self._key_expiry_floor)
                             pipe.set(key, encode_record(updated), ex=expiry)
                             if updated.manifest_key:
                                 pipe.expire(self._k("mblob", updated.manifest_key), expiry, gt=True)
@@ -175,8 +181,9 @@ class RedisRegistry(RecordTransitions):
 
             async def store() -> None:
                 # once per distinct manifest: a second source serving it sends only its record
-                if not await self._b.set(blob_key, stored.blob, ex=_expiry(record, now), nx=True):
-                    await self._b.expire(blob_key, _expiry(record, now), gt=True)
+                expiry = _expiry(record, now, self._key_expiry_floor)
+                if not await self._b.set(blob_key, stored.blob, ex=expiry, nx=True):
+                    await self._b.expire(blob_key, expiry, gt=True)
 
             await self._call(store)
 
