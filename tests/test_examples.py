@@ -104,3 +104,14 @@ async def test_custom_strategy_registered_through_an_entry_point(tmp_path: Path)
         sys.path.remove(str(EXAMPLES))
     assert report.loaded and report.final is not None and report.final.strategy == "local_dir"
     assert len(target.tensors()) == 104
+
+
+@pytest.mark.nixl
+def test_an_engine_serves_the_weights_it_loaded_to_a_peer_process() -> None:
+    result = run(str(EXAMPLES / "engine_republishes.py"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout)
+    assert out["engine"] == {"outcome": "loaded", "sources": ["seed"]}
+    assert out["served_as"] == {"source_id": "engine-0", "hops": 1}
+    assert out["peer"]["outcome"] == "loaded" and out["peer"]["sources"] == ["engine-0"]
+    assert out["after_close"] is None
