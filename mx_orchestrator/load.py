@@ -48,7 +48,7 @@ from .peer import PartCapable, PartConnection
 from .plan import Attempt, Done, Planner, Relist, Requeue, StrategySlot, Wait, attempt_budget
 from .policy import Action, ActionKind, DecisionState
 from .pullplan import PullPlan
-from .report import AttemptRecord, LoadReport
+from .report import AttemptRecord, LoadReport, attempt_started
 from .settings import LoadSettings
 from .sourcing import SourceAccounting
 from .strategy import AttemptContext, Phases, ProgressCallback, Strategy, attempt_safely
@@ -247,7 +247,7 @@ class LoadRun:
         phases = Phases()
         ctx = self.context(attempt, began + budget, phases, whole=True)
         empty_before = isinstance(target, Target) and target.buffers is None
-        self.observe_start(strategy.name, attempt.source_id)
+        attempt_started(self.log, self.config.observers, strategy.name, attempt.source_id)
         outcome: Outcome | None = None
         try:
             async with self.registry.lease(attempt) as leased:
@@ -302,6 +302,8 @@ class LoadRun:
             async with self.registry.lease(attempt) as leased:
                 if leased is False:
                     return self.registry.refusal(strategy.name, attempt)
+                self.planner.admitted(attempt)
+                self.notify()  # the next session may start (one lease is asked at a time)
                 ready = await reads.allocate_for(plan, strategy, ctx)
                 if not isinstance(ready, PullPlan):
                     return ready
@@ -350,7 +352,7 @@ class LoadRun:
             budget = times.budget(part, self.budget())
             phases = Phases()
             ctx = self.context(numbered, now + budget, phases, whole=False)
-            self.observe_start(strategy.name, sid)
+            attempt_started(self.log, self.config.observers, strategy.name, sid)
             hops = attempt.candidate.record.hops
             outcome = await reads.read(part, ctx, budget, strategy.name, plan, connection, hops, now)
             if isinstance(outcome, Corrupt):  # the content this load reads may be a liar's
@@ -367,11 +369,6 @@ class LoadRun:
                 return
 
     # -- outcomes -------------------------------------------------------------------------
-
-    def observe_start(self, strategy: str, source_id: str | None) -> None:
-        self.log.debug("attempt.start", strategy=strategy, source=source_id)
-        for observer in self.config.observers:
-            observer.attempt_start(strategy, source_id)
 
     async def settle(
         self,

@@ -23,7 +23,9 @@ asks for a :class:`Relist` at most every ``relist_interval`` (targets that began
 serving since, a fleet's partial sources, join it). So does one that was refused
 for capacity while it reads from others, before it asks another source: the
 loads its listing showed are stale (a fleet's free slots go fast), and one
-listing costs less than a chain of refusals. The steps are in
+listing costs less than a chain of refusals; for the same reason a part session
+is handed out only once the one before it was admitted (:meth:`Planner.admitted`).
+The steps are in
 :mod:`~mx_orchestrator.steps`.
 
 Termination: every recorded action either finishes, marks a new
@@ -95,6 +97,8 @@ class Planner:
         self._listed_at = 0.0
         #: a source refused us for capacity since the last listing
         self._refused_since_listing = False
+        #: part sessions handed out whose source has not admitted us yet (see :meth:`admitted`)
+        self._unadmitted: set[int] = set()
         #: sources full this round (refused us, or listed at their cap), and the first peer
         #: strategy that met one: where a requeued round starts again
         self._full: set[str] = set()
@@ -208,6 +212,7 @@ class Planner:
         while it is the only one in flight)."""
         attempt = self._pending(attempt)
         del self._in_flight[attempt.ticket]
+        self._unadmitted.discard(attempt.ticket)
         self.attempts_total += 1
         sid = attempt.source_id
         self._tried.add((attempt.strategy_index, sid))
@@ -228,6 +233,12 @@ class Planner:
             and attempt.strategy_index < self._index
         ):
             heapq.heappush(self._heap, (self._keys[sid], sid))
+
+    def admitted(self, attempt: Attempt) -> None:
+        """``attempt``'s source admitted us (its lease was granted, or there is no one to ask): the
+        next part session may be handed out. Until then none is: sessions asked at once all choose
+        from one listing, and at a fleet's start its few early sources refuse all but one of them."""
+        self._unadmitted.discard(attempt.ticket)
 
     @property
     def attempts_counted(self) -> int:
@@ -314,6 +325,8 @@ class Planner:
             step = replace(step, ticket=self._next_ticket)
             self._next_ticket += 1
             self._in_flight[step.ticket] = step
+            if self._strategies[step.strategy_index].parts:
+                self._unadmitted.add(step.ticket)
             self._first_try.setdefault((step.strategy_index, step.source_id), now)
         return step
 
@@ -339,6 +352,8 @@ class Planner:
                 if (self._index, None) not in self._tried:
                     return Attempt(slot.name, self._index, None)
             else:
+                if slot.parts and self._unadmitted:
+                    return Wait()  # one lease asked at a time: its answer may make the listing stale
                 if slot.parts and self._refused_since_listing and self._in_flight:
                     return Wait() if self._evaluating else self._waiting()
                 best = self._pop_best()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ from .parts import Part
 from .policy import Action
 from .strategy import PHASES, Phases
 
-__all__ = ["AttemptRecord", "LoadObserver", "LoadReport", "ProbeRecord", "gbps"]
+__all__ = ["AttemptRecord", "LoadObserver", "LoadReport", "ProbeRecord", "attempt_started", "gbps"]
 
 
 def gbps(nbytes: int, seconds: float) -> float:
@@ -317,6 +317,15 @@ class LoadObserver:
 
     def load_done(self, report: LoadReport) -> None:
         """Called once per load."""
+
+
+def attempt_started(
+    log: Any, observers: Sequence[LoadObserver], strategy: str, source_id: str | None
+) -> None:
+    """An attempt begins: logged, and told to every observer."""
+    log.debug("attempt.start", strategy=strategy, source=source_id)
+    for observer in observers:
+        observer.attempt_start(strategy, source_id)
 
 
 def _covered(began: float, ended: float, spans: list[tuple[float, float]]) -> float:

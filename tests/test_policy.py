@@ -393,8 +393,12 @@ def test_sources_reconsidered_after_the_plan_moved_past_every_strategy_are_tried
     for sid in ("liar", "honest"):
         planner.add_candidate(Candidate(make_record(identity, sid)))
     planner.evaluation_finished()
-    first, second = planner.next_step(), planner.next_step()
-    assert isinstance(first, Attempt) and isinstance(second, Attempt)
+    first = planner.next_step()
+    assert isinstance(first, Attempt)
+    planner.admitted(first)
+    second = planner.next_step()
+    assert isinstance(second, Attempt)
+    planner.admitted(second)
     liar, honest = (first, second) if first.source_id == "liar" else (second, first)
     planner.record(DEFAULT_POLICY.decide(make(ManifestMismatch, "honest"), DecisionState()), honest)
     assert isinstance(planner.next_step(), Wait)  # only the liar's session is left, in flight
@@ -410,8 +414,10 @@ def test_a_striped_load_refused_while_it_reads_elsewhere_lists_again_before_aski
 ) -> None:
     """The loads a listing showed go stale fast in a fleet: a load reading from one source that
     was refused by a second lists again (at most every ``relist_interval``) before it asks a
-    third, instead of walking a chain of refusals; after the listing it asks again at once. A
-    load reading from no one (its first refusal) goes on down its list as before."""
+    third, instead of walking a chain of refusals; after the listing it asks again at once. A part
+    session is handed out only once the one before it was admitted (sessions asked at once all
+    choose from one listing). A load reading from no one (its first refusal) goes on down its list
+    as before."""
     from mx_orchestrator.plan import Relist
 
     planner = Planner.of(
@@ -421,8 +427,11 @@ def test_a_striped_load_refused_while_it_reads_elsewhere_lists_again_before_aski
         planner.add_candidate(Candidate(make_record(identity, sid)))
     planner.evaluation_finished()  # listed at 0
     reading = planner.next_step(0.0)
+    assert isinstance(reading, Attempt)
+    assert planner.next_step(0.0) == Wait()  # one lease asked at a time
+    planner.admitted(reading)
     refused = planner.next_step(0.0)
-    assert isinstance(reading, Attempt) and isinstance(refused, Attempt)
+    assert isinstance(refused, Attempt)
     planner.record(DEFAULT_POLICY.decide(make(SourceBusy, refused.source_id), DecisionState()), refused)
     due = DEFAULT_POLICY.relist_interval
     assert planner.next_step(due / 2) == Wait(until=due)  # not another source from the stale listing
