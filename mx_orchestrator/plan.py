@@ -20,13 +20,12 @@ free up (and republished targets appear) long before a Hub download would end.
 After the wait the driver lists the sources again and calls :meth:`Planner.requeue`.
 A striped load that waits while reading from fewer sources than its stripe
 asks for a :class:`Relist` at most every ``relist_interval`` (targets that began
-serving since, a fleet's partial sources, join it). So does one that was refused
-for capacity while it reads from others, before it asks another source: the
-loads its listing showed are stale (a fleet's free slots go fast), and one
-listing costs less than a chain of refusals; for the same reason a part session
-is handed out only once the one before it was admitted (:meth:`Planner.admitted`).
-The steps are in
-:mod:`~mx_orchestrator.steps`.
+serving since, a fleet's partial sources, join it). A listing's loads go stale
+fast in a fleet, and one listing costs less than a chain of refusals: a load
+refused while it reads from others lists again before it asks another source;
+one reading from no one waits for capacity after ``STALE_AFTER_REFUSALS``; a part
+session is handed out only once the one before it was admitted
+(:meth:`Planner.admitted`). The steps are in :mod:`~mx_orchestrator.steps`.
 
 Termination: every recorded action either finishes, marks a new
 (strategy, source) pair as tried, advances the strategy, or is a retry; retries
@@ -65,6 +64,9 @@ __all__ = [
     "attempt_budget",
 ]
 
+#: Refusals with no session in flight after which a listing is stale: wait for capacity, list again.
+STALE_AFTER_REFUSALS = 2
+
 #: The reason a plan ends when nothing is left to try.
 EXHAUSTED = "every strategy and candidate was tried"
 #: At most this many attempts share what is left of a load's deadline (see ``attempts_left``).
@@ -95,8 +97,8 @@ class Planner:
         self._readers = readers
         self._relist_interval = relist_interval
         self._listed_at = 0.0
-        #: a source refused us for capacity since the last listing
-        self._refused_since_listing = False
+        #: sources that refused us for capacity since the last listing
+        self._refused_since_listing = 0
         #: part sessions handed out whose source has not admitted us yet (see :meth:`admitted`)
         self._unadmitted: set[int] = set()
         #: sources full this round (refused us, or listed at their cap), and the first peer
@@ -158,7 +160,7 @@ class Planner:
     def evaluation_finished(self) -> None:
         self._evaluating = False
         self._listed_at = self._now
-        self._refused_since_listing = False
+        self._refused_since_listing = 0
 
     @property
     def evaluating(self) -> bool:
@@ -222,7 +224,7 @@ class Planner:
             self.refusals += 1
         if action.full and sid is not None and action.kind is ActionKind.NEXT_CANDIDATE:
             self._mark_full(sid, attempt.strategy_index)
-            self._refused_since_listing = True
+            self._refused_since_listing += 1
         TRANSITIONS[action.kind](self, attempt, action)
         if self._done is None and self.attempts_counted >= self._max_attempts:
             self._done = Done(False, f"attempt limit {self._max_attempts} reached")
@@ -347,7 +349,7 @@ class Planner:
             if self._alone(slot):
                 return self._waiting()
             if not slot.uses_peers:
-                if self._full and self.capacity_waits_made < self._capacity_waits:
+                if self._may_wait():
                     return self._wait_for_capacity()
                 if (self._index, None) not in self._tried:
                     return Attempt(slot.name, self._index, None)
@@ -356,6 +358,8 @@ class Planner:
                     return Wait()  # one lease asked at a time: its answer may make the listing stale
                 if slot.parts and self._refused_since_listing and self._in_flight:
                     return Wait() if self._evaluating else self._waiting()
+                if slot.parts and self._refused_since_listing >= STALE_AFTER_REFUSALS and self._may_wait():
+                    return self._wait_for_capacity()  # a fleet's start: the listing's free slots are gone
                 best = self._pop_best()
                 if best is not None:
                     return Attempt(slot.name, self._index, best)
@@ -364,7 +368,7 @@ class Planner:
             self._index += 1
         if self._in_flight:
             return self._waiting()
-        if self._full and self.capacity_waits_made < self._capacity_waits:
+        if self._may_wait():
             return self._wait_for_capacity()
         self._done = Done(False, EXHAUSTED)
         return self._done
@@ -382,6 +386,9 @@ class Planner:
         self._index = min(self._index, first)
         self._evaluating, self._heap_index = True, -1
         return Relist()
+
+    def _may_wait(self) -> bool:
+        return bool(self._full) and self.capacity_waits_made < self._capacity_waits
 
     def _wait_for_capacity(self) -> Step:
         # the attempts in flight may finish the load, and a wait already asked for lists again
