@@ -452,3 +452,36 @@ def test_a_striped_load_refused_while_it_reads_elsewhere_lists_again_before_aski
     alone.record(DEFAULT_POLICY.decide(make(SourceBusy, first.source_id), DecisionState()), first)
     second = alone.next_step(0.0)
     assert isinstance(second, Attempt) and second.source_id != first.source_id
+
+
+def test_a_load_reading_from_no_one_refused_twice_from_one_listing_waits_for_capacity(
+    identity: ModelIdentity,
+) -> None:
+    """At a fleet's start every target's first listing shows the same few sources, free by the
+    listing and full by the time it asks: after ``STALE_AFTER_REFUSALS`` refusals with no session
+    of its own, a load waits for capacity (jittered, counted toward the bound) and lists again,
+    instead of asking the rest of that listing; after the wait it tries them all again."""
+    from mx_orchestrator.plan import STALE_AFTER_REFUSALS
+
+    planner = Planner.of(
+        [StrategySlot("rdma_region", parts=True)], rendezvous("t"), DEFAULT_POLICY, readers=3
+    )
+    names = [f"s{i}" for i in range(6)]
+    for sid in names:
+        planner.add_candidate(Candidate(make_record(identity, sid)))
+    planner.evaluation_finished()
+    asked = []
+    for _ in range(STALE_AFTER_REFUSALS):
+        step = planner.next_step(0.0)
+        assert isinstance(step, Attempt)
+        asked.append(step.source_id)
+        planner.record(DEFAULT_POLICY.decide(make(SourceBusy, step.source_id), DecisionState()), step)
+    wait = planner.next_step(0.0)
+    assert isinstance(wait, Requeue) and wait.wait_number == 1
+    assert planner.refusals == STALE_AFTER_REFUSALS and planner.attempts_counted == 0
+    planner.requeue()
+    for sid in names:
+        planner.add_candidate(Candidate(make_record(identity, sid)))
+    planner.evaluation_finished()
+    again = planner.next_step(0.0)
+    assert isinstance(again, Attempt) and again.source_id in names
