@@ -64,7 +64,8 @@ class Orchestrator:
     that landed verified (a partial source), whole once loaded, for as long
     as the orchestrator is open (``async with``); ``serve_options`` go to its
     :class:`~mx_orchestrator.source.WeightSource` (``source_id``, ``ttl``,
-    ``max_readers``, ...). See :func:`~mx_orchestrator.fanout.load_and_serve`.
+    ``max_readers``, ...; the second target served is ``source_id-2``, and so
+    on). See :func:`~mx_orchestrator.fanout.load_and_serve`.
 
     >>> async with Orchestrator(registry, strategies, republish=True, max_part_bytes=64 << 20) as o:
     ...     report = await o.load(ModelIdentity("org/model"), target)
@@ -147,6 +148,7 @@ class Orchestrator:
         #: the open orchestrator's task group: republished targets serve in it until it closes
         self._serving: anyio.abc.TaskGroup | None = None
         self._exits = contextlib.AsyncExitStack()
+        self._targets_served = 0
 
     @property
     def uses_peers(self) -> bool:
@@ -177,6 +179,7 @@ class Orchestrator:
         """The load, its target served from the first landed part in the orchestrator's task group
         (past this call); a cancelled call stops both."""
         from .fanout import load_and_serve
+        from .source import default_source_id
         from .target import Target
 
         if not isinstance(target, Target):
@@ -188,6 +191,10 @@ class Orchestrator:
             )
         registry = self.registry
         assert registry is not None
+        options = dict(self.serve_options)
+        self._targets_served += 1
+        if self._targets_served > 1:  # each target served is a source of its own
+            options["source_id"] = f"{options.get('source_id') or default_source_id()}-{self._targets_served}"
         ended = anyio.Event()
         reports: list[LoadReport] = []
         errors: list[Exception] = []
@@ -202,7 +209,7 @@ class Orchestrator:
                 try:
                     await load_and_serve(
                         self, identity, target, registry,
-                        on_report=on_report, progress=progress, **self.serve_options,
+                        on_report=on_report, progress=progress, **options,
                     )  # fmt: skip
                 except Exception as exc:
                     if ended.is_set():

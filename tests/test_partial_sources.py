@@ -255,7 +255,8 @@ def test_an_open_republishing_orchestrator_serves_what_it_loaded_and_a_failed_lo
     """On the fake fabric: a load through ``Orchestrator(republish=True)`` reads only from the seed
     (never from its own partial source, listed meanwhile) and returns its report while its target
     goes on serving (published whole once every tensor landed, one hop from the seed);
-    another target reads every byte from it; closing the orchestrator unpublishes it. A load that
+    another target reads every byte from it; a second load serves its own target as ``copy-2``;
+    closing the orchestrator unpublishes both. A load that
     fails (no source has that model) publishes nothing and raises nothing."""
     from mx_orchestrator import Orchestrator
     from mx_orchestrator.selection import SelectionPolicy
@@ -280,7 +281,16 @@ def test_an_open_republishing_orchestrator_serves_what_it_loaded_and_a_failed_lo
                 second = Target("tensor")
                 strategies = [RdmaRegion(agent=f.agent), RdmaTensor(agent=f.agent)]
                 read = await Orchestrator(f.registry, strategies, selection=copy_first).load(IDENTITY, second)
-            after = await f.registry.get("copy")
+                again = await orchestrator.load(IDENTITY, Target("tensor"))  # a second target served
+                assert again.loaded
+                with anyio.fail_after(5):
+                    while True:  # a source of its own: the first one is still served
+                        second_copy = await f.registry.get("copy-2")
+                        if second_copy is not None and not second_copy.partial:
+                            break
+                        await anyio.sleep(0.01)
+                assert (await f.registry.get("copy")) is not None
+            after = (await f.registry.get("copy"), await f.registry.get("copy-2"))
             other = ModelIdentity("acme/other")
             async with f.orchestrator(republish=True, serve_options=serve) as orchestrator:
                 failed = await orchestrator.load(other, Target("arena"))
@@ -294,5 +304,5 @@ def test_an_open_republishing_orchestrator_serves_what_it_loaded_and_a_failed_lo
     assert read.loaded and read.bytes_by_source() == {"copy": second.nbytes}
     for name, tensor in weights().items():
         assert torch.equal(second.tensors()[name], tensor), name
-    assert after is None  # unpublished when the orchestrator closed
+    assert after == (None, None)  # unpublished when the orchestrator closed
     assert not failed.loaded and nothing is None
