@@ -22,6 +22,7 @@ from mx_orchestrator import ModelIdentity, Orchestrator
 from mx_orchestrator.logs import configure_logging
 from mx_orchestrator.registry.sqlite import SqliteRegistry
 from mx_orchestrator.target import Target
+from mx_orchestrator.testing import published_whole
 from mx_orchestrator.testing.peers import MODEL_ID, Peers
 from strategies.rdma_region import RdmaRegion
 from strategies.rdma_tensor import RdmaTensor
@@ -42,11 +43,8 @@ def main() -> None:
                     serve_options={"source_id": "engine-0", "max_readers": 4},
                 ) as orchestrator:
                     report = await orchestrator.load(ModelIdentity(MODEL_ID), Target("arena"))
-                    while True:  # it publishes itself whole once every tensor landed verified
-                        record = await registry.get("engine-0")
-                        if record is not None and not record.partial:
-                            break
-                        await anyio.sleep(0.05)
+                    # it publishes itself whole once every tensor landed verified
+                    record = await published_whole(registry, "engine-0")
                     await anyio.to_thread.run_sync(seed.terminate)  # from now on only the engine has it
                     pull = [sys.executable, "-m", "mx_orchestrator", "pull", "--model-id", MODEL_ID,
                             "--registry", f"sqlite://{tmp}/registry.db", "--json"]  # fmt: skip

@@ -23,12 +23,11 @@ import anyio
 import anyio.abc
 
 from .buffers import Buffers
-from .config import check_source_id
 from .holdings import Holdings
 from .models import ModelIdentity
 from .registry.base import SourceRegistry
 from .report import LoadReport
-from .source import WeightSource, default_source_id
+from .source import WeightSource, source_id_or_default
 from .strategy import ProgressCallback
 from .target import Target
 
@@ -67,7 +66,7 @@ async def load_and_serve(
     ``progress``: the load's progress callback;
     ``source_options``: for :class:`WeightSource` (``source_id``, ``ttl``, ``max_readers``, ...).
     """
-    source_id = check_source_id(source_options.pop("source_id", None) or default_source_id())
+    source_id = source_id_or_default(source_options.pop("source_id", None))
     holdings = Holdings(served_as=source_id)  # the load never reads from its own source
 
     async def serve(weights: Buffers, hops: int, partial: Holdings | None) -> None:

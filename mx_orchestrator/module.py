@@ -326,22 +326,21 @@ async def load_module(
                 "with orchestrator=, the registry, strategies and options are the orchestrator's"
             )
         report = await orchestrator.load(identity, target)
-        report.module = target.binding.to_dict() if target.binding is not None else None
-        return report
-    if orchestrator_options.get("republish"):
-        raise ConfigError(
-            "load_module(republish=True) would stop serving as it returns: pass orchestrator= "
-            "an open `async with Orchestrator(..., republish=True)`"
-        )
-    chosen = list(strategies) if strategies is not None else _default_strategies(target.device)
-    opened = open_registry(registry) if isinstance(registry, str) else None
-    try:
-        async with Orchestrator(opened or registry, chosen, **orchestrator_options) as orchestrator:  # type: ignore[arg-type]
-            report = await orchestrator.load(identity, target)
-    finally:
-        if opened is not None:
-            with anyio.CancelScope(shield=True):
-                await opened.aclose()
+    else:
+        if orchestrator_options.get("republish"):
+            raise ConfigError(
+                "load_module(republish=True) would stop serving as it returns: pass orchestrator= "
+                "an open `async with Orchestrator(..., republish=True)`"
+            )
+        chosen = list(strategies) if strategies is not None else _default_strategies(target.device)
+        opened = open_registry(registry) if isinstance(registry, str) else None
+        try:
+            async with Orchestrator(opened or registry, chosen, **orchestrator_options) as own:  # type: ignore[arg-type]
+                report = await own.load(identity, target)
+        finally:
+            if opened is not None:
+                with anyio.CancelScope(shield=True):
+                    await opened.aclose()
     report.module = target.binding.to_dict() if target.binding is not None else None
     return report
 

@@ -179,7 +179,7 @@ class Orchestrator:
         """The load, its target served from the first landed part in the orchestrator's task group
         (past this call); a cancelled call stops both."""
         from .fanout import load_and_serve
-        from .source import default_source_id
+        from .source import source_id_or_default
         from .target import Target
 
         if not isinstance(target, Target):
@@ -194,7 +194,7 @@ class Orchestrator:
         options = dict(self.serve_options)
         self._targets_served += 1
         if self._targets_served > 1:  # each target served is a source of its own
-            options["source_id"] = f"{options.get('source_id') or default_source_id()}-{self._targets_served}"
+            options["source_id"] = f"{source_id_or_default(options.get('source_id'))}-{self._targets_served}"
         ended = anyio.Event()
         reports: list[LoadReport] = []
         errors: list[Exception] = []

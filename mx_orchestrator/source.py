@@ -79,9 +79,9 @@ def load_weights(
     return buffers.with_checksums()
 
 
-def default_source_id() -> str:
-    """A source's id when none is given: this host and process."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+def source_id_or_default(source_id: str | None) -> str:
+    """``source_id`` checked, or when none is given this host and process."""
+    return check_source_id(f"{socket.gethostname()}-{os.getpid()}" if source_id is None else source_id)
 
 
 class WeightSource:
@@ -116,7 +116,7 @@ class WeightSource:
         check_seconds("poll_interval", poll_interval)
         self.registry = registry
         self.weights = weights
-        self.source_id = check_source_id(default_source_id() if source_id is None else source_id)
+        self.source_id = source_id_or_default(source_id)
         self.generation = uuid.uuid4().hex
         self.ttl = ttl
         self.labels = dict(labels or {"host": socket.gethostname()})

@@ -25,7 +25,7 @@ import torch
 
 from mx_orchestrator import ModelIdentity
 from mx_orchestrator.registry.sqlite import SqliteRegistry
-from mx_orchestrator.testing import make_manifest, make_record
+from mx_orchestrator.testing import make_manifest, make_record, published_whole
 from mx_orchestrator.testing.clock import VirtualClockLoop, accounted, virtual_wall_clock
 from mx_orchestrator.testing.fleet import Fabric, FleetConfig, FleetSimulation, SourceDied
 from mx_orchestrator.testing.peers import Peers
@@ -331,11 +331,8 @@ def _until_whole(registry_url: str, source_ids: list[str], seconds: float) -> No
         registry = open_registry(registry_url)
         try:
             with anyio.fail_after(seconds):
-                while True:
-                    records = [await registry.get(s) for s in source_ids]
-                    if all(r is not None and not r.partial for r in records):
-                        return
-                    await anyio.sleep(0.2)
+                for source_id in source_ids:
+                    await published_whole(registry, source_id, poll=0.2)
         finally:
             await registry.aclose()
 
@@ -520,11 +517,7 @@ def test_an_open_republishing_orchestrator_serves_a_loaded_module_to_a_pull_unti
                 summary = report.to_dict()
                 assert summary["verified"] and summary["sources"] == ["seed"], summary
                 with anyio.fail_after(30):
-                    while True:  # the record is another process's view: polled
-                        record = await registry.get("embedded")
-                        if record is not None and not record.partial:
-                            break
-                        await anyio.sleep(0.1)
+                    record = await published_whole(registry, "embedded")
                 await anyio.to_thread.run_sync(seed.terminate)
                 pulled = await anyio.run_process(pull, check=False)
                 assert pulled.returncode == 0, pulled.stderr.decode(errors="replace")[-3000:]

@@ -25,7 +25,7 @@ from mx_orchestrator.partreads import PARTIAL_PATIENCE
 from mx_orchestrator.registry.base import apply_publish
 from mx_orchestrator.source import WeightSource, load_weights
 from mx_orchestrator.target import Target
-from mx_orchestrator.testing import make_record
+from mx_orchestrator.testing import make_record, published_whole
 from mx_orchestrator.testing.clock import run_on_virtual_time, virtual_wall_clock
 from tests.fabric import fabric as shared_fabric
 
@@ -239,6 +239,15 @@ def test_republish_is_refused_with_one_line_where_it_could_not_serve() -> None:
 
     with pytest.raises(ConfigError, match="serves a Target's memory"):
         anyio.run(no_memory_to_serve)
+
+    async def no_name() -> None:
+        async with Orchestrator(
+            FakeRegistry(), strategies, republish=True, serve_options={"source_id": ""}
+        ) as o:
+            await o.load(ModelIdentity("a/b"), Target())
+
+    with pytest.raises(ConfigError, match="source"):  # an empty id is refused, not replaced by the default
+        anyio.run(no_name)
     module = torch.nn.Linear(2, 2)
     with pytest.raises(ConfigError, match="stop serving as it returns"):
         anyio.run(lambda: load_module(module, "a/b", registry=FakeRegistry(), republish=True))
@@ -273,22 +282,14 @@ def test_an_open_republishing_orchestrator_serves_what_it_loaded_and_a_failed_lo
             async with f.orchestrator(republish=True, serve_options=serve, **options) as orchestrator:
                 report = await orchestrator.load(IDENTITY, Target("arena"))
                 with anyio.fail_after(5):
-                    while True:  # the source publishes itself whole on its own schedule: polled
-                        record = await f.registry.get("copy")
-                        if record is not None and not record.partial:
-                            break
-                        await anyio.sleep(0.01)
+                    record = await published_whole(f.registry, "copy", poll=0.01)
                 second = Target("tensor")
                 strategies = [RdmaRegion(agent=f.agent), RdmaTensor(agent=f.agent)]
                 read = await Orchestrator(f.registry, strategies, selection=copy_first).load(IDENTITY, second)
                 again = await orchestrator.load(IDENTITY, Target("tensor"))  # a second target served
                 assert again.loaded
-                with anyio.fail_after(5):
-                    while True:  # a source of its own: the first one is still served
-                        second_copy = await f.registry.get("copy-2")
-                        if second_copy is not None and not second_copy.partial:
-                            break
-                        await anyio.sleep(0.01)
+                with anyio.fail_after(5):  # a source of its own: the first one is still served
+                    await published_whole(f.registry, "copy-2", poll=0.01)
                 assert (await f.registry.get("copy")) is not None
             after = (await f.registry.get("copy"), await f.registry.get("copy-2"))
             other = ModelIdentity("acme/other")

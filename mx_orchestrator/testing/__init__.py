@@ -6,7 +6,8 @@
 * :class:`FakeRegistry` is the in-memory registry plus a call log and fault switches;
 * :class:`FakeRdmaAgent` (on a :class:`FakeRdmaNetwork`) is the RDMA agent contract
   in one process, with real byte copies and scriptable faults (:class:`RdmaFaults`);
-* :func:`make_manifest`, :func:`make_record` and :func:`scenario` build inputs.
+* :func:`make_manifest`, :func:`make_record` and :func:`scenario` build inputs;
+* :func:`published_whole` waits until a republishing target serves the whole model.
 
 Real components for integration tests, imported from their submodules:
 :mod:`mx_orchestrator.testing.hub` (a loopback HuggingFace Hub with fault
@@ -34,6 +35,7 @@ from ..errors import RegistryUnavailable
 from ..layout import LayoutSpec, TensorShape, plan_layout
 from ..models import Candidate, Manifest, ModelIdentity, SourceRecord, SourceState
 from ..outcomes import Loaded, NotApplicable, Outcome
+from ..registry.base import SourceRegistry
 from ..registry.memory import MemoryRegistry
 from ..strategy import AttemptContext, ProbeFailure
 from .rdma import FakeRdmaAgent, FakeRdmaNetwork, RdmaFaults
@@ -50,6 +52,7 @@ __all__ = [
     "make_manifest",
     "make_record",
     "publish_junk",
+    "published_whole",
     "scenario",
     "succeed",
     "wedge",
@@ -267,6 +270,16 @@ def make_record(
         # ``load`` readers, each holding a lease for an hour
         readers={f"reader-{i}": time.time() + 3600.0 for i in range(load)},
     )
+
+
+async def published_whole(registry: SourceRegistry, source_id: str, *, poll: float = 0.05) -> SourceRecord:
+    """``source_id``'s record once it is published whole (a republishing target whose load ended:
+    it publishes itself on its own schedule, so this polls); bound it with ``anyio.fail_after``."""
+    while True:
+        record = await registry.get(source_id)
+        if record is not None and not record.partial:
+            return record
+        await anyio.sleep(poll)
 
 
 async def publish_junk(
